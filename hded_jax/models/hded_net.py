@@ -1,0 +1,91 @@
+"""2HDED:NET: one DenseNet encoder, a depth decoder and an all-in-focus (AiF) decoder."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from hded_jax.models.decoder import Decoder
+from hded_jax.models.densenet import DenseNetEncoder
+
+HEADS = ('depth', 'aif')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The encoder halves the resolution five times.
+INPUT_MULTIPLE = 32
+
+
+def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
+  """Architecture presets: the paper's network, or a tiny one for tests and smoke runs."""
+  if variant == 'densenet121':
+    arch = dict(block_sizes=(6, 12, 24, 16), growth_rate=32, num_init_features=64, bn_size=4)
+  elif variant == 'tiny':
+    arch = dict(block_sizes=(1, 1, 1, 1), growth_rate=8, num_init_features=16, bn_size=2)
+  else:
+    raise ValueError(f'Unknown model variant {variant!r}; use "densenet121" or "tiny".')
+  return ml_collections.ConfigDict(dict(
+      **arch,
+      dropout_rate=0.5,
+      # ('depth', 'aif') is 2HDED:NET; ('depth',) is the single-head D3-Net baseline.
+      heads=HEADS,
+      # Some released models squash the AiF output with tanh; the paper's is linear.
+      aif_tanh=False,
+      # Compute dtype; parameters and BatchNorm statistics always stay float32.
+      dtype='float32',
+  ))
+
+
+class HDEDNet(nnx.Module):
+  """Maps a defocused image in [-1, 1] (NHWC) to {'depth': (N,H,W), 'aif': (N,H,W,3)}."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    heads = tuple(config.heads)
+    if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
+      raise ValueError(f'model.heads={heads!r}: choose "depth" and/or "aif" from {HEADS}.')
+    if config.dtype not in DTYPES:
+      raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
+    dtype = DTYPES[config.dtype]
+    self.heads = heads
+    self.aif_tanh = bool(config.aif_tanh)
+    self.encoder = DenseNetEncoder(
+        block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
+        num_init_features=config.num_init_features, bn_size=config.bn_size,
+        dtype=dtype, rngs=rngs)
+    decoder_args = dict(bottleneck_features=self.encoder.out_features,
+                        skip_features=self.encoder.skip_features,
+                        dropout_rate=config.dropout_rate, dtype=dtype, rngs=rngs)
+    self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
+                          else None)
+    self.aif_decoder = Decoder(out_channels=3, **decoder_args) if 'aif' in heads else None
+
+  def __call__(self, image: jax.Array) -> dict[str, jax.Array]:
+    check_input_shape(image.shape)
+    bottleneck, skips = self.encoder(image)
+    outputs = {}
+    if self.depth_decoder is not None:
+      outputs['depth'] = self.depth_decoder(bottleneck, skips)[..., 0].astype(jnp.float32)
+    if self.aif_decoder is not None:
+      # The AiF head predicts a residual onto the (defocused) input.
+      aif = self.aif_decoder(bottleneck, skips).astype(jnp.float32) + image.astype(jnp.float32)
+      outputs['aif'] = jnp.tanh(aif) if self.aif_tanh else aif
+    return outputs
+
+
+def check_input_shape(shape) -> None:
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f'Expected a batch of RGB images (N, H, W, 3), got shape {tuple(shape)}.')
+  h, w = shape[1:3]
+  if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
+    raise ValueError(
+        f'Image size {h}x{w} is not a multiple of {INPUT_MULTIPLE} in both H and W; resize, '
+        f'crop or pad it (e.g. to {-(-h // INPUT_MULTIPLE) * INPUT_MULTIPLE}x'
+        f'{-(-w // INPUT_MULTIPLE) * INPUT_MULTIPLE}).')
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> HDEDNet:
+  return HDEDNet(config, rngs=nnx.Rngs(seed))
+
+
+def count_params(config: ml_collections.ConfigDict) -> int:
+  """Trainable parameter count, without allocating any array."""
+  abstract = nnx.eval_shape(lambda: create_model(config))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
