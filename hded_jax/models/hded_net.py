@@ -29,6 +29,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       heads=HEADS,
       # Some released models squash the AiF output with tanh; the paper's is linear.
       aif_tanh=False,
+      # Metres per unit of the depth head's raw output (1.0 for models trained here; imported
+      # models trained on other depth units set it so that predictions come out in metres).
+      depth_scale=1.0,
       # Compute dtype; parameters and BatchNorm statistics always stay float32.
       dtype='float32',
   ))
@@ -46,6 +49,7 @@ class HDEDNet(nnx.Module):
     dtype = DTYPES[config.dtype]
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
+    self.depth_scale = float(config.depth_scale)
     self.encoder = DenseNetEncoder(
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
@@ -62,7 +66,8 @@ class HDEDNet(nnx.Module):
     bottleneck, skips = self.encoder(image)
     outputs = {}
     if self.depth_decoder is not None:
-      outputs['depth'] = self.depth_decoder(bottleneck, skips)[..., 0].astype(jnp.float32)
+      depth = self.depth_decoder(bottleneck, skips)[..., 0].astype(jnp.float32)
+      outputs['depth'] = depth * self.depth_scale if self.depth_scale != 1.0 else depth
     if self.aif_decoder is not None:
       # The AiF head predicts a residual onto the (defocused) input.
       aif = self.aif_decoder(bottleneck, skips).astype(jnp.float32) + image.astype(jnp.float32)
