@@ -51,7 +51,16 @@ def save_model(directory: str, step: int, model: nnx.Module,
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
   restored = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-  return ml_collections.ConfigDict(restored[CONFIG])
+  return ml_collections.ConfigDict(_lists_to_tuples(restored[CONFIG]))
+
+
+def _lists_to_tuples(value):
+  """JSON has no tuples; configs use tuples for every sequence (sizes, heads, epochs)."""
+  if isinstance(value, dict):
+    return {k: _lists_to_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(v) for v in value)
+  return value
 
 
 def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module,

@@ -17,14 +17,15 @@ class DecoderBlock(nnx.Module):
     self.bn1 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(out_features, out_features, 3, padding=1, dtype=dtype, rngs=rngs)
     self.bn2 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs) if dropout_rate else None
+    # Dropout keys come with each call (see HDEDNet.__call__), so the state holds no RNG.
+    self.dropout = nnx.Dropout(dropout_rate) if dropout_rate else None
 
-  def _dropout(self, x):
-    return self.dropout(x) if self.dropout is not None else x
+  def _dropout(self, x, rngs):
+    return self.dropout(x, rngs=rngs) if self.dropout is not None else x
 
-  def __call__(self, x):
-    x = jax.nn.relu(self._dropout(self.bn1(self.conv1(x))))
-    return jax.nn.relu(self._dropout(self.bn2(self.conv2(x))))
+  def __call__(self, x, rngs=None):
+    x = jax.nn.relu(self._dropout(self.bn1(self.conv1(x)), rngs))
+    return jax.nn.relu(self._dropout(self.bn2(self.conv2(x)), rngs))
 
 
 class Decoder(nnx.Module):
@@ -50,10 +51,10 @@ class Decoder(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.last_conv = layers.conv(widths[-1], out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, bottleneck, skips):
+  def __call__(self, bottleneck, skips, rngs=None):
     x = bottleneck
     for i, block in enumerate(self.blocks):
-      x = block(x)
+      x = block(x, rngs)
       if i < len(skips):
         x = jnp.concatenate([skips[len(skips) - 1 - i], x], axis=-1)
     return self.last_conv(x)

@@ -15,13 +15,16 @@ INPUT_MULTIPLE = 32
 
 
 def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
-  """Architecture presets: the paper's network, or a tiny one for tests and smoke runs."""
+  """Architecture presets: the paper's network; 'small' for CPU runs on the synthetic data;
+  'tiny' for tests."""
   if variant == 'densenet121':
     arch = dict(block_sizes=(6, 12, 24, 16), growth_rate=32, num_init_features=64, bn_size=4)
+  elif variant == 'small':
+    arch = dict(block_sizes=(2, 3, 4, 3), growth_rate=16, num_init_features=32, bn_size=4)
   elif variant == 'tiny':
     arch = dict(block_sizes=(1, 1, 1, 1), growth_rate=8, num_init_features=16, bn_size=2)
   else:
-    raise ValueError(f'Unknown model variant {variant!r}; use "densenet121" or "tiny".')
+    raise ValueError(f'Unknown model variant {variant!r}; use "densenet121", "small" or "tiny".')
   return ml_collections.ConfigDict(dict(
       **arch,
       dropout_rate=0.5,
@@ -61,16 +64,17 @@ class HDEDNet(nnx.Module):
                           else None)
     self.aif_decoder = Decoder(out_channels=3, **decoder_args) if 'aif' in heads else None
 
-  def __call__(self, image: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, image: jax.Array, *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """``rngs`` (a ``dropout`` stream) is needed in training mode only."""
     check_input_shape(image.shape)
     bottleneck, skips = self.encoder(image)
     outputs = {}
     if self.depth_decoder is not None:
-      depth = self.depth_decoder(bottleneck, skips)[..., 0].astype(jnp.float32)
+      depth = self.depth_decoder(bottleneck, skips, rngs)[..., 0].astype(jnp.float32)
       outputs['depth'] = depth * self.depth_scale if self.depth_scale != 1.0 else depth
     if self.aif_decoder is not None:
       # The AiF head predicts a residual onto the (defocused) input.
-      aif = self.aif_decoder(bottleneck, skips).astype(jnp.float32) + image.astype(jnp.float32)
+      aif = self.aif_decoder(bottleneck, skips, rngs).astype(jnp.float32) + image.astype(jnp.float32)
       outputs['aif'] = jnp.tanh(aif) if self.aif_tanh else aif
     return outputs
 

@@ -1,0 +1,69 @@
+"""The authors' training settings (SPEC.md "Training"); dataset configs start from here."""
+
+import ml_collections
+
+from hded_jax import losses
+from hded_jax import models
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 123
+  config.model = models.model_config('densenet121')
+  # '' (random init), 'imagenet:DIR' (from `python -m hded_jax.convert imagenet`) or
+  # 'checkpoint:DIR' (any hded-jax checkpoint directory).
+  config.init_from = ''
+
+  config.dataset = ml_collections.ConfigDict(dict(
+      name='nyu_depth_v2_defocus',
+      builder_config='',  # '' = the builder's default (e.g. focus_2m).
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      auto_prepare=False,  # Only the synthetic dataset can build itself.
+      train_split='train',
+      eval_split='test',
+      image_size=(256, 256),  # Resized, aspect not kept, as the authors did.
+      hflip=True,
+      color_jitter=0.0,
+      num_threads=4,
+      prefetch=8,
+      num_workers=0,  # >0: grain worker processes for preprocessing.
+      # Evaluation: depth range of valid ground truth and crop (top, bottom, left, right) at
+      # image_size, or None.
+      min_depth=1e-3,
+      max_depth=10.0,
+      eval_crop=ml_collections.FieldReference(None, field_type=tuple),
+  ))
+
+  config.loss = losses.default_loss_config()
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-4,
+      b1=0.5,
+      b2=0.999,
+      weight_decay=0.0,
+      # Learning rate x decay_factor after each of these epochs.
+      decay_epochs=(200,),
+      decay_factor=0.1,
+      grad_clip_norm=0.0,  # 0 = no clipping.
+  ))
+
+  config.batch_size = 4  # Global, over all devices and processes.
+  config.eval_batch_size = 8
+  # Training length: num_train_steps if > 0, else num_epochs over the training split. SPEC.md
+  # gives only the decay point (epoch 200); 300 epochs leaves 100 at the low rate.
+  config.num_epochs = 300
+  config.num_train_steps = -1
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.max_checkpoints_to_keep = 3
+  # Images written to TensorBoard by eval.py, and the number of test examples it evaluates
+  # (-1 = the whole split).
+  config.eval_num_images = 4
+  config.eval_num_examples = -1
+  # How long eval.py waits for a new checkpoint before giving up.
+  config.eval_timeout_secs = 3600
+
+  # Mesh: 'data' x 'model' axes; data=-1 takes all devices the model axis leaves.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  return config

@@ -1,0 +1,31 @@
+"""Evaluates a training run's checkpoints as they appear (beside `train.py`).
+
+  python eval.py --config=configs/nyu.py --workdir=/tmp/hded_nyu          # follow the run
+  python eval.py --workdir=/tmp/hded_nyu --once                            # latest only
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from hded_jax import eval_lib
+from hded_jax import runtime
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Data/eval settings; default: the config saved with the checkpoints.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'The training run\'s --workdir.')
+flags.DEFINE_bool('once', False, 'Evaluate the latest checkpoint and exit.')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.setup(FLAGS.workdir, distributed=False)
+  eval_lib.evaluate(FLAGS.config, FLAGS.workdir, once=FLAGS.once)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,245 @@
+"""Depth and all-in-focus predictions for image files, any size, batched and jitted.
+
+Per input image `<stem>` (in the output directory):
+  <stem>_depth.npy  float32 (H, W): the depth head in the model's depth units (metres for models
+                    trained here or imported with the right `depth_scale`);
+  <stem>_depth.png  that depth colour-mapped (turbo, near = blue) over a range that is logged;
+  <stem>_aif.npy    float32 (H, W, 3) in [0, 1]: the all-in-focus image;
+  <stem>_aif.png    the same as 8-bit RGB.
+A model without one of the heads writes no files for it. H, W are the input's size: images are
+scaled to [-1, 1] as in training (x / 127.5 - 1), padded at the bottom and right to a multiple of
+32 (`pad_mode` 'reflect' or 'edge') and the outputs cropped back. With `resize=(h, w)` images are
+first resized (bilinear) to that size, e.g. the training size, and the outputs resized (bilinear)
+back to the input's size.
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from PIL import Image
+
+from hded_jax import checkpoints, visualize
+from hded_jax.models.hded_net import INPUT_MULTIPLE
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+PAD_MODES = ('reflect', 'edge')
+LOG_EVERY_S = 10.0
+
+Forward = Callable[[np.ndarray], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass
+class Summary:
+  written: list[str] = dataclasses.field(default_factory=list)  # Input paths done.
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # Input path -> reason.
+
+
+def parse_resize(text: str) -> tuple[int, int] | None:
+  """'HxW' -> (H, W); '' -> None."""
+  if not text:
+    return None
+  try:
+    h, w = (int(v) for v in text.lower().split('x'))
+  except ValueError:
+    h = w = 0
+  if h <= 0 or w <= 0:
+    raise ValueError(f'--resize={text!r}: expected HEIGHTxWIDTH in pixels, e.g. 256x256.')
+  return h, w
+
+
+def find_inputs(pattern: str) -> tuple[list[str], dict[str, str]]:
+  """An image file, a folder (not recursive) or a glob -> (image paths, skipped: reason)."""
+  if os.path.isfile(pattern):
+    return [pattern], {}
+  if os.path.isdir(pattern):
+    files = [os.path.join(pattern, f) for f in os.listdir(pattern)]
+  else:
+    files = glob.glob(pattern)
+  files = sorted(f for f in files if os.path.isfile(f))
+  images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  skipped = {f: 'not an image file extension' for f in files if f not in images}
+  if not images:
+    raise FileNotFoundError(
+        f'No image files ({", ".join(IMAGE_EXTENSIONS)}) match --input={pattern!r}'
+        f'{f" (only {len(files)} other files)" if files else ""}; pass an image, a folder of '
+        'images or a quoted glob such as "photos/*.jpg".')
+  stems = collections.Counter(_stem(f) for f in images)
+  if clashes := sorted(f for f in images if stems[_stem(f)] > 1):
+    raise ValueError(f'These inputs would write the same output files: {clashes}. Give them '
+                     'distinct names or predict them into separate output directories.')
+  return images, skipped
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+  """uint8 (H, W, 3), optionally resized (bilinear) to size = (h, w)."""
+  with Image.open(path) as image:
+    image = image.convert('RGB')
+    if size is not None and image.size != size[::-1]:
+      image = image.resize(size[::-1], Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def image_size(path: str) -> tuple[int, int]:
+  """(H, W) from the file header, without decoding the pixels."""
+  with Image.open(path) as image:
+    return image.size[::-1]
+
+
+def to_network_input(images: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1], as in training."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def pad_to_multiple(batch: np.ndarray, mode: str, multiple: int = INPUT_MULTIPLE) -> np.ndarray:
+  """Pads NHWC at the bottom and right so that H and W are multiples of ``multiple``."""
+  if mode not in PAD_MODES:
+    raise ValueError(f'pad_mode={mode!r}: choose one of {PAD_MODES}.')
+  h, w = batch.shape[1:3]
+  pad = ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0))
+  return np.pad(batch, pad, mode=mode)
+
+
+def make_forward(model: nnx.Module) -> Forward:
+  """A jitted eval-mode forward pass (one compile per batch shape)."""
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+  return lambda images: forward(state, images)
+
+
+def predict_batch(forward: Forward, images: Sequence[np.ndarray], *, batch_size: int,
+                  pad_mode: str) -> dict[str, np.ndarray]:
+  """Same-size uint8 images (at most batch_size) -> cropped outputs, AiF in [0, 1].
+
+  The batch is padded to ``batch_size`` so that partial batches reuse the compiled function.
+  """
+  n = len(images)
+  h, w = images[0].shape[:2]
+  batch = pad_to_multiple(to_network_input(np.stack(images)), pad_mode)
+  batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+  outputs = {k: np.asarray(v)[:n, :h, :w] for k, v in forward(batch).items()}
+  if 'aif' in outputs:
+    outputs['aif'] = np.clip((outputs['aif'] + 1.0) / 2.0, 0.0, 1.0)
+  return outputs
+
+
+def resize_output(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of float (H, W) or (H, W, C) to size = (h, w), channel by channel."""
+  if array.shape[:2] == tuple(size):
+    return array
+  def resize(channel):
+    return np.asarray(Image.fromarray(channel.astype(np.float32), mode='F').resize(
+        size[::-1], Image.Resampling.BILINEAR))
+  if array.ndim == 2:
+    return resize(array)
+  return np.stack([resize(array[..., c]) for c in range(array.shape[-1])], axis=-1)
+
+
+def depth_limits(depth: np.ndarray, depth_range: tuple[float, float] | None
+                 ) -> tuple[float, float]:
+  if depth_range is not None:
+    return depth_range
+  finite = depth[np.isfinite(depth)]
+  return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+
+
+def write_outputs(output_dir: str, stem: str, outputs: dict[str, np.ndarray],
+                  depth_range: tuple[float, float] | None) -> None:
+  if 'depth' in outputs:
+    depth = outputs['depth'].astype(np.float32)
+    vmin, vmax = depth_limits(depth, depth_range)
+    np.save(os.path.join(output_dir, f'{stem}_depth.npy'), depth)
+    Image.fromarray(visualize.colorize_depth(depth, vmin, vmax)).save(
+        os.path.join(output_dir, f'{stem}_depth.png'))
+    logging.info('%s: depth %.4g..%.4g, colour-mapped over [%.4g, %.4g] (turbo, near = blue).',
+                 stem, depth.min(), depth.max(), vmin, vmax)
+  if 'aif' in outputs:
+    aif = outputs['aif'].astype(np.float32)
+    np.save(os.path.join(output_dir, f'{stem}_aif.npy'), aif)
+    Image.fromarray(np.round(aif * 255).astype(np.uint8)).save(
+        os.path.join(output_dir, f'{stem}_aif.png'))
+
+
+class _Progress:
+  """Logs images/s and the ETA at most every LOG_EVERY_S seconds, and at the end."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.monotonic()
+    self.last_log = self.start
+
+  def update(self, count: int) -> None:
+    self.done += count
+    now = time.monotonic()
+    if now - self.last_log < LOG_EVERY_S and self.done < self.total:
+      return
+    self.last_log = now
+    rate = self.done / max(now - self.start, 1e-9)
+    logging.info('%d/%d images, %.2f images/s, ETA %.0f s.', self.done, self.total, rate,
+                 (self.total - self.done) / rate if rate else float('nan'))
+
+
+def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, batch_size: int = 8,
+                  resize: tuple[int, int] | None = None, pad_mode: str = 'reflect',
+                  depth_range: tuple[float, float] | None = None) -> Summary:
+  """Predicts ``paths`` in batches of same-size images; unreadable files are skipped."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size}: must be at least 1.')
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f'pad_mode={pad_mode!r}: choose one of {PAD_MODES}.')
+  summary = Summary()
+  sizes = {}
+  for path in paths:
+    try:
+      sizes[path] = image_size(path)
+    except (OSError, ValueError) as e:  # PIL raises these for unreadable or non-image files.
+      summary.skipped[path] = f'cannot read image: {e}'
+  groups = collections.defaultdict(list)
+  for path, size in sizes.items():
+    groups[resize or size].append(path)
+  os.makedirs(output_dir, exist_ok=True)
+  progress = _Progress(len(sizes))
+  for size, group in sorted(groups.items()):
+    for i in range(0, len(group), batch_size):
+      images, done = [], []
+      for path in group[i:i + batch_size]:
+        try:
+          images.append(read_image(path, resize))
+          done.append(path)
+        except (OSError, ValueError) as e:
+          summary.skipped[path] = f'cannot decode image: {e}'
+      if images:
+        outputs = predict_batch(forward, images, batch_size=batch_size, pad_mode=pad_mode)
+        for j, path in enumerate(done):
+          single = {k: resize_output(v[j], sizes[path]) for k, v in outputs.items()}
+          write_outputs(output_dir, _stem(path), single, depth_range)
+        summary.written.extend(done)
+      progress.update(len(group[i:i + batch_size]))
+  for path, reason in summary.skipped.items():
+    logging.warning('Skipped %s: %s', path, reason)
+  return summary
+
+
+def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> Summary:
+  """Loads the latest checkpoint in ``checkpoint`` and predicts every image ``input_pattern``
+  names (see ``find_inputs``); kwargs go to ``predict_files``."""
+  paths, skipped = find_inputs(input_pattern)
+  model, config, step = checkpoints.load_model(checkpoint)
+  logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,
+               tuple(config.model.heads), len(paths))
+  summary = predict_files(make_forward(model), paths, output_dir, **kwargs)
+  for path, reason in skipped.items():
+    logging.warning('Skipped %s: %s', path, reason)
+  summary.skipped.update(skipped)
+  return summary

@@ -1,0 +1,134 @@
+"""NYU Depth v2 labeled (795 train / 654 test) with defocus rendered from its depth maps.
+
+The 1,449 labeled frames are read one at a time from the MATLAB v7.3 (HDF5) file, so the 2.8 GB
+file is never loaded whole. The images are rendered with the D3-Net camera (15 mm, f/2.8,
+5.6 um pixels) focused at 2, 4 or 8 m, one builder config per focus distance.
+"""
+
+import dataclasses
+
+import h5py
+import numpy as np
+import scipy.io
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from hded_jax import defocus
+from tfds_builders import common
+
+LABELED_MAT = 'nyu_depth_v2_labeled.mat'
+SPLITS_MAT = 'splits.mat'
+MANUAL_FILES = {
+    LABELED_MAT: 'http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/nyu_depth_v2_labeled.mat',
+    SPLITS_MAT: 'http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat',
+}
+LOG_EVERY = 100
+
+
+@dataclasses.dataclass
+class NyuDefocusConfig(tfds.core.BuilderConfig):
+  """Focus distance of the rendering camera, and the frame size the features are declared with."""
+  focus_distance: float = 2.0
+  height: int = 480
+  width: int = 640
+
+
+def _focus_config(metres: int) -> NyuDefocusConfig:
+  return NyuDefocusConfig(
+      name=f'focus_{metres}m', focus_distance=float(metres),
+      description=f'Rendered with the D3-Net camera focused at {metres} m.')
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """NYU Depth v2 labeled frames, their depth, and a defocused rendering of each."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [_focus_config(2), _focus_config(4), _focus_config(8)]
+  DEFAULT_BUILDER_CONFIG_NAME = 'focus_2m'
+  MANUAL_FILES = MANUAL_FILES
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      'Download these two files into the manual folder (`--manual_dir`, default '
+      '<data_dir>/downloads/manual/):\n' +
+      ''.join(f'  {name}: {url}\n' for name, url in MANUAL_FILES.items()) +
+      f'{LABELED_MAT} (2.8 GB, MATLAB v7.3) holds the 1,449 labeled frames; {SPLITS_MAT} holds '
+      'the standard 795 / 654 train / test split.')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    return self.dataset_info_from_configs(
+        features=common.defocus_features(
+            (config.height, config.width), (config.height, config.width)),
+        homepage='https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html',
+        supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    paths = common.check_manual_files(dl_manager.manual_dir, MANUAL_FILES, self.name)
+    num_frames = _check_labeled_mat(
+        paths[LABELED_MAT], (self.builder_config.height, self.builder_config.width))
+    splits = read_splits(paths[SPLITS_MAT], num_frames)
+    return {split: self._generate_examples(paths[LABELED_MAT], indices)
+            for split, indices in splits.items()}
+
+  def _generate_examples(self, labeled_mat: epath.Path, indices: np.ndarray):
+    camera = defocus.camera_preset('nyu', focus_distance=self.builder_config.focus_distance)
+    camera_features = {key: np.float32(value) for key, value in camera.as_dict().items()}
+    with h5py.File(labeled_mat, 'r') as mat:
+      for count, index in enumerate(indices, 1):
+        aif, depth = read_frame(mat, index)
+        yield int(index), {
+            # The labeled depths are in-painted: positive everywhere, as rendering needs.
+            'image': defocus.render_defocus(aif, depth, camera),
+            'aif': aif,
+            'depth': depth,
+            'camera': camera_features,
+            'index': int(index),
+        }
+        if count % LOG_EVERY == 0 or count == len(indices):
+          logging.info('%s: rendered %d / %d frames.', self.name, count, len(indices))
+
+
+def _check_labeled_mat(path: epath.Path, frame_size: tuple[int, int]) -> int:
+  """Checks the file's layout against MATLAB's (N,3,W,H) / (N,W,H) and returns N."""
+  if not h5py.is_hdf5(path):
+    raise ValueError(f'{path} is not a MATLAB v7.3 (HDF5) file. Download {LABELED_MAT} from '
+                     f'{MANUAL_FILES[LABELED_MAT]} (the labeled-frames file, not the raw dumps).')
+  with h5py.File(path, 'r') as mat:
+    missing = {'images', 'depths'} - set(mat.keys())
+    if missing:
+      raise ValueError(f'{path} has no {sorted(missing)} variable(s); is it {LABELED_MAT}?')
+    images, depths = mat['images'].shape, mat['depths'].shape
+  h, w = frame_size
+  if images[1:] != (3, w, h) or depths != (images[0], w, h):
+    raise ValueError(
+        f'{path}: images {images} / depths {depths} do not match the expected MATLAB layout '
+        f'(N, 3, {w}, {h}) / (N, {w}, {h}) for {h}x{w} frames.')
+  return images[0]
+
+
+def read_splits(path: epath.Path, num_frames: int) -> dict[str, np.ndarray]:
+  """{'train', 'test'}: 0-based frame indices from the 1-based `trainNdxs` / `testNdxs`."""
+  with path.open('rb') as f:
+    mat = scipy.io.loadmat(f)
+  splits = {}
+  for split, key in (('train', 'trainNdxs'), ('test', 'testNdxs')):
+    if key not in mat:
+      raise ValueError(f'{path} has no {key!r}; download {SPLITS_MAT} from '
+                       f'{MANUAL_FILES[SPLITS_MAT]}.')
+    indices = np.asarray(mat[key]).ravel().astype(np.int64) - 1
+    if indices.size and (indices.min() < 0 or indices.max() >= num_frames):
+      raise ValueError(f'{path}: {key} holds indices outside 1..{num_frames}, the frames in '
+                       f'{LABELED_MAT}; the two files do not belong together.')
+    splits[split] = indices
+  if np.intersect1d(splits['train'], splits['test']).size:
+    raise ValueError(f'{path}: trainNdxs and testNdxs overlap.')
+  return splits
+
+
+def read_frame(mat: h5py.File, index: int) -> tuple[np.ndarray, np.ndarray]:
+  """Frame `index` (0-based) as aif (H,W,3) uint8 and depth (H,W) float32 metres."""
+  aif = np.ascontiguousarray(np.transpose(mat['images'][index], (2, 1, 0)))
+  depth = np.transpose(mat['depths'][index], (1, 0)).astype(np.float32)
+  return aif, np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)

@@ -1,0 +1,29 @@
+"""Trains 2HDED:NET. Rerunning the same command resumes from WORKDIR's latest checkpoint.
+
+  python train.py --config=configs/nyu.py --workdir=/tmp/hded_nyu --config.batch_size=8
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hded_jax import runtime
+from hded_jax import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.setup(FLAGS.workdir)
+  logging.info('Config:\n%s', FLAGS.config)
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
