@@ -67,8 +67,10 @@ def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module
                        sharding: jax.sharding.Sharding | None = None) -> None:
   """Restores the ``model`` item of ``step`` into ``model`` in place."""
   state = nnx.state(model)
+  default = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding),
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=sharding or getattr(x, 'sharding', None) or default),
       state.to_pure_dict())
   restored = mngr.restore(step, args=ocp.args.Composite(**{
       MODEL: ocp.args.StandardRestore(target)}))[MODEL]
@@ -87,7 +89,8 @@ def load_model(directory: str, step: int | None = None, sharding=None
   if step is None:
     raise FileNotFoundError(f'{mngr.directory} holds no complete checkpoint.')
   config = restore_config(mngr, step)
-  model = models.create_model(config.model)
+  # Abstract: the weights come from the checkpoint, so skip the random init.
+  model = nnx.eval_shape(lambda: models.create_model(config.model))
   restore_model_into(mngr, step, model, sharding)
   model.eval()
   mngr.close()

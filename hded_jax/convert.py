@@ -124,6 +124,14 @@ def _listing(title: str, items: Sequence[str]) -> str:
   return f'{title} ({len(items)}):\n  {shown}{more}'
 
 
+def _new_directory(path: str) -> str:
+  """Checks (before any slow work) that the output goes to a new or empty directory."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise FileExistsError(f'{path} exists and is not empty; choose a new output directory.')
+  return path
+
+
 def match_state_dict(state_dict: Mapping[str, np.ndarray], target: Mapping, *,
                      strict: bool) -> tuple[dict[Path, np.ndarray], dict[str, str]]:
   """Converts the tensors of ``state_dict`` that belong at the weights of ``target``.
@@ -192,6 +200,7 @@ def read_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str,
 def convert_imagenet(state_dict: Mapping[str, np.ndarray], out_dir: str, *,
                      source: str = '') -> list[str]:
   """Writes the torchvision tensors that fit the DenseNet-121 encoder; returns their names."""
+  out_dir = _new_directory(out_dir)
   state_dict = canonical_keys(state_dict)
   abstract = nnx.eval_shape(lambda: models.create_model(models.model_config('densenet121')))
   target = {'encoder': nnx.state(abstract).to_pure_dict()['encoder']}
@@ -200,7 +209,7 @@ def convert_imagenet(state_dict: Mapping[str, np.ndarray], out_dir: str, *,
     raise ValueError('No tensor of the state dict fits the DenseNet-121 encoder; is it '
                      "torchvision's densenet121 (keys like features.denseblock1...)?")
   names = torch_names(target)
-  out_dir = _new_directory(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, PARAMS), traverse_util.unflatten_dict(converted))
   manifest = dict(
@@ -351,25 +360,18 @@ def convert_official(state_dict: Mapping[str, np.ndarray], model_config: ml_coll
   return model
 
 
-def _new_directory(path: str) -> str:
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(path) and os.listdir(path):
-    raise FileExistsError(f'{path} exists and is not empty; choose a new output directory.')
-  os.makedirs(path, exist_ok=True)
-  return path
-
-
 def write_official(in_path: str, out_dir: str, *, heads: Sequence[str] | None = None,
                    aif_tanh: bool = False, depth_scale: float = 1.0,
                    allow_pickle: bool = False) -> ml_collections.ConfigDict:
   """Converts an official checkpoint file into a hded-jax checkpoint directory (step 0)."""
+  out_dir = _new_directory(out_dir)
   state_dict = read_torch_state_dict(in_path, allow_pickle=allow_pickle)
   model_config = infer_model_config(state_dict, heads=heads, aif_tanh=aif_tanh,
                                     depth_scale=depth_scale)
   model = convert_official(state_dict, model_config)
   config = ml_collections.ConfigDict(dict(model=model_config,
                                           converted_from=os.path.abspath(in_path)))
-  checkpoints.save_model(_new_directory(out_dir), 0, model, config)
+  checkpoints.save_model(out_dir, 0, model, config)
   return config
 
 

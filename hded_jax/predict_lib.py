@@ -235,6 +235,9 @@ def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> Summa
   """Loads the latest checkpoint in ``checkpoint`` and predicts every image ``input_pattern``
   names (see ``find_inputs``); kwargs go to ``predict_files``."""
   paths, skipped = find_inputs(input_pattern)
+  # A training run's WORKDIR works too.
+  if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
+    checkpoint = os.path.join(checkpoint, 'checkpoints')
   model, config, step = checkpoints.load_model(checkpoint)
   logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,
                tuple(config.model.heads), len(paths))

@@ -57,7 +57,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     raise ValueError(f'mesh data={mesh_config.data} x model={model} does not cover the '
                      f'{num_devices} devices; set config.mesh.data=-1 to use them all.')
   return jax.make_mesh((data, model), ('data', 'model'),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:

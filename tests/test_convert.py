@@ -16,6 +16,7 @@ from hded_jax import checkpoints, convert, models
 
 torch = pytest.importorskip('torch')
 from tests import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.test_predict import random_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARCH_KEYS = ('block_sizes', 'growth_rate', 'num_init_features', 'bn_size')
 TINY = {k: tuple(v) if k == 'block_sizes' else v
@@ -72,8 +73,8 @@ def test_official_file_to_checkpoint(tmp_path):
                                           for k, v in reference.state_dict().items()}}, path)
   convert.write_official(str(path), str(tmp_path / 'ckpt'), aif_tanh=True, depth_scale=2.0)
   model, config, step = checkpoints.load_model(str(tmp_path / 'ckpt'))
-  assert step == 0 and config.model.heads == ('depth', 'aif')
-  assert {k: config.model[k] for k in ARCH_KEYS} == {**TINY, 'block_sizes': [1, 1, 1, 1]}
+  assert step == 0 and tuple(config.model.heads) == ('depth', 'aif')
+  assert {k: config.model[k] for k in ARCH_KEYS} == {**TINY, 'block_sizes': (1, 1, 1, 1)}
   image = random_image(64, 96)  # Non-square: catches H/W swaps.
   expected = torch_forward(reference, image)
   got = model(image)
@@ -228,10 +229,10 @@ def test_imagenet(tmp_path):
 
 
 def test_init_from_checkpoint(tmp_path):
-  source = models.create_model(models.model_config('tiny'), seed=1)
+  source = random_model(models.model_config('tiny'), seed=1)
   checkpoints.save_model(str(tmp_path / 'ckpt'), 5, source,
                          ml_collections.ConfigDict({'model': models.model_config('tiny')}))
-  model = models.create_model(models.model_config('tiny'), seed=2)
+  model = random_model(models.model_config('tiny'), seed=2)
   loaded = convert.init_from(model, f'checkpoint:{tmp_path / "ckpt"}')
   assert len(loaded) == len(jax.tree.leaves(nnx.state(model)))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model).to_pure_dict(),
@@ -240,7 +241,7 @@ def test_init_from_checkpoint(tmp_path):
   depth_only = models.model_config('tiny')
   depth_only.heads = ('depth',)
   with pytest.raises(ValueError, match='different architecture'):
-    convert.init_from(models.create_model(depth_only), f'checkpoint:{tmp_path / "ckpt"}')
+    convert.init_from(zeros_model(depth_only), f'checkpoint:{tmp_path / "ckpt"}')
 
 
 def test_init_from_spec_errors():

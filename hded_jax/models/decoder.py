@@ -13,7 +13,7 @@ class DecoderBlock(nnx.Module):
   """ConvT4x4/2 -> BN -> [Dropout] -> ReLU -> Conv3x3 -> BN -> [Dropout] -> ReLU."""
 
   def __init__(self, in_features, out_features, *, dropout_rate, dtype, rngs):
-    self.conv1 = layers.conv_transpose(in_features, out_features, dtype=dtype, rngs=rngs)
+    self.conv1 = layers.UpConv(in_features, out_features, dtype=dtype, rngs=rngs)
     self.bn1 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(out_features, out_features, 3, padding=1, dtype=dtype, rngs=rngs)
     self.bn2 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)

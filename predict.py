@@ -1,0 +1,52 @@
+"""Predicts depth and the all-in-focus image for image files (see hded_jax/predict_lib.py).
+
+  python predict.py --checkpoint=/tmp/hded_nyu/checkpoints --input=photos/ --output_dir=/tmp/out
+  python predict.py --checkpoint=CKPT --input='photos/*.jpg' --output_dir=OUT --resize=256x256
+
+--input: an image file, a folder of images or a quoted glob. Writes <stem>_depth.{npy,png} and
+<stem>_aif.{npy,png} at each input's own size; files that cannot be read are logged and skipped.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from hded_jax import predict_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('checkpoint', None,
+                    'Checkpoint directory (a training run\'s WORKDIR/checkpoints, the run\'s '
+                    'WORKDIR, or `python -m hded_jax.convert official` output); latest step.')
+flags.DEFINE_string('input', None, 'Image file, folder of images, or glob.')
+flags.DEFINE_string('output_dir', None, 'Where to write the predictions.')
+flags.DEFINE_integer('batch_size', 8, 'Images per forward pass (same-size images are batched).')
+flags.DEFINE_string('resize', '', 'HxW: resize inputs to this size (e.g. the training size, '
+                    '256x256) and the outputs back; default: run at the input size.')
+flags.DEFINE_enum('pad_mode', 'reflect', predict_lib.PAD_MODES,
+                  'How inputs are padded to a multiple of 32 (the outputs are cropped back).')
+flags.DEFINE_list('depth_range', None, 'MIN,MAX depth for the colour map; default: per image.')
+flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  depth_range = None
+  if FLAGS.depth_range:
+    if len(FLAGS.depth_range) != 2:
+      raise app.UsageError(f'--depth_range={FLAGS.depth_range}: expected MIN,MAX.')
+    depth_range = tuple(float(v) for v in FLAGS.depth_range)
+    if not depth_range[1] > depth_range[0]:
+      raise app.UsageError(f'--depth_range={FLAGS.depth_range}: MAX must exceed MIN.')
+  summary = predict_lib.run(
+      FLAGS.checkpoint, FLAGS.input, FLAGS.output_dir, batch_size=FLAGS.batch_size,
+      resize=predict_lib.parse_resize(FLAGS.resize), pad_mode=FLAGS.pad_mode,
+      depth_range=depth_range)
+  logging.info('Wrote predictions for %d images to %s; skipped %d.', len(summary.written),
+               FLAGS.output_dir, len(summary.skipped))
+  if not summary.written:
+    raise SystemExit(f'No image could be read; nothing written to {FLAGS.output_dir}.')
+
+
+if __name__ == '__main__':
+  app.run(main)
