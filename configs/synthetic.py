@@ -13,15 +13,15 @@ def get_config():
   config.dataset.name = 'synthetic_defocus'
   config.dataset.builder_config = ''
   config.dataset.auto_prepare = True
-  config.dataset.image_size = (128, 128)
+  config.dataset.image_size = (64, 64)
   config.dataset.min_depth = 1e-3
   config.dataset.max_depth = 10.0
   config.dataset.num_threads = 2
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.decay_epochs = (30,)
+  config.optimizer.decay_epochs = (10,)
   config.batch_size = 16
   config.eval_batch_size = 32
-  config.num_epochs = 40
+  config.num_epochs = 14
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   return config

@@ -13,7 +13,7 @@
 ``checkpoints.load_model``, ``eval.py`` and ``predict.py`` read.
 
 Layout changes (exact, so that converted models compute the PyTorch function): conv OIHW -> HWIO;
-ConvTranspose2d (in, out, kh, kw) -> (kh, kw, in, out) flipped spatially (our ConvTranspose holds
+ConvTranspose2d (in, out, kh, kw) -> (kh, kw, in, out) flipped spatially (our ``UpConv`` holds
 a plain conv kernel, see ``models/layers.py``); BatchNorm weight/bias/running_mean/running_var ->
 scale/bias/mean/var (``num_batches_tracked`` is dropped). torch is imported only to read files.
 """

@@ -1,0 +1,158 @@
+"""The 2HDED:NET model: architecture facts from SPEC.md, padding, init and train/eval modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hded_jax import models
+from hded_jax import summary
+from hded_jax.models import layers
+
+
+def test_full_size_parameter_counts_match_the_paper():
+  config = models.model_config('densenet121')
+  assert models.count_params(config) == 41_414_400
+  config.heads = ('depth',)
+  assert models.count_params(config) == 24_212_544
+
+
+def test_per_module_counts_and_summary_table():
+  rows = dict(summary.parameter_table(models.model_config('densenet121'), depth=1))
+  assert rows == {'encoder': 7_011_840, 'depth_decoder': 17_200_704,
+                  'aif_decoder': 17_201_856}
+  table = summary.format_table(summary.parameter_table(models.model_config('densenet121')))
+  assert table.splitlines()[-1] == 'total parameters: 41414400'
+  assert 'encoder.denseblocks' in table
+
+
+def test_full_size_shapes_without_computing():
+  def forward(image):
+    model = models.create_model(models.model_config())
+    model.eval()
+    return model.encoder(image), model(image)
+
+  (bottleneck, skips), _ = jax.eval_shape(forward, jnp.zeros((1, 256, 256, 3)))
+  assert bottleneck.shape == (1, 8, 8, 1024)
+  assert [s.shape for s in skips] == [(1, 128, 128, 64), (1, 64, 64, 128), (1, 32, 32, 256),
+                                      (1, 16, 16, 512)]
+  _, out = jax.eval_shape(forward, jnp.zeros((2, 256, 320, 3)))
+  assert out['depth'].shape == (2, 256, 320) and out['aif'].shape == (2, 256, 320, 3)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return models.create_model(models.model_config('tiny'), seed=0)
+
+
+def test_rejects_sizes_that_are_not_multiples_of_32(tiny):
+  tiny.eval()
+  with pytest.raises(ValueError, match='not a multiple of 32.*64x96'):
+    tiny(jnp.zeros((1, 50, 96, 3)))
+  with pytest.raises(ValueError, match=r'\(N, H, W, 3\)'):
+    tiny(jnp.zeros((1, 64, 64)))
+
+
+def test_config_errors():
+  config = models.model_config('tiny')
+  config.heads = ('depth', 'normals')
+  with pytest.raises(ValueError, match='model.heads'):
+    models.create_model(config)
+  with pytest.raises(ValueError, match='Unknown model variant'):
+    models.model_config('resnet')
+
+
+def test_aif_head_is_a_residual_onto_the_input(tiny):
+  tiny.eval()
+  image = jax.random.uniform(jax.random.key(0), (1, 32, 64, 3), minval=-1, maxval=1)
+  bottleneck, skips = tiny.encoder(image)
+  residual = tiny.aif_decoder(bottleneck, skips)
+  np.testing.assert_allclose(tiny(image)['aif'], residual + image, atol=1e-6)
+
+
+def test_upconv_is_pytorchs_transposed_conv():
+  """UpConv computes lax.conv_transpose with PyTorch's padding (k=4, s=2, p=1 -> 2x size)."""
+  up = layers.UpConv(5, 7, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  up.bias[...] = jax.random.normal(jax.random.key(2), (7,))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
+  expected = jax.lax.conv_transpose(x, up.kernel[...], (2, 2), ((2, 2), (2, 2)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + up.bias[...]
+  np.testing.assert_allclose(up(x), expected, atol=1e-5)
+  assert up(x).shape == (2, 12, 20, 7)
+
+
+def test_stride_two_convs_pad_like_pytorch():
+  """PyTorch pads 1 on every side; XLA's SAME would pad (0, 1) and shift the output."""
+  conv = layers.conv(1, 1, 3, stride=2, padding=1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  conv.kernel[...] = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)  # picks the top-left tap
+  x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
+  # Output (i, j) reads input (2i - 1, 2j - 1): zero padding for i or j = 0.
+  np.testing.assert_array_equal(conv(x)[0, ..., 0], [[0, 0], [0, 6]])
+
+
+def test_init_follows_the_authors():
+  model = models.create_model(models.model_config('densenet121'), seed=3)
+  kernels = np.asarray(model.encoder.denseblocks[2].layers[5].conv2.kernel[...])
+  assert abs(kernels.mean()) < 1e-3 and kernels.std() == pytest.approx(0.02, rel=0.02)
+  scale = np.asarray(model.depth_decoder.blocks[0].bn1.scale[...])
+  assert scale.mean() == pytest.approx(1.0, abs=0.005) and scale.std() == pytest.approx(
+      0.02, rel=0.15)
+  np.testing.assert_array_equal(model.encoder.norm5.bias[...], 0.0)
+  np.testing.assert_array_equal(model.encoder.norm5.mean[...], 0.0)
+  np.testing.assert_array_equal(model.encoder.norm5.var[...], 1.0)
+
+
+def test_train_mode_uses_batch_statistics_and_dropout(tiny):
+  image = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  model = nnx.clone(tiny)
+  model.train()
+  mean_before = np.asarray(model.encoder.norm0.mean[...])
+  a = model(image, rngs=nnx.Rngs(dropout=1))['depth']
+  assert not np.allclose(model.encoder.norm0.mean[...], mean_before)  # running average moved
+  b = model(image, rngs=nnx.Rngs(dropout=2))['depth']
+  assert not np.allclose(a, b)  # different dropout masks
+  # Batch statistics: an example's output depends on the rest of the batch.
+  c = model(image[:2], rngs=nnx.Rngs(dropout=1))['depth']
+  assert not np.allclose(a[:2], c)
+
+
+def test_eval_mode_is_deterministic_and_per_example(tiny):
+  image = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  model = nnx.clone(tiny)
+  model.eval()
+  mean_before = np.asarray(model.encoder.norm0.mean[...])
+  a = model(image)['depth']
+  np.testing.assert_array_equal(a, model(image)['depth'])
+  np.testing.assert_allclose(a[:2], model(image[:2])['depth'], atol=1e-5)
+  np.testing.assert_array_equal(model.encoder.norm0.mean[...], mean_before)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  config = models.model_config('tiny')
+  f32 = models.create_model(config, seed=0)
+  config.dtype = 'bfloat16'
+  bf16 = models.create_model(config, seed=0)
+  for leaf in jax.tree.leaves(nnx.state(bf16)):
+    assert leaf.dtype == jnp.float32
+  f32.eval()
+  bf16.eval()
+  image = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  out32, out16 = f32(image), bf16(image)
+  for key in ('depth', 'aif'):
+    assert out16[key].dtype == jnp.float32
+    np.testing.assert_allclose(out16[key], out32[key], atol=0.1)
+
+
+def test_depth_only_model_and_depth_scale():
+  config = models.model_config('tiny')
+  config.heads = ('depth',)
+  model = models.create_model(config, seed=0)
+  model.eval()
+  image = jnp.zeros((1, 32, 32, 3))
+  out = model(image)
+  assert set(out) == {'depth'}
+  config.depth_scale = 10.0
+  scaled = models.create_model(config, seed=0)
+  scaled.eval()
+  np.testing.assert_allclose(scaled(image)['depth'], 10 * out['depth'], rtol=1e-5)

@@ -1,0 +1,137 @@
+"""Training and evaluation end to end on the tiny synthetic dataset and model."""
+
+import json
+import os
+import re
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hded_jax import checkpoints
+from hded_jax import eval_lib
+from hded_jax import train_lib
+from tests.conftest import tiny_config
+
+
+def params_of(state):
+  return jax.tree.map(np.asarray, nnx.merge_state(state.params, state.batch_stats)
+                      .to_pure_dict())
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def steps_in(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path):
+  """An interrupted run, rerun with the same command, ends where an uninterrupted one does:
+  the step count, optimizer state, dropout keys and data order all continue."""
+  straight = train_lib.train_and_evaluate(
+      tiny_config(tiny_data_dir, num_train_steps=6), str(tmp_path / 'straight'))
+  assert int(straight.step) == 6
+
+  resumed_dir = str(tmp_path / 'resumed')
+  first = train_lib.train_and_evaluate(tiny_config(tiny_data_dir, num_train_steps=3),
+                                       resumed_dir)
+  assert int(first.step) == 3 and steps_in(resumed_dir) == [2, 3]
+  resumed = train_lib.train_and_evaluate(tiny_config(tiny_data_dir, num_train_steps=6),
+                                         resumed_dir)
+  assert int(resumed.step) == 6 and steps_in(resumed_dir) == [2, 4, 6]
+  assert_trees_equal(params_of(straight), params_of(resumed))
+
+
+def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(tiny_data_dir, num_train_steps=6, checkpoint_every_steps=100)
+  monkeypatch.setattr(train_lib.PreemptionHandler, 'should_stop',
+                      lambda self, step: step == 3)
+  state = train_lib.train_and_evaluate(config, workdir)
+  assert int(state.step) == 3 and steps_in(workdir) == [3]
+  monkeypatch.undo()
+  state = train_lib.train_and_evaluate(config, workdir)
+  assert int(state.step) == 6 and steps_in(workdir) == [3, 6]
+
+
+def test_sigterm_sets_the_stop_flag_and_handler_is_restored():
+  previous = signal.getsignal(signal.SIGTERM)
+  handler = train_lib.PreemptionHandler()
+  assert not handler.should_stop(1)
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert handler.should_stop(2)
+  handler.close()
+  assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_data_dir,
+                                                                        tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(tiny_data_dir, num_train_steps=20, checkpoint_every_steps=1)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+') as info:
+    train_lib.train_and_evaluate(config, workdir)
+  bad_step = int(re.search(r'at step (\d+)', str(info.value)).group(1))
+  assert steps_in(workdir) and max(steps_in(workdir)) < bad_step
+
+
+def test_eval_scores_checkpoints_and_keeps_the_best(tiny_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(tiny_data_dir)
+  train_lib.train_and_evaluate(config, workdir)
+  # Follow mode: evaluates the newest checkpoint (step 4), the run's last step, and stops.
+  results = eval_lib.evaluate(None, workdir, poll_secs=0.1)
+  assert list(results) == [4]
+  with open(os.path.join(workdir, 'eval', 'metrics_4.json')) as f:
+    figures = json.load(f)
+  for key in ('depth/rmse', 'depth/abs_rel', 'depth/delta1', 'aif/psnr', 'aif/ssim',
+              'input/psnr', 'input/ssim', 'baseline/mean_depth_rmse'):
+    assert np.isfinite(figures[key]), key
+  assert figures['num_images'] == 4 and figures['step'] == 4
+  with open(os.path.join(workdir, 'eval', 'best.json')) as f:
+    assert json.load(f) == {'step': 4, 'metric': 'depth/rmse', 'value': figures['depth/rmse']}
+  model, _, step = checkpoints.load_model(os.path.join(workdir, 'best_checkpoint'))
+  assert step == 4 and model.heads == ('depth', 'aif')
+  # TensorBoard events for scalars and images.
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir,
+                                                                                  'eval')))
+
+
+def test_eval_follows_new_checkpoints():
+  """The follower yields each newer step as it appears and gives up after the timeout."""
+
+  class FakeManager:
+    def __init__(self):
+      self.appearing = [None, 2, 2, 5, 9]
+      self.latest = None
+
+    def reload(self):
+      if self.appearing:
+        self.latest = self.appearing.pop(0)
+
+    def latest_step(self):
+      return self.latest
+
+  assert list(eval_lib._new_steps(FakeManager(), timeout=0.2, poll=0.01)) == [2, 5, 9]
+
+
+def test_mesh_covers_devices_or_says_how():
+  config = tiny_config('unused')
+  mesh = train_lib.make_mesh(config.mesh)
+  assert mesh.shape == {'data': jax.device_count(), 'model': 1}
+  config.mesh.data = jax.device_count() + 1
+  with pytest.raises(ValueError, match='config.mesh.data=-1'):
+    train_lib.make_mesh(config.mesh)
+
+
+def test_learning_rate_decays_after_the_configured_epoch():
+  config = tiny_config('unused')
+  config.optimizer.decay_epochs = (2,)
+  schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10)
+  lr = config.optimizer.learning_rate
+  assert float(schedule(19)) == pytest.approx(lr)
+  assert float(schedule(20)) == pytest.approx(lr * 0.1)
