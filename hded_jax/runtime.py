@@ -12,7 +12,11 @@ def setup(workdir: str, *, distributed: bool = True) -> None:
   for kind in ('GPU', 'TPU'):
     tf.config.set_visible_devices([], kind)
   if distributed and _is_multihost_env():
-    jax.distributed.initialize()
+    # Cluster environments (TPU, SLURM) are detected by JAX; elsewhere these variables say it.
+    env = {k: int(os.environ[v]) for k, v in (('num_processes', 'JAX_NUM_PROCESSES'),
+                                              ('process_id', 'JAX_PROCESS_ID'))
+           if v in os.environ}
+    jax.distributed.initialize(**env)
   cache_dir = os.environ.get('HDED_JAX_CACHE_DIR') or os.path.join(
       os.path.abspath(workdir), 'jax_cache')
   # Restarts (resume after preemption, eval beside train) reuse compiled programs.

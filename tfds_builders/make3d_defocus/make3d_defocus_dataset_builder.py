@@ -107,7 +107,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       valid = np.isfinite(depth) & (depth > 0) & (depth < config.max_depth)
       rendering_depth = resize_depth(np.where(valid, depth, config.max_depth), config.image_size)
       yield index, {
-          'image': defocus.render_defocus(aif, rendering_depth, camera),
+          # Exact D3-Net layering (no layer merging): ~1.4 s a 480x640 frame, built once.
+          'image': defocus.render_defocus(aif, rendering_depth, camera, sigma_tolerance=0.0),
           'aif': aif,
           'depth': np.where(valid, depth, 0).astype(np.float32),
           'camera': camera_features,

@@ -80,7 +80,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         aif, depth = read_frame(mat, index)
         yield int(index), {
             # The labeled depths are in-painted: positive everywhere, as rendering needs.
-            'image': defocus.render_defocus(aif, depth, camera),
+            # Exact D3-Net layering (no layer merging): ~1.4 s a 480x640 frame, built once.
+            'image': defocus.render_defocus(aif, depth, camera, sigma_tolerance=0.0),
             'aif': aif,
             'depth': depth,
             'camera': camera_features,

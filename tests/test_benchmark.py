@@ -1,0 +1,57 @@
+"""The benchmark on the tiny model at 32x32: every figure present and plausible."""
+
+import json
+import math
+
+from configs import default
+from hded_jax import benchmark
+from hded_jax import models
+
+
+def _tiny_config(data_dir):
+  config = default.get_config()
+  config.model = models.model_config('tiny')
+  config.dataset.image_size = (32, 32)
+  config.dataset.data_dir = str(data_dir)  # Empty: the pipeline falls back to synthetic frames.
+  config.dataset.num_threads = 1
+  config.batch_size = 2
+  return config
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_benchmark_writes_every_figure(tmp_path):
+  output = tmp_path / 'results.json'
+  returned = benchmark.run_benchmark(
+      _tiny_config(tmp_path / 'tfds'), steps=2, warmup=1, pipeline_batches=3, with_torch=True,
+      max_wait=0.0, output=str(output))
+  results = json.loads(output.read_text())
+  assert results == json.loads(json.dumps(returned, default=str))
+  assert results['config']['batch_size'] == 2 and results['config']['image_size'] == [32, 32]
+
+  jx = results['jax']
+  for name in ('train', 'eval'):
+    r = jx[name]
+    for key in ('lower_s', 'compile_s', 'median_s', 'images_per_s', 'flops', 'flops_per_s',
+                'xla_buffer_bytes'):
+      assert _positive(r[key]), (name, key, r[key])
+    assert r['min_s'] <= r['median_s'] <= r['max_s']
+    assert math.isclose(r['images_per_s'], 2 / r['median_s'])
+    assert r['load']['other_busy_cores'] >= 0 and r['load']['loadavg_1min'] >= 0
+  # Backward is about twice the forward's work, and training runs forward in train mode too.
+  assert 2 * jx['eval']['flops'] < jx['train']['flops'] < 6 * jx['eval']['flops']
+  assert _positive(jx['peak_memory_bytes']) and jx['peak_memory_source']
+  assert math.isclose(jx['peak_memory_bytes_per_image'], jx['peak_memory_bytes'] / 2)
+
+  pipe = results['pipeline']
+  assert _positive(pipe['examples_per_s']) and pipe['source'].startswith('synthetic')
+
+  for name in ('train', 'eval'):
+    assert _positive(results['torch'][name]['images_per_s'])
+
+  table = benchmark.format_table(returned)
+  for text in ('jax float32 train', 'jax float32 eval', 'torch f32 train', 'input pipeline'):
+    assert text in table
+

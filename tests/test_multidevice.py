@@ -1,0 +1,77 @@
+"""The same training code on 1 device, 8 (forced CPU) devices and two processes on loopback."""
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+
+def run_worker(data_dir, workdir, *, devices, batch_size, extra_env=None):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=REPO, JAX_PLATFORMS='cpu', **(extra_env or {}))
+  return subprocess.Popen(
+      [sys.executable, '-m', 'tests.train_worker', data_dir, workdir, str(STEPS),
+       str(batch_size)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def finish(proc, timeout=600):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-5000:]
+  return out
+
+
+def logged(workdir, tag):
+  """{step: value} of a scalar from the run's TensorBoard events."""
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_one_and_eight_devices_give_the_same_loss_curve(tiny_data_dir, tmp_path):
+  """Data parallel over 8 devices, BatchNorm statistics over the global batch: the same maths as
+  one device, up to float reduction order."""
+  one = run_worker(tiny_data_dir, str(tmp_path / 'one'), devices=1, batch_size=8)
+  finish(one)
+  eight = run_worker(tiny_data_dir, str(tmp_path / 'eight'), devices=8, batch_size=8)
+  out = finish(eight)
+  assert "'data': 8" in out
+  loss_one, loss_eight = logged(str(tmp_path / 'one'), 'loss'), logged(str(tmp_path / 'eight'),
+                                                                      'loss')
+  assert sorted(loss_one) == list(range(1, STEPS + 1)) == sorted(loss_eight)
+  np.testing.assert_allclose([loss_eight[s] for s in sorted(loss_eight)],
+                             [loss_one[s] for s in sorted(loss_one)], rtol=1e-4)
+  assert loss_one[STEPS] != loss_one[1]  # it trained
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback(tiny_data_dir, tmp_path):
+  """jax.distributed over loopback with gloo CPU collectives: 2 processes x 2 devices."""
+  workdir = str(tmp_path / 'multihost')
+  env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{_free_port()}', 'JAX_NUM_PROCESSES': '2',
+         'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
+  procs = [run_worker(tiny_data_dir, workdir, devices=2, batch_size=8,
+                      extra_env={**env, 'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  outs = [finish(p) for p in procs]
+  for out in outs:
+    assert f'final step {STEPS}' in out
+    assert 'JAX process' in out and '4 global devices' in out
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(STEPS)))
+  assert sorted(logged(workdir, 'loss')) == list(range(1, STEPS + 1))  # process 0 wrote them
