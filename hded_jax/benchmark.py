@@ -27,6 +27,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from flax import nnx
 import jax
 import ml_collections
@@ -179,6 +180,8 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     start = time.perf_counter()
     train_step = lowered.compile()
     train_compile_s = time.perf_counter() - start
+    logging.info('Train step: lowered in %.1f s, compiled in %.1f s.', train_lower_s,
+                 train_compile_s)
 
     def run_train():
       nonlocal state
@@ -187,6 +190,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
 
     train_load = wait_for_quiet(max_busy_cores, max_wait)
     train_times = time_steps(run_train, steps=steps, warmup=warmup)
+    logging.info('Train step: %s (load %s).', train_times, train_load)
 
     eval_graphdef = trainer.eval_graphdef
     forward = jax.jit(lambda params, batch_stats, images: nnx.merge(
@@ -197,6 +201,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     start = time.perf_counter()
     eval_forward = lowered.compile()
     eval_compile_s = time.perf_counter() - start
+    logging.info('Eval forward: compiled in %.1f s.', eval_compile_s)
     run_eval = lambda: jax.block_until_ready(
         eval_forward(state.params, state.batch_stats, device_batch['image']))
     eval_load = wait_for_quiet(max_busy_cores, max_wait)

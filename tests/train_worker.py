@@ -5,6 +5,8 @@
 
 import sys
 
+import jax
+
 from hded_jax import runtime
 from hded_jax import train_lib
 from tests.conftest import tiny_config
@@ -15,7 +17,8 @@ def main(data_dir: str, workdir: str, num_steps: str, batch_size: str) -> None:
   config = tiny_config(data_dir, num_train_steps=int(num_steps), batch_size=int(batch_size),
                        checkpoint_every_steps=int(num_steps))
   state = train_lib.train_and_evaluate(config, workdir)
-  print(f'final step {int(state.step)}')
+  print(f'final step {int(state.step)} on {jax.device_count()} devices in '
+        f'{jax.process_count()} processes')
 
 
 if __name__ == '__main__':
