@@ -164,6 +164,10 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
                   max_busy_cores: float, max_wait: float) -> dict:
   """Compiles and times the train step and the eval forward of ``config``."""
   n = config.batch_size
+  if n % jax.device_count():
+    raise ValueError(f'batch_size={n} must be a multiple of the {jax.device_count()} devices '
+                     'the batch is sharded over; pass e.g. --batch_size='
+                     f'{max(1, n // jax.device_count()) * jax.device_count()}.')
   batch = synthetic_batch(config)
   results = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
              'num_devices': jax.device_count()}
@@ -231,7 +235,11 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
   """The PyTorch reference (float32, CPU) on the same batch: Adam step on the L1 terms, and
   the eval forward."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  try:
+    from tests import torch_reference  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('--torch imports tests/torch_reference.py: run the benchmark from the '
+                      'repository root.') from e
 
   weights = {k: float(config.loss[k]) for k in ('depth_l1', 'aif_l1')}
   others = {k: v for k, v in config.loss.items() if k.endswith(('_charbonnier', '_gradient',

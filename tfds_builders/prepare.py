@@ -56,24 +56,25 @@ def prepare(
   return builder
 
 
-_MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'Folder holding the manually downloaded source files '
-    '(default: <data_dir>/downloads/manual).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write the dataset into.',
-                                required=True)
-_CONFIG = flags.DEFINE_string('config', None, 'Builder config, e.g. focus_4m (default: the '
-                              "builder's default config).")
+FLAGS = flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f'Give exactly one dataset name, one of {sorted(BUILDER_MODULES)}.')
   try:
-    prepare(argv[1], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
-            config=_CONFIG.value)
+    prepare(argv[1], data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+            config=FLAGS.config)
   except FileNotFoundError as e:
     sys.exit(f'Error: {e}')  # A message to act on, not a traceback.
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not on import: tests import this module beside other entry points.
+  flags.DEFINE_string('manual_dir', None, 'Folder holding the manually downloaded source files '
+                      '(default: <data_dir>/downloads/manual).')
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write the dataset into.',
+                      required=True)
+  flags.DEFINE_string('config', None, 'Builder config, e.g. focus_4m (default: the '
+                      "builder's default config).")
   app.run(main)
