@@ -38,17 +38,6 @@ from hded_jax import input_pipeline
 from hded_jax import train_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
-flags.DEFINE_integer('batch_size', None, 'Global batch size; default: the config\'s.')
-flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; default: the config\'s.')
-flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (the median is reported).')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps before the timed ones.')
-flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed from the input pipeline.')
-flags.DEFINE_bool('torch', False, 'Also time tests/torch_reference.py (run from the repo root).')
-flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
-flags.DEFINE_float('max_wait', 180.0, 'Longest wait (s) for a quiet machine per measurement.')
-flags.DEFINE_string('output', None, 'Where to write the results as JSON.')
-flags.mark_flags_as_required(['config'])
 
 # The NYU Depth v2 frame size; the synthetic pipeline source resizes from it like the real one.
 NYU_FRAME = (480, 640)
@@ -354,5 +343,21 @@ def main(argv):
   print(format_table(results))
 
 
+def define_flags():
+  """Only when run as a program: tests import this module beside other entry points."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
+  flags.DEFINE_integer('batch_size', None, 'Global batch size; default: the config\'s.')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; default: the config\'s.')
+  flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps before the timed ones.')
+  flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed from the input pipeline.')
+  flags.DEFINE_bool('torch', False, 'Also time tests/torch_reference.py (run from the repo root).')
+  flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
+  flags.DEFINE_float('max_wait', 180.0, 'Longest wait (s) for a quiet machine per measurement.')
+  flags.DEFINE_string('output', None, 'Where to write the results as JSON.')
+  flags.mark_flags_as_required(['config'])
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

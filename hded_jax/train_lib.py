@@ -142,10 +142,17 @@ class Trainer:
       logging.info('init_from=%s loaded %d tensors: %s', config.init_from, len(loaded),
                    ', '.join(loaded))
     self.graphdef, self.eval_graphdef, params, batch_stats = split_model(model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=self.tx.init(params))
-    self.state_sharding = jax.tree.map(lambda _: replicated(self.mesh), state)
-    self.initial_state = jax.device_put(state, self.state_sharding)
+
+    def initial_state(params, batch_stats):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                        opt_state=self.tx.init(params))
+
+    # One jitted program places the state: op-by-op, every parameter shape compiles its own
+    # zeros for the optimizer moments.
+    self.state_sharding = jax.tree.map(lambda _: replicated(self.mesh),
+                                       jax.eval_shape(initial_state, params, batch_stats))
+    self.initial_state = jax.jit(initial_state, out_shardings=self.state_sharding)(
+        params, batch_stats)
     self.batch_sharding = batch_sharding(self.mesh)
     self.step_fn = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,

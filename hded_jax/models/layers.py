@@ -24,7 +24,8 @@ def _normal(key, shape, dtype, mean: float, stddev: float) -> jax.Array:
   if isinstance(key, jax.core.Tracer):
     return mean + stddev * jax.random.normal(key, shape, dtype)
   seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-  return jnp.asarray(np.random.default_rng(seed).normal(mean, stddev, shape), dtype)
+  # Cast on the host: a device-side cast would compile once per shape too.
+  return jnp.asarray(np.random.default_rng(seed).normal(mean, stddev, shape).astype(dtype))
 
 
 def conv_init(key, shape, dtype=jnp.float32):
