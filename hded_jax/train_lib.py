@@ -6,7 +6,7 @@ the batch is sharded over the mesh's 'data' axis, parameters are replicated, and
 cross-device reductions (BatchNorm statistics are over the global batch).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import functools
 import math
 import os
