@@ -22,7 +22,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.setup(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_lib.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

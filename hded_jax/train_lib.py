@@ -19,6 +19,7 @@ from clu import parameter_overview
 from clu import periodic_actions
 import flax
 from flax import nnx
+from flax import traverse_util
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -218,16 +219,42 @@ class PreemptionHandler:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not math.isfinite(values['loss']):
-    raise NonFiniteLossError(
-        f'Loss is {values["loss"]} at step {step}; training stopped. The last good checkpoint '
-        'is kept. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
-  return values
+class MetricsBuffer:
+  """Fetches each step's metrics once the next step is dispatched (no host stall) and stops
+  training at the first non-finite loss, before anything saves that state."""
+
+  def __init__(self):
+    self._pending = None
+    self._history = []
+
+  def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    # A non-finite gradient makes the state it updates non-finite even when the loss is not.
+    for key in ('loss', 'grad_norm'):
+      if not math.isfinite(values[key]):
+        raise NonFiniteLossError(
+            f'{key} is {values[key]} at step {step}; training stopped. The last good checkpoint '
+            'is kept. Lower config.optimizer.learning_rate or set '
+            'config.optimizer.grad_clip_norm.')
+    self._history.append(values)
+
+  def pop_means(self) -> dict[str, float]:
+    """Means since the last call, for logging."""
+    self.flush()
+    means = {k: float(np.mean([h[k] for h in self._history])) for k in self._history[0]}
+    self._history = []
+    return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from ``workdir``'s latest checkpoint) until config's last step."""
   workdir = os.path.abspath(workdir)
   writer = metric_writers.create_default_writer(
@@ -243,7 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if first_step == 0:
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
         state.params.to_pure_dict()))
-    writer.write_hparams(_flatten(config.to_dict()))
+    writer.write_hparams({
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
 
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=trainer.num_steps, writer=writer)
@@ -251,31 +280,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
   preemption = PreemptionHandler()
-  pending = None  # (step, metrics) of the previous step, checked once the next is dispatched.
-  history = []
+  metrics_buffer = MetricsBuffer()
   try:
     with jax.set_mesh(trainer.mesh):
       for step in range(first_step + 1, trainer.num_steps + 1):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = input_pipeline.global_batch(next(data_iter), trainer.batch_sharding)
           state, metrics = trainer.step_fn(state, batch)
-        if pending is not None:
-          history.append(_check_finite(*pending))
-        pending = (step, metrics)
+        metrics_buffer.add(step, metrics)
         for hook in hooks:
           hook(step)
         is_last = step == trainer.num_steps
         if step % config.log_every_steps == 0 or is_last:
-          history.append(_check_finite(*pending))
-          pending = None
-          writer.write_scalars(step, {k: np.mean([h[k] for h in history])
-                                      for k in history[0]})
-          history = []
+          writer.write_scalars(step, metrics_buffer.pop_means())
         stop = preemption.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or is_last or stop:
-          if pending is not None:
-            history.append(_check_finite(*pending))
-            pending = None
+          metrics_buffer.flush()
           with report_progress.timed('checkpoint'):
             trainer.save(state, data_iter, wait=stop or is_last)
         if stop:
@@ -288,12 +308,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.flush()
   return state
 
-
-def _flatten(d: Mapping, prefix: str = '') -> dict:
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      flat[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return flat

@@ -1,7 +1,6 @@
 """The Make3D defocus builder on tiny copies of the four official .tar.gz archives."""
 
 import pathlib
-import tempfile
 
 import numpy as np
 import pytest
@@ -57,23 +56,11 @@ def build(manual_dir, data_dir, config=CONFIG) -> tfds.core.DatasetBuilder:
   return builder
 
 
-class Make3dDefocusTest(tfds.testing.DatasetBuilderTestCase):
+class Make3dDefocusTest(defocus_sources.ManualSourcesTestCase):
   DATASET_CLASS = make3d.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = [CONFIG]
   SPLITS = {'train': len(TRAIN_NAMES), 'test': len(TEST_NAMES)}
-  SKIP_CHECKSUMS = True  # Nothing is downloaded: the sources are manual.
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._sources = tempfile.TemporaryDirectory()
-    cls.EXAMPLE_DIR = cls._sources.name
-    write_sources(pathlib.Path(cls.EXAMPLE_DIR))
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._sources.cleanup()
-    super().tearDownClass()
+  write_sources = staticmethod(write_sources)
 
 
 @pytest.fixture(scope='module')

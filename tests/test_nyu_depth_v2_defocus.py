@@ -1,7 +1,6 @@
 """The NYU Depth v2 defocus builder on a tiny labeled .mat written in MATLAB's v7.3 layout."""
 
 import pathlib
-import tempfile
 
 import h5py
 import numpy as np
@@ -49,23 +48,11 @@ def build(config, manual_dir, data_dir) -> tfds.core.DatasetBuilder:
   return builder
 
 
-class NyuDepthV2DefocusTest(tfds.testing.DatasetBuilderTestCase):
+class NyuDepthV2DefocusTest(defocus_sources.ManualSourcesTestCase):
   DATASET_CLASS = nyu.Builder
   BUILDER_CONFIG_NAMES_TO_TEST = [small_config()]
   SPLITS = {'train': len(TRAIN), 'test': len(TEST)}
-  SKIP_CHECKSUMS = True  # Nothing is downloaded: the sources are manual.
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._sources = tempfile.TemporaryDirectory()
-    cls.EXAMPLE_DIR = cls._sources.name
-    write_sources(pathlib.Path(cls.EXAMPLE_DIR))
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._sources.cleanup()
-    super().tearDownClass()
+  write_sources = staticmethod(write_sources)
 
 
 @pytest.fixture(scope='module')

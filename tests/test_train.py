@@ -32,15 +32,15 @@ def steps_in(workdir):
 def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path):
   """An interrupted run, rerun with the same command, ends where an uninterrupted one does:
   the step count, optimizer state, dropout keys and data order all continue."""
-  straight = train_lib.train_and_evaluate(
+  straight = train_lib.train(
       tiny_config(tiny_data_dir, num_train_steps=6), str(tmp_path / 'straight'))
   assert int(straight.step) == 6
 
   resumed_dir = str(tmp_path / 'resumed')
-  first = train_lib.train_and_evaluate(tiny_config(tiny_data_dir, num_train_steps=3),
+  first = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=3),
                                        resumed_dir)
   assert int(first.step) == 3 and steps_in(resumed_dir) == [2, 3]
-  resumed = train_lib.train_and_evaluate(tiny_config(tiny_data_dir, num_train_steps=6),
+  resumed = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6),
                                          resumed_dir)
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
@@ -51,10 +51,10 @@ def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkey
   config = tiny_config(tiny_data_dir, num_train_steps=6, checkpoint_every_steps=100)
   monkeypatch.setattr(train_lib.PreemptionHandler, 'should_stop',
                       lambda self, step: step == 3)
-  state = train_lib.train_and_evaluate(config, workdir)
+  state = train_lib.train(config, workdir)
   assert int(state.step) == 3 and steps_in(workdir) == [3]
   monkeypatch.undo()
-  state = train_lib.train_and_evaluate(config, workdir)
+  state = train_lib.train(config, workdir)
   assert int(state.step) == 6 and steps_in(workdir) == [3, 6]
 
 
@@ -74,7 +74,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_dat
   config = tiny_config(tiny_data_dir, num_train_steps=20, checkpoint_every_steps=1)
   config.optimizer.learning_rate = 1e30
   with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+') as info:
-    train_lib.train_and_evaluate(config, workdir)
+    train_lib.train(config, workdir)
   bad_step = int(re.search(r'at step (\d+)', str(info.value)).group(1))
   assert steps_in(workdir) and max(steps_in(workdir)) < bad_step
 
@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_dat
 def test_eval_scores_checkpoints_and_keeps_the_best(tiny_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   config = tiny_config(tiny_data_dir)
-  train_lib.train_and_evaluate(config, workdir)
+  train_lib.train(config, workdir)
   # Follow mode: evaluates the newest checkpoint (step 4), the run's last step, and stops.
   results = eval_lib.evaluate(None, workdir, poll_secs=0.1)
   assert list(results) == [4]

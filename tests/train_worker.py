@@ -16,7 +16,7 @@ def main(data_dir: str, workdir: str, num_steps: str, batch_size: str) -> None:
   runtime.setup(workdir)
   config = tiny_config(data_dir, num_train_steps=int(num_steps), batch_size=int(batch_size),
                        checkpoint_every_steps=int(num_steps))
-  state = train_lib.train_and_evaluate(config, workdir)
+  state = train_lib.train(config, workdir)
   print(f'final step {int(state.step)} on {jax.device_count()} devices in '
         f'{jax.process_count()} processes')
 
