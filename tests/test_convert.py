@@ -43,7 +43,7 @@ def random_image(h, w, seed=0):
 
 
 def zeros_model(config):
-  """A concrete model without the (slow, here pointless) random init."""
+  """All-zero weights: tensors a loader leaves untouched are recognisable."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(config)))
   return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
 

@@ -17,7 +17,8 @@ from hded_jax import checkpoints, models, predict_lib, visualize
 
 
 def random_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """A model with random weights and BN statistics, without nnx's (slow on CPU) eager init."""
+  """Random weights and non-trivial BN statistics (init has mean 0, var 1), He-scaled so
+  outputs stay O(1): a stronger check of conversions and prediction than the authors' init."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(config)))
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(state.to_pure_dict())
