@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from hded_jax import predict_lib
+from hded_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None,
@@ -31,6 +32,7 @@ flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.keep_freed_memory()
   depth_range = None
   if FLAGS.depth_range:
     if len(FLAGS.depth_range) != 2:

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from hded_jax import input_pipeline
+from hded_jax import runtime
 from hded_jax import train_lib
 
 FLAGS = flags.FLAGS
@@ -331,6 +332,7 @@ def format_table(results: Mapping) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.keep_freed_memory()  # As train.py does (runtime.setup); PyTorch shares the setting.
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size

@@ -1,31 +1,18 @@
 """The same training code on 1 device, 8 (forced CPU) devices and two processes on loopback."""
 
+import functools
 import glob
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.train_worker import finish
+from tests.train_worker import launch
+
 STEPS = 4
-
-
-def run_worker(data_dir, workdir, *, devices, batch_size, extra_env=None):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=REPO, JAX_PLATFORMS='cpu', **(extra_env or {}))
-  return subprocess.Popen(
-      [sys.executable, '-m', 'tests.train_worker', data_dir, workdir, str(STEPS),
-       str(batch_size)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
-
-
-def finish(proc, timeout=600):
-  out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-5000:]
-  return out
+run_worker = functools.partial(launch, num_steps=STEPS)
 
 
 def logged(workdir, tag):
