@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hded_jax import benchmark
 from hded_jax import checkpoints
 from hded_jax import eval_lib
+from hded_jax import input_pipeline
 from hded_jax import train_lib
 from tests.conftest import tiny_config
 
@@ -135,3 +137,27 @@ def test_learning_rate_decays_after_the_configured_epoch():
   lr = config.optimizer.learning_rate
   assert float(schedule(19)) == pytest.approx(lr)
   assert float(schedule(20)) == pytest.approx(lr * 0.1)
+
+
+def test_remat_trains_identically_with_less_memory(tiny_data_dir, tmp_path):
+  """Recomputing activations changes where the step spends memory, not what it computes."""
+  results = {}
+  for remat in (False, True):
+    config = tiny_config(tiny_data_dir)
+    config.model.remat = remat
+    trainer = train_lib.Trainer(config, str(tmp_path / str(remat)), train_size=config.batch_size)
+    trainer.ckpt.close()
+    with jax.set_mesh(trainer.mesh):
+      batch = input_pipeline.global_batch(benchmark.synthetic_batch(config),
+                                          trainer.batch_sharding)
+      step = trainer.step_fn.lower(trainer.initial_state, batch).compile()
+      state, metrics = step(trainer.initial_state, batch)
+    results[remat] = (step.memory_analysis().temp_size_in_bytes, params_of(state),
+                      float(metrics['loss']), float(metrics['grad_norm']))
+  (plain_temp, plain_params, *plain_metrics), (remat_temp, remat_params, *remat_metrics) = (
+      results[False], results[True])
+  assert remat_metrics == pytest.approx(plain_metrics, rel=1e-5)
+  # Parameters and BatchNorm statistics, up to float reassociation.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               plain_params, remat_params)
+  assert remat_temp < 0.8 * plain_temp

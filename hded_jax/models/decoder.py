@@ -37,7 +37,7 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, *, bottleneck_features: int, skip_features: Sequence[int],
-               out_channels: int, dropout_rate: float, dtype, rngs: nnx.Rngs):
+               out_channels: int, dropout_rate: float, remat: bool, dtype, rngs: nnx.Rngs):
     skips = list(skip_features)  # S0..S3
     widths = skips[::-1] + [skips[0]]  # d5: S3's width, d4: S2's, ..., d2 and d1: S0's.
     blocks = []
@@ -50,11 +50,12 @@ class Decoder(nnx.Module):
         in_features = width + skips[len(skips) - 1 - i]
     self.blocks = nnx.List(blocks)
     self.last_conv = layers.conv(widths[-1], out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.remat = remat
 
   def __call__(self, bottleneck, skips, rngs=None):
     x = bottleneck
     for i, block in enumerate(self.blocks):
-      x = block(x, rngs)
+      x = layers.call(block, x, rngs, remat=self.remat)
       if i < len(skips):
         x = jnp.concatenate([skips[len(skips) - 1 - i], x], axis=-1)
     return self.last_conv(x)

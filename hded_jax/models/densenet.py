@@ -27,15 +27,16 @@ class DenseLayer(nnx.Module):
 
 class DenseBlock(nnx.Module):
 
-  def __init__(self, num_layers, in_features, growth_rate, bn_size, *, dtype, rngs):
+  def __init__(self, num_layers, in_features, growth_rate, bn_size, *, remat, dtype, rngs):
     self.layers = nnx.List([
         DenseLayer(in_features + i * growth_rate, growth_rate, bn_size, dtype=dtype, rngs=rngs)
         for i in range(num_layers)])
     self.out_features = in_features + num_layers * growth_rate
+    self.remat = remat
 
   def __call__(self, x):
     for layer in self.layers:
-      x = layer(x)
+      x = layers.call(layer, x, remat=self.remat)
     return x
 
 
@@ -54,7 +55,7 @@ class DenseNetEncoder(nnx.Module):
   """Returns the bottleneck (1/32 resolution) and the skips S0..S3 (1/2 .. 1/16)."""
 
   def __init__(self, *, block_sizes: Sequence[int], growth_rate: int, num_init_features: int,
-               bn_size: int, dtype, rngs: nnx.Rngs):
+               bn_size: int, remat: bool, dtype, rngs: nnx.Rngs):
     f = num_init_features
     self.conv0 = layers.conv(3, f, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
     self.norm0 = layers.batch_norm(f, dtype=dtype, rngs=rngs)
@@ -63,7 +64,8 @@ class DenseNetEncoder(nnx.Module):
     self.skip_features = [f]
     blocks, transitions = [], []
     for i, num_layers in enumerate(block_sizes):
-      block = DenseBlock(num_layers, f, growth_rate, bn_size, dtype=dtype, rngs=rngs)
+      block = DenseBlock(num_layers, f, growth_rate, bn_size, remat=remat, dtype=dtype,
+                         rngs=rngs)
       blocks.append(block)
       f = block.out_features
       if i < len(block_sizes) - 1:

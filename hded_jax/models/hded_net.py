@@ -37,6 +37,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       depth_scale=1.0,
       # Compute dtype; parameters and BatchNorm statistics always stay float32.
       dtype='float32',
+      # Recompute each dense layer's and decoder block's activations in the backward pass:
+      # less memory per image (larger batches fit), more compute (docs/performance.md).
+      remat=False,
   ))
 
 
@@ -50,16 +53,19 @@ class HDEDNet(nnx.Module):
     if config.dtype not in DTYPES:
       raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
     dtype = DTYPES[config.dtype]
+    # Configs saved in checkpoints from before the option have no 'remat'.
+    remat = bool(config.get('remat', False))
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
     self.encoder = DenseNetEncoder(
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
-        dtype=dtype, rngs=rngs)
+        remat=remat, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
-                        dropout_rate=config.dropout_rate, dtype=dtype, rngs=rngs)
+                        dropout_rate=config.dropout_rate, remat=remat, dtype=dtype,
+                        rngs=rngs)
     self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
                           else None)
     self.aif_decoder = Decoder(out_channels=3, **decoder_args) if 'aif' in heads else None

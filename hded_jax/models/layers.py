@@ -89,6 +89,14 @@ def batch_norm(num_features, *, dtype, rngs):
       dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+def call(module, *args, remat: bool):
+  """``module(*args)``; with ``remat`` its activations are recomputed in the backward pass
+  instead of kept from the forward: less memory for large batches, ~1/3 more compute."""
+  if not remat:
+    return module(*args)
+  return nnx.remat(lambda module, *args: module(*args))(module, *args)
+
+
 leaky_relu = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)
 
 
