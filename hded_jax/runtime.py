@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
 
   XLA allocates a program's temporaries afresh on every run (3.3 GiB for the full train step on
   CPU). glibc serves blocks that large with mmap and unmaps them on free, so each step faulted
-  all of it in again: ~1M page faults and ~5 s of kernel time per step on the 2-core benchmark
+  all of it in again: ~1M page faults and 3-6 s of kernel time per step on the 2-core benchmark
   machine (docs/performance.md). One arena (threads' own arenas mmap large blocks regardless),
   no mmap and no trimming fix that; the cost is that the process's RSS stays at its peak.
   Call before the JAX backend starts its threads. Returns False where libc is not glibc.

