@@ -1,5 +1,6 @@
 """Process set-up: the allocator setting and the compilation cache across restarts."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -61,13 +62,15 @@ def _huge_pages_always():
 def test_restart_recompiles_nothing(tiny_data_dir, tmp_path):
   """A resumed run finds every program it compiles in the workdir's persistent cache."""
   workdir = str(tmp_path / 'run')
-  finish(launch(tiny_data_dir, workdir, num_steps=4, batch_size=4, checkpoint_every_steps=2))
+  # The cache goes to WORKDIR/jax_cache unless the variable names another place.
+  run = functools.partial(launch, tiny_data_dir, workdir, num_steps=4, batch_size=4,
+                          checkpoint_every_steps=2, extra_env={'HDED_JAX_CACHE_DIR': ''})
+  finish(run())
   cache = os.path.join(workdir, 'jax_cache')
   compiled = sorted(os.listdir(cache))
   assert any(name.startswith('jit_train_step') for name in compiled)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))  # As if preempted after step 2.
-  out = finish(launch(tiny_data_dir, workdir, num_steps=4, batch_size=4,
-                      checkpoint_every_steps=2))
+  out = finish(run())
   assert 'final step 4' in out
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # It trained steps 3 and 4.
   assert sorted(os.listdir(cache)) == compiled  # Every cache key was there already.

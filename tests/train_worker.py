@@ -13,6 +13,8 @@ from hded_jax import runtime
 from hded_jax import train_lib
 from tests.conftest import tiny_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def main(data_dir: str, workdir: str, num_steps: str, batch_size: str,
          checkpoint_every_steps: str | None = None) -> None:
@@ -22,9 +24,6 @@ def main(data_dir: str, workdir: str, num_steps: str, batch_size: str,
   state = train_lib.train(config, workdir)
   print(f'final step {int(state.step)} on {jax.device_count()} devices in '
         f'{jax.process_count()} processes')
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(data_dir, workdir, *, num_steps, batch_size, devices=1, checkpoint_every_steps=None,
