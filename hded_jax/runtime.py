@@ -23,12 +23,17 @@ def setup(workdir: str, *, distributed: bool = True) -> None:
   cache_dir = os.environ.get('HDED_JAX_CACHE_DIR') or os.path.join(
       os.path.abspath(workdir), 'jax_cache')
   # Restarts (resume after preemption, eval beside train) reuse compiled programs.
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  enable_compilation_cache(cache_dir)
   logging.info('JAX process %d/%d, %d local / %d global devices (%s); compilation cache %s.',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform, cache_dir)
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Persists every compiled program in ``cache_dir``, however small or quick to compile."""
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 def _is_multihost_env() -> bool:

@@ -1,21 +1,19 @@
 """Shared fixtures: the tiny synthetic dataset (32x32, 8 train / 4 test) and a tiny config."""
 
-import jax
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import synthetic
 from hded_jax import models
+from hded_jax import runtime
 import tfds_builders  # pylint: disable=unused-import  (registers the builders)
 
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
   """Tests build the same tiny train step many times; compile it once per session."""
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  runtime.enable_compilation_cache(str(tmp_path_factory.mktemp('jax_cache')))
 
 
 @pytest.fixture(scope='session')
