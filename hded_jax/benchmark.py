@@ -287,7 +287,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
       'config': {'model': config.model.to_dict(),
                  'image_size': [h, w], 'batch_size': config.batch_size,
                  'dtype': config.model.dtype},
-      'machine': {'cpu_count': os.cpu_count(), 'jax': jax.__version__},
+      'machine': {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+                  'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing)
@@ -332,7 +333,7 @@ def format_table(results: Mapping) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  runtime.keep_freed_memory()  # As train.py does (runtime.setup); PyTorch shares the setting.
+  runtime.tune_for_cpu()  # As train.py does (runtime.setup); PyTorch shares the allocator.
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size

@@ -9,6 +9,9 @@ from hded_jax import models
 from hded_jax import runtime
 import tfds_builders  # pylint: disable=unused-import  (registers the builders)
 
+# As the entry points do (runtime.setup): before any test starts the backend.
+runtime.use_eigen_convolutions()
+
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):

@@ -1,4 +1,4 @@
-"""Process set-up: the allocator setting and the compilation cache across restarts."""
+"""Process set-up: the allocator setting, XLA's CPU convolutions and the compilation cache."""
 
 import functools
 import os
@@ -6,6 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import jaxlib.version
+import pytest
+
+from hded_jax import runtime
 from tests.train_worker import finish
 from tests.train_worker import launch
 from tests.train_worker import REPO
@@ -57,6 +61,48 @@ def _huge_pages_always():
       return '[always]' in f.read()
   except OSError:
     return False
+
+
+# Imports train.py and the libraries behind every entry point (none may start the backend on
+# import), applies the set-up as train.py's main does first, then tells whether XLA wrapped a
+# lone convolution in a YNNPACK fusion.
+_CONVOLUTION_LIBRARY = '''
+import sys
+import train
+from hded_jax import eval_lib, predict_lib, runtime
+if sys.argv[1] == 'tuned':
+  runtime.tune_for_cpu()
+import jax, jax.numpy as jnp
+conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+text = conv.lower(jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+print('ynnpack' if '__ynn_fusion' in text else 'eigen')
+'''
+
+
+def _convolution_library(mode):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', _CONVOLUTION_LIBRARY, mode], cwd=REPO, check=True,
+                       capture_output=True, text=True, env=dict(env, PYTHONPATH=REPO))
+  return out.stdout.split()[-1]
+
+
+@pytest.mark.skipif(jaxlib.version.__version_info__[:2] != runtime._EIGEN_CONVOLUTIONS_JAXLIB,
+                    reason='the flag is only set on the jaxlib version it was measured on')
+def test_entry_points_get_eigen_convolutions():
+  assert _convolution_library('default') == 'ynnpack'  # XLA's default, which the flag changes.
+  assert _convolution_library('tuned') == 'eigen'
+
+
+def test_eigen_convolutions_respect_the_users_choice(monkeypatch):
+  users = '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'
+  monkeypatch.setenv('XLA_FLAGS', users)
+  assert not runtime.use_eigen_convolutions()
+  assert os.environ['XLA_FLAGS'] == users
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIB', (0, 0))  # Another jaxlib.
+  assert not runtime.use_eigen_convolutions()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
 
 
 def test_restart_recompiles_nothing(tiny_data_dir, tmp_path):

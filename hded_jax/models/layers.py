@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hded_jax.models import conv as conv_lib
-
 # Running-average decay 0.9 == PyTorch BatchNorm momentum 0.1.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -50,8 +48,7 @@ def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bia
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=symmetric_padding(padding), use_bias=use_bias, kernel_init=conv_init,
-      dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_lib.conv_general_dilated,
-      rngs=rngs)
+      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class UpConv(nnx.Module):
@@ -76,7 +73,7 @@ class UpConv(nnx.Module):
     n, h, w, _ = x.shape
     # Output row 2i + a sees input rows (i - 1, i) through taps (0, 2) for a = 0, and rows
     # (i, i + 1) through taps (1, 3) for a = 1; likewise for columns.
-    phases = [[conv_lib.conv_general_dilated(
+    phases = [[jax.lax.conv_general_dilated(
         x, kernel[a::2, b::2], window_strides=(1, 1), padding=((1 - a, a), (1 - b, b)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) for b in (0, 1)] for a in (0, 1)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (n, h, a, w, b, c)
