@@ -1,5 +1,7 @@
 """The 2HDED:NET model: architecture facts from SPEC.md, padding, init and train/eval modes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,18 @@ def test_upconv_is_pytorchs_transposed_conv():
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + up.bias[...]
   np.testing.assert_allclose(up(x), expected, atol=1e-5)
   assert up(x).shape == (2, 12, 20, 7)
+
+
+def test_upsampling_conv_gradients_are_conv_transposes():
+  x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
+  kernel = jax.random.normal(jax.random.key(2), (4, 4, 5, 7))
+  weights = jax.random.normal(jax.random.key(3), (2, 12, 20, 7))
+  transpose = functools.partial(jax.lax.conv_transpose, strides=(2, 2), padding=((2, 2), (2, 2)),
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(weights * jnp.sin(f(x, k))), (0, 1)))(x, kernel)
+           for f in (layers.upsampling_conv, transpose)]
+  for ours, expected in zip(*grads):
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_stride_two_convs_pad_like_pytorch():
