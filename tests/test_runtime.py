@@ -94,15 +94,22 @@ def test_entry_points_get_eigen_convolutions():
   assert _convolution_library('tuned') == 'eigen'
 
 
-def test_eigen_convolutions_respect_the_users_choice(monkeypatch):
+def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
+  devices = '--xla_force_host_platform_device_count=2'
+  monkeypatch.setenv('XLA_FLAGS', devices)
+  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIB', jaxlib.version.__version_info__[:2])
+  assert runtime.use_eigen_convolutions()
+  assert os.environ['XLA_FLAGS'] == f'{devices} {runtime._EIGEN_CONVOLUTIONS_FLAG}'
+  assert runtime.use_eigen_convolutions()  # Idempotent.
+  assert os.environ['XLA_FLAGS'] == f'{devices} {runtime._EIGEN_CONVOLUTIONS_FLAG}'
   users = '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'
   monkeypatch.setenv('XLA_FLAGS', users)
   assert not runtime.use_eigen_convolutions()
   assert os.environ['XLA_FLAGS'] == users
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  monkeypatch.setenv('XLA_FLAGS', devices)
   monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIB', (0, 0))  # Another jaxlib.
   assert not runtime.use_eigen_convolutions()
-  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
+  assert os.environ['XLA_FLAGS'] == devices
 
 
 def test_restart_recompiles_nothing(tiny_data_dir, tmp_path):
