@@ -54,7 +54,8 @@ def tune_for_cpu() -> None:
 
 
 # XLA flag and the jaxlib minor version it was measured on (docs/performance.md).
-_EIGEN_CONVOLUTIONS_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+_YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+_EIGEN_CONVOLUTIONS_FLAG = f'--{_YNN_FUSION_TYPE}=-individual_convolution'
 _EIGEN_CONVOLUTIONS_JAXLIB = (0, 10)
 
 
@@ -63,14 +64,14 @@ def use_eigen_convolutions() -> bool:
 
   On this model Eigen's are faster in all three passes: summed over the model's convolutions
   (2 cores, batch 4, 256x256), forward 2.1 -> 1.3 s and input gradient 2.3 -> 1.3 s, and XLA's
-  kernel gradient, 11.6 s through YNNPACK, takes 2.1 s. The full train step compiles in 70-100 s
-  instead of 170 s. The flag is experimental and XLA aborts on flags it does not know,
+  kernel gradient, 11.6 s through YNNPACK, takes 2.1 s. The full train step compiles in
+  70-100 s instead of 170 s. The flag is experimental and XLA aborts on flags it does not know,
   so it is set only on the jaxlib version it was measured on, and never over an
   ``xla_cpu_experimental_ynn_fusion_type`` the user put in XLA_FLAGS. It edits XLA_FLAGS, which
   XLA reads when its backend starts: call it before that. Returns whether the flag is in effect.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_experimental_ynn_fusion_type' in flags:
+  if _YNN_FUSION_TYPE in flags:
     return _EIGEN_CONVOLUTIONS_FLAG in flags.split()
   if jaxlib.version.__version_info__[:2] != _EIGEN_CONVOLUTIONS_JAXLIB:
     logging.info('jaxlib %s: XLA CPU convolutions left to XLA (%s was measured on %d.%d).',
