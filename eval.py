@@ -17,6 +17,7 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'The training run\'s --workdir.')
 flags.DEFINE_bool('once', False, 'Evaluate the latest checkpoint and exit.')
+flags.DEFINE_float('timeout_secs', 3600, 'How long to wait for a new checkpoint before stopping.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -24,7 +25,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.setup(FLAGS.workdir, distributed=False)
-  eval_lib.evaluate(FLAGS.config, FLAGS.workdir, once=FLAGS.once)
+  eval_lib.evaluate(FLAGS.config, FLAGS.workdir, once=FLAGS.once,
+                    timeout_secs=FLAGS.timeout_secs)
 
 
 if __name__ == '__main__':

@@ -40,13 +40,13 @@ def main(argv):
     depth_range = tuple(float(v) for v in FLAGS.depth_range)
     if not depth_range[1] > depth_range[0]:
       raise app.UsageError(f'--depth_range={FLAGS.depth_range}: MAX must exceed MIN.')
-  summary = predict_lib.run(
+  report = predict_lib.run(
       FLAGS.checkpoint, FLAGS.input, FLAGS.output_dir, batch_size=FLAGS.batch_size,
       resize=predict_lib.parse_resize(FLAGS.resize), pad_mode=FLAGS.pad_mode,
       depth_range=depth_range)
-  logging.info('Wrote predictions for %d images to %s; skipped %d.', len(summary.written),
-               FLAGS.output_dir, len(summary.skipped))
-  if not summary.written:
+  logging.info('Wrote predictions for %d images to %s; skipped %d.', len(report.written),
+               FLAGS.output_dir, len(report.skipped))
+  if not report.written:
     raise SystemExit(f'No image could be read; nothing written to {FLAGS.output_dir}.')
 
 

@@ -1,4 +1,4 @@
-"""The authors' training settings (SPEC.md "Training"); dataset configs start from here."""
+"""The authors' training settings (docs/training.md); dataset configs start from here."""
 
 import ml_collections
 
@@ -49,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 4  # Global, over all devices and processes.
   config.eval_batch_size = 8
-  # Training length: num_train_steps if > 0, else num_epochs over the training split. SPEC.md
-  # gives only the decay point (epoch 200); 300 epochs leaves 100 at the low rate.
+  # Training length: num_train_steps if > 0, else num_epochs over the training split (training
+  # saves the resolved step count with its checkpoints). The authors give only the decay point
+  # (epoch 200); 300 epochs leaves 100 at the low rate.
   config.num_epochs = 300
   config.num_train_steps = -1
 
@@ -61,8 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
   # (-1 = the whole split).
   config.eval_num_images = 4
   config.eval_num_examples = -1
-  # How long eval.py waits for a new checkpoint before giving up.
-  config.eval_timeout_secs = 3600
 
   # Mesh: 'data' x 'model' axes; data=-1 takes all devices the model axis leaves.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))

@@ -2,7 +2,7 @@
 
 grain's iterator state is small JSON that goes into every checkpoint, so a restarted run continues
 the data order where it stopped instead of starting over. Each process reads only its own slice of
-the data; `global_batch` assembles the per-process arrays into one array sharded over the mesh.
+the data; `sharding.global_batch` assembles the per-process arrays into one array over the mesh.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
+
+from hded_jax import images
 
 PREPARE_HINT = ('Build it once with `python -m tfds_builders.prepare {name} --data_dir={data_dir} '
                 '--manual_dir=DIR_WITH_THE_DOWNLOADED_FILES` (see README.md, "Datasets").')
@@ -53,11 +55,6 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
   return np.asarray(Image.fromarray(array).resize((w, h), resample))
 
 
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1], the network's input scale (no mean/std)."""
-  return image.astype(np.float32) / 127.5 - 1.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """Resizes to the training size (aspect not kept, as the authors did) and augments.
@@ -71,8 +68,8 @@ class Preprocess:
 
   def __call__(self, example, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     size = tuple(self.image_size)
-    image = to_unit_range(_resize(example['image'], size, Image.BILINEAR))
-    aif = to_unit_range(_resize(example['aif'], size, Image.BILINEAR))
+    image = images.to_network_range(_resize(example['image'], size, Image.BILINEAR))
+    aif = images.to_network_range(_resize(example['aif'], size, Image.BILINEAR))
     depth = _resize(np.asarray(example['depth'], np.float32), size, Image.NEAREST)
     if rng is not None and self.hflip and rng.random() < 0.5:
       image, aif, depth = image[:, ::-1], aif[:, ::-1], depth[:, ::-1]
@@ -149,7 +146,11 @@ def eval_batches(config: ml_collections.ConfigDict, source,
     yield batch
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray],
-                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """Per-process arrays -> global arrays split along the batch axis over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+  """A global training batch of random values with the pipeline's keys, shapes and dtypes."""
+  rng = np.random.default_rng(seed)
+  n, (h, w) = config.batch_size, tuple(config.dataset.image_size)
+  return {'image': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
+          'aif': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
+          'depth': rng.uniform(0.5, 10, (n, h, w)).astype(np.float32),
+          'depth_valid': np.ones((n, h, w), bool)}

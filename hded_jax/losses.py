@@ -5,18 +5,15 @@ Every term is a mean over the pixels that may train it: pixels without ground-tr
 does their gradient.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hded_jax import images
 from hded_jax.metrics import masked_mean, ssim
-
-LOSS_TERMS = ('depth_l1', 'depth_charbonnier', 'depth_gradient',
-              'aif_l1', 'aif_charbonnier', 'aif_ssim')
-LOSS_CONFIG_KEYS = LOSS_TERMS + ('charbonnier_eps',)
-
 
 def default_loss_config() -> ml_collections.ConfigDict:
   """The authors' latest weights: 1.0 * L1(depth) + 0.1 * L1(AiF).
@@ -45,7 +42,7 @@ def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     outputs: the model's {'depth': (N, H, W), 'aif': (N, H, W, 3)}; either may be absent.
     batch: 'depth' (N, H, W) metres and 'aif' (N, H, W, 3) in [-1, 1] targets, optionally
       'depth_valid' (N, H, W) and 'example_mask' (N,).
-    loss_config: weights for ``LOSS_TERMS`` plus ``charbonnier_eps`` (see
+    loss_config: a weight for each of ``LOSS_TERMS`` plus ``charbonnier_eps`` (see
       ``default_loss_config``). Weights are static: zero-weight terms are not computed.
 
   Returns:
@@ -56,7 +53,7 @@ def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   example_mask = jnp.asarray(batch.get('example_mask', jnp.ones(first.shape[:1])), jnp.float32)
   terms = {}
   for head in ('depth', 'aif'):
-    names = [name for name in LOSS_TERMS if name.startswith(head + '_') and weights[name]]
+    names = [name for name, term in LOSS_TERMS.items() if term.head == head and weights[name]]
     if not names:
       continue
     if head not in outputs:
@@ -75,27 +72,30 @@ def compute_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
       mask = valid * example_mask[:, None, None]
     else:
       mask = jnp.broadcast_to(example_mask[:, None, None, None], pred.shape)
-    # Zeroed first: a NaN target at an invalid pixel would otherwise poison the gradient.
-    diff = jnp.where(mask > 0, pred - target, 0.0)
     for name in names:
-      kind = name[len(head) + 1:]
-      if kind == 'l1':
-        terms[name] = masked_mean(jnp.abs(diff), mask)
-      elif kind == 'charbonnier':
-        terms[name] = masked_mean(jnp.sqrt(diff**2 + eps), mask)
-      elif kind == 'gradient':
-        terms[name] = gradient_loss(diff, mask)
-      else:
-        # On [0, 1] like the metric (SSIM's luminance term is not shift invariant); padded
-        # examples zeroed so that whatever they hold cannot reach the gradient.
-        to_unit = lambda image: jnp.where(mask > 0, (image + 1) / 2, 0.0)
-        terms[name] = masked_mean(1.0 - ssim(to_unit(pred), to_unit(target)), example_mask)
+      terms[name] = LOSS_TERMS[name].fn(pred, target, mask, eps=eps)
   total = sum(weights[name] * value for name, value in terms.items())
   return total, terms
 
 
-def gradient_loss(diff: jax.Array, mask: jax.Array) -> jax.Array:
+def _masked_diff(pred, target, mask):
+  # Zeroed first: a NaN target at an invalid pixel would otherwise poison the gradient.
+  return jnp.where(mask > 0, pred - target, 0.0)
+
+
+def l1_loss(pred, target, mask, *, eps):
+  del eps
+  return masked_mean(jnp.abs(_masked_diff(pred, target, mask)), mask)
+
+
+def charbonnier_loss(pred, target, mask, *, eps):
+  return masked_mean(jnp.sqrt(_masked_diff(pred, target, mask)**2 + eps), mask)
+
+
+def gradient_loss(pred, target, mask, *, eps=None):
   """mean(|Prewitt_x(diff)| + |Prewitt_y(diff)|) of (N, H, W) maps over fully valid stencils."""
+  del eps
+  diff = _masked_diff(pred, target, mask)
   rows = _sum3(diff, axis=-2)
   cols = _sum3(diff, axis=-1)
   grad_x = rows[..., 2:] - rows[..., :-2]
@@ -109,6 +109,33 @@ def _sum3(x: jax.Array, axis: int) -> jax.Array:
   """Sums of three neighbours along ``axis`` ('valid' positions only)."""
   length = x.shape[axis]
   return sum(jax.lax.slice_in_dim(x, i, length - 2 + i, axis=axis) for i in range(3))
+
+
+def ssim_loss(pred, target, mask, *, eps=None):
+  """1 - SSIM on [0, 1] like the metric (SSIM's luminance term is not shift invariant), over the
+  examples the mask admits; masked-out pixels are zeroed so they cannot reach the gradient."""
+  del eps
+  to_unit = lambda image: jnp.where(mask > 0, images.to_unit_range(image), 0.0)
+  example_mask = jnp.max(mask.reshape(mask.shape[0], -1), axis=1)
+  return masked_mean(1.0 - ssim(to_unit(pred), to_unit(target)), example_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+  head: str  # The model output and batch target it compares.
+  fn: Callable[..., jax.Array]  # (pred, target, mask, *, eps) -> scalar.
+
+
+# Every loss term, by its config key: adding one here makes it a weight in `config.loss`.
+LOSS_TERMS = {
+    'depth_l1': LossTerm('depth', l1_loss),
+    'depth_charbonnier': LossTerm('depth', charbonnier_loss),
+    'depth_gradient': LossTerm('depth', gradient_loss),
+    'aif_l1': LossTerm('aif', l1_loss),
+    'aif_charbonnier': LossTerm('aif', charbonnier_loss),
+    'aif_ssim': LossTerm('aif', ssim_loss),
+}
+LOSS_CONFIG_KEYS = (*LOSS_TERMS, 'charbonnier_eps')
 
 
 def _parse_loss_config(loss_config: Mapping[str, float]) -> tuple[dict[str, float], float]:

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
+from hded_jax import images
+
 DEPTH_METRICS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'log10', 'delta1', 'delta2', 'delta3')
 
 # SSIM constants of Wang et al. (2004), with skimage's Gaussian window: sigma 1.5 truncated at
@@ -180,16 +182,16 @@ def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     for name in DEPTH_METRICS:
       values[f'depth/{name}'] = depth_values[name]
       masks[f'depth/{name}'] = has_depth
-  to_unit = lambda image: jnp.clip((jnp.asarray(image, jnp.float32) + 1) / 2, 0, 1)
-  images = {}
+  to_unit = lambda image: jnp.clip(images.to_unit_range(jnp.asarray(image, jnp.float32)), 0, 1)
+  compared = {}
   if 'aif' in outputs:
     if 'aif' not in batch:
       raise ValueError('The model predicts an all-in-focus image but the batch has no "aif" '
                        'target to compare it with.')
-    images['aif'] = outputs['aif']
+    compared['aif'] = outputs['aif']
   if 'aif' in batch:
-    images['input'] = batch['image']
-  for name, image in images.items():
+    compared['input'] = batch['image']
+  for name, image in compared.items():
     image, target = to_unit(image), to_unit(batch['aif'])
     values[f'{name}/psnr'] = psnr(image, target)
     values[f'{name}/ssim'] = ssim(image, target)

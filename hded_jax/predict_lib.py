@@ -27,6 +27,7 @@ from flax import nnx
 from PIL import Image
 
 from hded_jax import checkpoints, visualize
+from hded_jax import images
 from hded_jax.models.hded_net import INPUT_MULTIPLE
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -37,7 +38,7 @@ Forward = Callable[[np.ndarray], dict[str, jax.Array]]
 
 
 @dataclasses.dataclass
-class Summary:
+class PredictionReport:
   written: list[str] = dataclasses.field(default_factory=list)  # Input paths done.
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # Input path -> reason.
 
@@ -64,18 +65,18 @@ def find_inputs(pattern: str) -> tuple[list[str], dict[str, str]]:
   else:
     files = glob.glob(pattern)
   files = sorted(f for f in files if os.path.isfile(f))
-  images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-  skipped = {f: 'not an image file extension' for f in files if f not in images}
-  if not images:
+  image_paths = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  skipped = {f: 'not an image file extension' for f in files if f not in image_paths}
+  if not image_paths:
     raise FileNotFoundError(
         f'No image files ({", ".join(IMAGE_EXTENSIONS)}) match --input={pattern!r}'
         f'{f" (only {len(files)} other files)" if files else ""}; pass an image, a folder of '
         'images or a quoted glob such as "photos/*.jpg".')
-  stems = collections.Counter(_stem(f) for f in images)
-  if clashes := sorted(f for f in images if stems[_stem(f)] > 1):
+  stems = collections.Counter(_stem(f) for f in image_paths)
+  if clashes := sorted(f for f in image_paths if stems[_stem(f)] > 1):
     raise ValueError(f'These inputs would write the same output files: {clashes}. Give them '
                      'distinct names or predict them into separate output directories.')
-  return images, skipped
+  return image_paths, skipped
 
 
 def _stem(path: str) -> str:
@@ -97,11 +98,6 @@ def image_size(path: str) -> tuple[int, int]:
     return image.size[::-1]
 
 
-def to_network_input(images: np.ndarray) -> np.ndarray:
-  """uint8 -> float32 in [-1, 1], as in training."""
-  return images.astype(np.float32) / 127.5 - 1.0
-
-
 def pad_to_multiple(batch: np.ndarray, mode: str, multiple: int = INPUT_MULTIPLE) -> np.ndarray:
   """Pads NHWC at the bottom and right so that H and W are multiples of ``multiple``."""
   if mode not in PAD_MODES:
@@ -115,23 +111,23 @@ def make_forward(model: nnx.Module) -> Forward:
   """A jitted eval-mode forward pass (one compile per batch shape)."""
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
-  return lambda images: forward(state, images)
+  forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+  return lambda batch: forward(state, batch)
 
 
-def predict_batch(forward: Forward, images: Sequence[np.ndarray], *, batch_size: int,
+def predict_batch(forward: Forward, photos: Sequence[np.ndarray], *, batch_size: int,
                   pad_mode: str) -> dict[str, np.ndarray]:
   """Same-size uint8 images (at most batch_size) -> cropped outputs, AiF in [0, 1].
 
   The batch is padded to ``batch_size`` so that partial batches reuse the compiled function.
   """
-  n = len(images)
-  h, w = images[0].shape[:2]
-  batch = pad_to_multiple(to_network_input(np.stack(images)), pad_mode)
+  n = len(photos)
+  h, w = photos[0].shape[:2]
+  batch = pad_to_multiple(images.to_network_range(np.stack(photos)), pad_mode)
   batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
   outputs = {k: np.asarray(v)[:n, :h, :w] for k, v in forward(batch).items()}
   if 'aif' in outputs:
-    outputs['aif'] = np.clip((outputs['aif'] + 1.0) / 2.0, 0.0, 1.0)
+    outputs['aif'] = np.clip(images.to_unit_range(outputs['aif']), 0.0, 1.0)
   return outputs
 
 
@@ -192,19 +188,19 @@ class _Progress:
 
 def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, batch_size: int = 8,
                   resize: tuple[int, int] | None = None, pad_mode: str = 'reflect',
-                  depth_range: tuple[float, float] | None = None) -> Summary:
+                  depth_range: tuple[float, float] | None = None) -> PredictionReport:
   """Predicts ``paths`` in batches of same-size images; unreadable files are skipped."""
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size}: must be at least 1.')
   if pad_mode not in PAD_MODES:
     raise ValueError(f'pad_mode={pad_mode!r}: choose one of {PAD_MODES}.')
-  summary = Summary()
+  report = PredictionReport()
   sizes = {}
   for path in paths:
     try:
       sizes[path] = image_size(path)
     except (OSError, ValueError) as e:  # PIL raises these for unreadable or non-image files.
-      summary.skipped[path] = f'cannot read image: {e}'
+      report.skipped[path] = f'cannot read image: {e}'
   groups = collections.defaultdict(list)
   for path, size in sizes.items():
     groups[resize or size].append(path)
@@ -212,26 +208,26 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
   progress = _Progress(len(sizes))
   for size, group in sorted(groups.items()):
     for i in range(0, len(group), batch_size):
-      images, done = [], []
+      photos, done = [], []
       for path in group[i:i + batch_size]:
         try:
-          images.append(read_image(path, resize))
+          photos.append(read_image(path, resize))
           done.append(path)
         except (OSError, ValueError) as e:
-          summary.skipped[path] = f'cannot decode image: {e}'
-      if images:
-        outputs = predict_batch(forward, images, batch_size=batch_size, pad_mode=pad_mode)
+          report.skipped[path] = f'cannot decode image: {e}'
+      if photos:
+        outputs = predict_batch(forward, photos, batch_size=batch_size, pad_mode=pad_mode)
         for j, path in enumerate(done):
           single = {k: resize_output(v[j], sizes[path]) for k, v in outputs.items()}
           write_outputs(output_dir, _stem(path), single, depth_range)
-        summary.written.extend(done)
+        report.written.extend(done)
       progress.update(len(group[i:i + batch_size]))
-  for path, reason in summary.skipped.items():
+  for path, reason in report.skipped.items():
     logging.warning('Skipped %s: %s', path, reason)
-  return summary
+  return report
 
 
-def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> Summary:
+def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> PredictionReport:
   """Loads the latest checkpoint in ``checkpoint`` and predicts every image ``input_pattern``
   names (see ``find_inputs``); kwargs go to ``predict_files``."""
   paths, skipped = find_inputs(input_pattern)
@@ -241,8 +237,8 @@ def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> Summa
   model, config, step = checkpoints.load_model(checkpoint)
   logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,
                tuple(config.model.heads), len(paths))
-  summary = predict_files(make_forward(model), paths, output_dir, **kwargs)
+  report = predict_files(make_forward(model), paths, output_dir, **kwargs)
   for path, reason in skipped.items():
     logging.warning('Skipped %s: %s', path, reason)
-  summary.skipped.update(skipped)
-  return summary
+  report.skipped.update(skipped)
+  return report

@@ -1,6 +1,10 @@
-"""Colour maps for depth images (TensorBoard summaries, predict.py), without matplotlib."""
+"""Pictures for people: depth colour maps (without matplotlib) and the eval panels in TensorBoard."""
+
+from collections.abc import Mapping
 
 import numpy as np
+
+from hded_jax import images
 
 # Turbo (Mikhailov, Google 2019) as its published degree-5 polynomial fit per channel.
 _TURBO_R = (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943)
@@ -23,6 +27,18 @@ def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   return np.round(rgb * 255).astype(np.uint8)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-  """Image in the network's [-1, 1] scale -> uint8."""
-  return np.round(np.clip((np.asarray(image) + 1) * 127.5, 0, 255)).astype(np.uint8)
+def eval_panels(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                num_images: int, min_depth: float) -> dict[str, np.ndarray]:
+  """TensorBoard images of an eval batch: the input, predicted|true depth (one colour scale)
+  and predicted|true AiF, side by side."""
+  n = num_images
+  panels = {'input': images.to_uint8(batch['image'][:n])}
+  if 'depth' in outputs:
+    lo, hi = min_depth, float(np.max(batch['depth'][:n]))
+    panels['depth/predicted_vs_true'] = np.concatenate([
+        colorize_depth(outputs['depth'][:n], lo, hi),
+        colorize_depth(batch['depth'][:n], lo, hi)], axis=2)
+  if 'aif' in outputs:
+    panels['aif/predicted_vs_true'] = np.concatenate([
+        images.to_uint8(outputs['aif'][:n]), images.to_uint8(batch['aif'][:n])], axis=2)
+  return panels

@@ -3,19 +3,10 @@
 import json
 import math
 
-from configs import default
-from hded_jax import benchmark
-from hded_jax import models
+import pytest
 
-
-def _tiny_config(data_dir):
-  config = default.get_config()
-  config.model = models.model_config('tiny')
-  config.dataset.image_size = (32, 32)
-  config.dataset.data_dir = str(data_dir)  # Empty: the pipeline falls back to synthetic frames.
-  config.dataset.num_threads = 1
-  config.batch_size = 2
-  return config
+from hded_jax import benchmark_lib
+from tests.conftest import tiny_config
 
 
 def _positive(value):
@@ -23,9 +14,11 @@ def _positive(value):
 
 
 def test_benchmark_writes_every_figure(tmp_path):
+  pytest.importorskip('torch')
   output = tmp_path / 'results.json'
-  returned = benchmark.run_benchmark(
-      _tiny_config(tmp_path / 'tfds'), steps=2, warmup=1, pipeline_batches=3, with_torch=True,
+  returned = benchmark_lib.run_benchmark(
+      # An empty data dir: the pipeline falls back to synthetic frames.
+      tiny_config(str(tmp_path / 'tfds'), batch_size=2), steps=2, warmup=1, pipeline_batches=3, with_torch=True,
       max_wait=0.0, output=str(output))
   results = json.loads(output.read_text())
   assert results == json.loads(json.dumps(returned, default=str))
@@ -51,7 +44,7 @@ def test_benchmark_writes_every_figure(tmp_path):
   for name in ('train', 'eval'):
     assert _positive(results['torch'][name]['images_per_s'])
 
-  table = benchmark.format_table(returned)
+  table = benchmark_lib.format_table(returned)
   for text in ('jax float32 train', 'jax float32 eval', 'torch f32 train', 'input pipeline'):
     assert text in table
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from hded_jax import checkpoints, convert, models
+from hded_jax import checkpoints, models
+from hded_jax.pytorch import weights
+from tests.conftest import REPO
+from tests.fixtures.models import random_model, zeros_model
 
 torch = pytest.importorskip('torch')
-from tests import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.test_predict import random_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hded_jax.pytorch import reference as torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARCH_KEYS = ('block_sizes', 'growth_rate', 'num_init_features', 'bn_size')
 TINY = {k: tuple(v) if k == 'block_sizes' else v
@@ -42,21 +44,15 @@ def random_image(h, w, seed=0):
   return np.random.default_rng(seed).uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
 
 
-def zeros_model(config):
-  """All-zero weights: tensors a loader leaves untouched are recognisable."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(config)))
-  return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-
-
 def test_densenet121_parity():
   """The full-size network, converted, computes the PyTorch function (one pass each)."""
   reference = torch_model()
-  assert sum(p.numel() for p in reference.parameters()) == 41_414_400  # SPEC.md.
+  assert sum(p.numel() for p in reference.parameters()) == 41_414_400  # The paper's count.
   state_dict = numpy_state_dict(reference)
-  config = convert.infer_model_config(state_dict)
+  config = weights.infer_model_config(state_dict)
   for key, value in models.model_config('densenet121').items():
     assert config[key] == value, key
-  model = convert.convert_official(state_dict, config)
+  model = weights.convert_official(state_dict, config)
   image = random_image(256, 256)
   expected = torch_forward(reference, image)
   got = nnx.jit(lambda m, x: m(x))(model, image)
@@ -71,7 +67,7 @@ def test_official_file_to_checkpoint(tmp_path):
   path = tmp_path / 'official.pth.tar'
   torch.save({'epoch': 3, 'state_dictG': {f'module.{k}': v
                                           for k, v in reference.state_dict().items()}}, path)
-  convert.write_official(str(path), str(tmp_path / 'ckpt'), aif_tanh=True, depth_scale=2.0)
+  weights.write_official(str(path), str(tmp_path / 'ckpt'), aif_tanh=True, depth_scale=2.0)
   model, config, step = checkpoints.load_model(str(tmp_path / 'ckpt'))
   assert step == 0 and tuple(config.model.heads) == ('depth', 'aif')
   assert {k: config.model[k] for k in ARCH_KEYS} == {**TINY, 'block_sizes': (1, 1, 1, 1)}
@@ -81,24 +77,24 @@ def test_official_file_to_checkpoint(tmp_path):
   np.testing.assert_allclose(got['depth'], 2.0 * expected['depth'], atol=1e-5, rtol=0)
   np.testing.assert_allclose(got['aif'], np.tanh(expected['aif']), atol=1e-5, rtol=0)
   with pytest.raises(FileExistsError, match='not empty'):
-    convert.write_official(str(path), str(tmp_path / 'ckpt'))
+    weights.write_official(str(path), str(tmp_path / 'ckpt'))
 
 
 def test_depth_only_checkpoint_and_heads_selection():
   single = torch_model(heads=('depth',), **TINY)
-  config = convert.infer_model_config(numpy_state_dict(single))
+  config = weights.infer_model_config(numpy_state_dict(single))
   assert tuple(config.heads) == ('depth',)
   image = random_image(32, 64)
-  got = convert.convert_official(numpy_state_dict(single), config)(image)
+  got = weights.convert_official(numpy_state_dict(single), config)(image)
   assert set(got) == {'depth'}
   np.testing.assert_allclose(got['depth'], torch_forward(single, image)['depth'], atol=1e-5)
 
   both = torch_model(seed=1, **TINY)
-  config = convert.infer_model_config(numpy_state_dict(both), heads=['depth'])
-  got = convert.convert_official(numpy_state_dict(both), config)(image)
+  config = weights.infer_model_config(numpy_state_dict(both), heads=['depth'])
+  got = weights.convert_official(numpy_state_dict(both), config)(image)
   np.testing.assert_allclose(got['depth'], torch_forward(both, image)['depth'], atol=1e-5)
   with pytest.raises(ValueError, match='holds only'):
-    convert.infer_model_config(numpy_state_dict(single), heads=['depth', 'aif'])
+    weights.infer_model_config(numpy_state_dict(single), heads=['depth', 'aif'])
 
 
 def test_cli_official(tmp_path):
@@ -106,7 +102,8 @@ def test_cli_official(tmp_path):
   torch.save(reference.state_dict(), tmp_path / 'bare.pth')
   subprocess.run([sys.executable, '-m', 'hded_jax.convert', 'official', str(tmp_path / 'bare.pth'),
                   str(tmp_path / 'out'), '--heads=depth', '--depth_scale=0.5'],
-                 check=True, capture_output=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                 check=True, capture_output=True, cwd=REPO,
+                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   model, config, _ = checkpoints.load_model(str(tmp_path / 'out'))
   assert tuple(config.model.heads) == ('depth',) and config.model.depth_scale == 0.5
   image = random_image(32, 32)
@@ -122,23 +119,23 @@ def tiny_state_dict():
 def test_unknown_key(tiny_state_dict):
   tiny_state_dict['features.extra.weight'] = np.zeros(3, np.float32)
   with pytest.raises(ValueError, match=r'Unknown keys[^\n]*\n  features\.extra\.weight'):
-    convert.convert_official(tiny_state_dict, convert.infer_model_config(tiny_state_dict))
+    weights.convert_official(tiny_state_dict, weights.infer_model_config(tiny_state_dict))
 
 
 def test_missing_key(tiny_state_dict):
   del tiny_state_dict['decoder_aif.d_aif_block3.0.bn2.running_var']
   with pytest.raises(ValueError, match=r'Missing keys \(1\):\n  decoder_aif\.d_aif_block3\.0\.bn2'
                      r'\.running_var \(-> aif_decoder\.blocks\.2\.bn2\.var\)'):
-    convert.convert_official(tiny_state_dict, convert.infer_model_config(tiny_state_dict))
+    weights.convert_official(tiny_state_dict, weights.infer_model_config(tiny_state_dict))
 
 
 def test_wrong_shape(tiny_state_dict):
-  config = convert.infer_model_config(tiny_state_dict)
+  config = weights.infer_model_config(tiny_state_dict)
   tiny_state_dict['decoder.d_block5.0.conv1.weight'] = np.zeros((17, 9, 3, 3), np.float32)
   with pytest.raises(ValueError, match=r'decoder\.d_block5\.0\.conv1\.weight has shape '
                      r'\(17, 9, 3, 3\).*depth_decoder\.blocks\.0\.conv1\.kernel needs '
                      r'\(4, 4, 17, 9\)'):
-    convert.convert_official(tiny_state_dict, config)
+    weights.convert_official(tiny_state_dict, config)
 
 
 def test_pickled_objects_need_allow_pickle(tmp_path, tiny_state_dict):
@@ -146,12 +143,12 @@ def test_pickled_objects_need_allow_pickle(tmp_path, tiny_state_dict):
   torch.save({'args': {'lr': object.__new__(Opaque)},
               'state_dictG': {k: torch.from_numpy(v) for k, v in tiny_state_dict.items()}}, path)
   with pytest.raises(ValueError, match='--allow_pickle'):
-    convert.read_torch_state_dict(str(path))
-  assert convert.read_torch_state_dict(str(path), allow_pickle=True).keys() == {
+    weights.read_torch_state_dict(str(path))
+  assert weights.read_torch_state_dict(str(path), allow_pickle=True).keys() == {
       k for k in tiny_state_dict if not k.endswith('num_batches_tracked')}
   torch.save({'weights': 1}, tmp_path / 'odd.pth')
   with pytest.raises(ValueError, match='neither a state dict'):
-    convert.read_torch_state_dict(str(tmp_path / 'odd.pth'))
+    weights.read_torch_state_dict(str(tmp_path / 'odd.pth'))
 
 
 class Opaque:
@@ -195,16 +192,16 @@ def test_imagenet(tmp_path):
   state_dict = torchvision_densenet121_state_dict(np.random.default_rng(0))
   torch.save(state_dict, tmp_path / 'densenet121.pth')
   out = tmp_path / 'imagenet'
-  loaded = convert.convert_imagenet(
-      convert.read_torch_state_dict(str(tmp_path / 'densenet121.pth')), str(out))
+  loaded = weights.convert_imagenet(
+      weights.read_torch_state_dict(str(tmp_path / 'densenet121.pth')), str(out))
   manifest = json.loads((out / 'manifest.json').read_text())
   assert sorted(manifest['skipped']) == ['classifier.bias', 'classifier.weight',
                                          'features.conv0.weight']
   assert 'shape mismatch' in manifest['skipped']['features.conv0.weight']
 
   model = zeros_model(models.model_config('densenet121'))
-  assert convert.init_from(model, f'imagenet:{out}') == loaded
-  flat = {convert.path_name(p): np.asarray(v) for p, v in
+  assert checkpoints.init_from(model, f'imagenet:{out}') == loaded
+  flat = {checkpoints.path_name(p): np.asarray(v) for p, v in
           traverse_util.flatten_dict(nnx.state(model).to_pure_dict()).items()}
   encoder = sorted(n for n in flat if n.startswith('encoder.'))
   # Everything in the encoder but the replaced stem (conv0 7x7 -> 3x3, downconv0, norm1).
@@ -225,7 +222,7 @@ def test_imagenet(tmp_path):
                                 state_dict['features.transition2.conv.weight'][:, :, 0, 0].T)
 
   with pytest.raises(ValueError, match='DenseNet-121 encoder'):
-    convert.load_imagenet_encoder(zeros_model(models.model_config('tiny')), str(out))
+    checkpoints.load_encoder_init(zeros_model(models.model_config('tiny')), str(out))
 
 
 def test_init_from_checkpoint(tmp_path):
@@ -233,7 +230,7 @@ def test_init_from_checkpoint(tmp_path):
   checkpoints.save_model(str(tmp_path / 'ckpt'), 5, source,
                          ml_collections.ConfigDict({'model': models.model_config('tiny')}))
   model = random_model(models.model_config('tiny'), seed=2)
-  loaded = convert.init_from(model, f'checkpoint:{tmp_path / "ckpt"}')
+  loaded = checkpoints.init_from(model, f'checkpoint:{tmp_path / "ckpt"}')
   assert len(loaded) == len(jax.tree.leaves(nnx.state(model)))
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model).to_pure_dict(),
                nnx.state(source).to_pure_dict())
@@ -241,20 +238,20 @@ def test_init_from_checkpoint(tmp_path):
   depth_only = models.model_config('tiny')
   depth_only.heads = ('depth',)
   with pytest.raises(ValueError, match='different architecture'):
-    convert.init_from(zeros_model(depth_only), f'checkpoint:{tmp_path / "ckpt"}')
+    checkpoints.init_from(zeros_model(depth_only), f'checkpoint:{tmp_path / "ckpt"}')
 
 
 def test_init_from_spec_errors():
   model = zeros_model(models.model_config('tiny'))
-  assert not convert.init_from(model, '')
+  assert not checkpoints.init_from(model, '')
   with pytest.raises(ValueError, match='imagenet:DIR'):
-    convert.init_from(model, 'torchvision:/x')
+    checkpoints.init_from(model, 'torchvision:/x')
   with pytest.raises(FileNotFoundError, match='manifest.json'):
-    convert.init_from(model, 'imagenet:/nonexistent')
+    checkpoints.init_from(model, 'imagenet:/nonexistent')
 
 
 def test_legacy_and_data_parallel_names():
-  keys = convert.canonical_keys({
+  keys = weights.canonical_keys({
       'module.features.denseblock2.denselayer10.norm.1.running_mean': 1,
       'features.denseblock1.denselayer1.conv.2.weight': 2,
       'features.norm0.num_batches_tracked': 3})

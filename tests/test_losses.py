@@ -34,7 +34,7 @@ def loss_config(**weights):
 
 
 def numpy_terms(outputs, batch, eps):
-  """Every term, from the formulas of SPEC.md (float64, explicit loops over images)."""
+  """Every term, from the formulas of docs/training.md (float64, explicit loops over images)."""
   keep = batch['example_mask'] > 0
   mask = batch['depth_valid'] & keep[:, None, None]
   diff = outputs['depth'].astype(np.float64) - batch['depth']

@@ -1,42 +1,20 @@
 """predict.py / predict_lib: inputs, padding, batching, resizing, outputs and skipped files."""
 
-import logging as std_logging
 import os
+import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 from flax import nnx, traverse_util
 from PIL import Image
 
-import predict
 from hded_jax import checkpoints, models, predict_lib, visualize
-
-
-def random_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """Random weights and non-trivial BN statistics (init has mean 0, var 1), He-scaled so
-  outputs stay O(1): a stronger check of conversions and prediction than the authors' init."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(config)))
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(state.to_pure_dict())
-
-  def value(path, s):
-    if path[-1] == 'var':
-      return rng.uniform(0.5, 1.5, s.shape)
-    if path[-1] == 'scale':
-      return rng.uniform(0.8, 1.2, s.shape)
-    if path[-1] == 'kernel':  # He init: activations stay O(1).
-      return rng.normal(0, (2 / np.prod(s.shape[:-1])) ** 0.5, s.shape)
-    return rng.normal(0, 0.1, s.shape)
-
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
-      {p: jnp.asarray(value(p, s), s.dtype) for p, s in flat.items()}))
-  model = nnx.merge(graphdef, state)
-  model.eval()
-  return model
+from tests.conftest import REPO
+from tests.fixtures.models import random_model
 
 
 def save_checkpoint(directory, heads):
@@ -83,7 +61,7 @@ def load_outputs(directory, stem):
           'aif': np.load(directory / f'{stem}_aif.npy')}
 
 
-def test_cli_folder_with_odd_sizes_and_bad_files(tiny, tmp_path, caplog):
+def test_cli_folder_with_odd_sizes_and_bad_files(tiny, tmp_path):
   directory, model = tiny
   inputs = tmp_path / 'in'
   inputs.mkdir()
@@ -94,17 +72,17 @@ def test_cli_folder_with_odd_sizes_and_bad_files(tiny, tmp_path, caplog):
   (inputs / 'truncated.png').write_bytes(png[:len(png) // 2])  # Header fine, pixels cut.
   (inputs / 'notes.txt').write_text('hello')
   out = tmp_path / 'out'
-  caplog.set_level(std_logging.INFO)
-  with flagsaver.flagsaver():
-    flags.FLAGS(['predict.py', f'--checkpoint={directory}', f'--input={inputs}',
-                 f'--output_dir={out}', '--batch_size=2'])
-    predict.main(['predict.py'])
+  log = subprocess.run(
+      [sys.executable, 'predict.py', f'--checkpoint={directory}', f'--input={inputs}',
+       f'--output_dir={out}', '--batch_size=2'],
+      cwd=REPO, capture_output=True, text=True, check=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu')).stderr
   assert sorted(os.listdir(out)) == sorted(
       f'{stem}_{head}.{ext}' for stem in ('square', 'odd') for head in ('depth', 'aif')
       for ext in ('npy', 'png'))
   for name in ('garbage.png', 'truncated.png', 'notes.txt'):
-    assert any('Skipped' in r.message and name in r.message for r in caplog.records), name
-  assert any('colour-mapped over' in r.message for r in caplog.records)
+    assert re.search(f'Skipped .*{name}', log), name
+  assert 'colour-mapped over' in log
 
   for stem, image in (('square', square), ('odd', odd)):
     h, w = image.shape[:2]

@@ -11,9 +11,8 @@ import jax
 
 from hded_jax import runtime
 from hded_jax import train_lib
+from tests.conftest import REPO
 from tests.conftest import tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(data_dir: str, workdir: str, num_steps: str, batch_size: str,

@@ -96,11 +96,35 @@ def check_input_shape(shape) -> None:
         f'{-(-w // INPUT_MULTIPLE) * INPUT_MULTIPLE}).')
 
 
+def abstract_model(config: ml_collections.ConfigDict) -> HDEDNet:
+  """The network with shapes and dtypes but no values: a restore target, or for counting."""
+  return nnx.eval_shape(lambda: create_model(config))
+
+
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> HDEDNet:
   return HDEDNet(config, rngs=nnx.Rngs(seed))
 
 
+def split_model(model: nnx.Module):
+  """(train graphdef, eval graphdef, params, batch_stats): the mode lives in the graphdef."""
+  model.train()
+  train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  return train_graphdef, eval_graphdef, params, batch_stats
+
+
 def count_params(config: ml_collections.ConfigDict) -> int:
   """Trainable parameter count, without allocating any array."""
-  abstract = nnx.eval_shape(lambda: create_model(config))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  return sum(count for _, count in parameter_table(config, depth=0))
+
+
+def parameter_table(config: ml_collections.ConfigDict, depth: int = 2) -> list[tuple[str, int]]:
+  """[(module path, parameter count)] sorted by path, grouped ``depth`` levels deep."""
+  counts = {}
+  params = nnx.state(abstract_model(config), nnx.Param).to_pure_dict()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    name = '.'.join(keys[:min(depth, len(keys) - 1)])
+    counts[name] = counts.get(name, 0) + leaf.size
+  return list(counts.items())

@@ -1,7 +1,9 @@
-"""PyTorch 2HDED:NET with the official checkpoint's module names, for conversion parity tests.
+"""PyTorch 2HDED:NET with the official checkpoint's module names: the converter's parity tests
+and the benchmark's PyTorch baseline. Needs the `torch` extra.
 
-Written from SPEC.md independently of the JAX model (NCHW, PyTorch's own padding semantics), so
-that matching outputs check the converter's layout changes and the JAX model's padding alike.
+Written from the paper and the official layer layout (docs/model.md) independently of the JAX
+model (NCHW, PyTorch's own padding semantics), so that matching outputs check the converter's
+layout changes and the JAX model's padding alike.
 """
 
 import torch
@@ -161,3 +163,24 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         if m.bias is not None:
           m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
   return model.eval()
+
+
+# The loss terms of `hded_jax.losses` that the reference implements (what the benchmark times).
+LOSS_TERMS = {
+    'depth_l1': lambda out, batch, eps: F.l1_loss(out['depth'], batch['depth']),
+    'aif_l1': lambda out, batch, eps: F.l1_loss(out['aif'], batch['aif']),
+    'depth_charbonnier': lambda out, batch, eps: torch.sqrt(
+        (out['depth'] - batch['depth'])**2 + eps).mean(),
+    'aif_charbonnier': lambda out, batch, eps: torch.sqrt(
+        (out['aif'] - batch['aif'])**2 + eps).mean(),
+}
+
+
+def loss(out, batch, loss_config) -> torch.Tensor:
+  """The weighted loss of ``loss_config`` (an hded-jax ``config.loss``); NCHW images."""
+  weights = {k: float(loss_config[k]) for k in loss_config if k != 'charbonnier_eps'}
+  if missing := sorted(k for k, w in weights.items() if w and k not in LOSS_TERMS):
+    raise ValueError(f'The PyTorch reference has no {missing} loss; set those weights to 0 '
+                     f'(e.g. --config.loss.{missing[0]}=0) to compare like for like.')
+  return sum(w * LOSS_TERMS[k](out, batch, loss_config['charbonnier_eps'])
+             for k, w in weights.items() if w)

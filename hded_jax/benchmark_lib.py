@@ -1,0 +1,295 @@
+"""Times the full training and inference programs of a config: compile, step, memory, FLOPs
+(`python -m hded_jax.benchmark` is the command).
+
+Measures, at the config's image size and batch: compile time of the train step (the jitted
+`train_lib.Trainer.step_fn`, i.e. what `train.py` runs) and of the eval forward; images/s as the
+median of timed steps after warm-up (synchronised with `block_until_ready`); peak device memory
+(`device.memory_stats()`; on CPU, which reports none, the process's max RSS plus XLA's own buffer
+sizes); XLA's FLOP count (`cost_analysis()`) and the FLOP/s achieved; the input pipeline's
+examples/s on its own (the prepared dataset if there is one, else an in-memory source of
+NYU-sized 480x640 frames). ``with_torch`` also times the PyTorch reference
+(`hded_jax.pytorch.reference`, CPU, all cores).
+
+The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
+seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
+figure and the 1-minute load average beside each result.
+"""
+
+from collections.abc import Callable, Mapping
+import json
+import os
+import resource
+import statistics
+import time
+
+from absl import logging
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+
+from hded_jax import input_pipeline
+from hded_jax import sharding
+from hded_jax import train_lib
+
+# The NYU Depth v2 frame size; the synthetic pipeline source resizes from it like the real one.
+NYU_FRAME = (480, 640)
+
+
+def machine_load(sample_s: float = 1.0) -> dict[str, float]:
+  """Cores kept busy by other processes over ``sample_s`` (from /proc/stat, minus this process)
+  and the 1-minute load average (which also counts this process's recent compiles)."""
+  def busy_and_self():
+    with open('/proc/stat') as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # Minus idle and iowait.
+    times = os.times()
+    return busy, times.user + times.system
+
+  hz = os.sysconf('SC_CLK_TCK')
+  busy0, self0 = busy_and_self()
+  start = time.perf_counter()
+  time.sleep(sample_s)
+  busy1, self1 = busy_and_self()
+  elapsed = time.perf_counter() - start
+  others = max(0.0, (busy1 - busy0) / hz - (self1 - self0)) / elapsed
+  return {'other_busy_cores': round(others, 2), 'loadavg_1min': os.getloadavg()[0]}
+
+
+def wait_for_quiet(max_busy_cores: float, max_wait: float) -> dict[str, float]:
+  """Waits until other processes leave the CPU (or ``max_wait`` passes); returns the load."""
+  deadline = time.monotonic() + max_wait
+  load = machine_load()
+  while load['other_busy_cores'] > max_busy_cores and time.monotonic() < deadline:
+    time.sleep(5.0)
+    load = machine_load()
+  return load
+
+
+def time_steps(step: Callable[[], object], *, steps: int, warmup: int) -> dict[str, float]:
+  """Median and spread of ``steps`` timed calls of ``step`` (which blocks until done)."""
+  if steps < 1:
+    raise ValueError(f'steps={steps}: time at least one step.')
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times)}
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+def _xla_buffer_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries that XLA allocates for the program (minus aliasing)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def peak_memory() -> tuple[int, str]:
+  """(bytes, source): the device's peak where the backend reports it, else the process's RSS."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  # Linux reports ru_maxrss in KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS (CPU)'
+
+
+def synthetic_source(num_examples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """NYU-sized examples in the prepared datasets' format (uint8 images, float32 metres)."""
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.integers(0, 256, (*NYU_FRAME, 3), np.uint8),
+           'aif': rng.integers(0, 256, (*NYU_FRAME, 3), np.uint8),
+           'depth': rng.uniform(0.5, 10, NYU_FRAME).astype(np.float32)}
+          for _ in range(num_examples)]
+
+
+def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> dict:
+  """Examples/s of `input_pipeline.train_iterator` alone (no model), after its first batch."""
+  try:
+    source = input_pipeline.data_source(config, config.dataset.train_split)
+    name = f'{config.dataset.name} {config.dataset.train_split} (prepared)'
+  except FileNotFoundError:
+    source = synthetic_source(max(2 * config.batch_size, 16))
+    name = (f'synthetic in-memory {len(source)} examples of {NYU_FRAME[0]}x{NYU_FRAME[1]} '
+            '(no prepared dataset)')
+  it = input_pipeline.train_iterator(config, source)
+  next(it)  # Starts the threads and fills the prefetch buffer.
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  elapsed = time.perf_counter() - start
+  return {'source': name, 'examples_per_s': num_batches * config.batch_size / elapsed,
+          'num_threads': config.dataset.num_threads, 'num_workers': config.dataset.num_workers}
+
+
+def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
+                  max_busy_cores: float, max_wait: float) -> dict:
+  """Compiles and times the train step and the eval forward of ``config``."""
+  n = config.batch_size
+  if n % jax.device_count():
+    raise ValueError(f'batch_size={n} must be a multiple of the {jax.device_count()} devices '
+                     'the batch is sharded over; pass e.g. --batch_size='
+                     f'{max(1, n // jax.device_count()) * jax.device_count()}.')
+  batch = input_pipeline.random_batch(config)
+  results = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+             'num_devices': jax.device_count()}
+  trainer = train_lib.Trainer(config, train_size=n)
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.initial_state
+    device_batch = sharding.global_batch(batch, trainer.batch_sharding)
+
+    start = time.perf_counter()
+    lowered = trainer.step_fn.lower(state, device_batch)
+    train_lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    train_step = lowered.compile()
+    train_compile_s = time.perf_counter() - start
+    logging.info('Train step: lowered in %.1f s, compiled in %.1f s.', train_lower_s,
+                 train_compile_s)
+
+    def run_train():
+      nonlocal state
+      state, metrics = train_step(state, device_batch)
+      jax.block_until_ready((state, metrics))
+
+    train_load = wait_for_quiet(max_busy_cores, max_wait)
+    train_times = time_steps(run_train, steps=steps, warmup=warmup)
+    logging.info('Train step: %s (load %s).', train_times, train_load)
+
+    eval_graphdef = trainer.eval_graphdef
+    forward = jax.jit(lambda params, batch_stats, images: nnx.merge(
+        eval_graphdef, params, batch_stats)(images))
+    start = time.perf_counter()
+    lowered = forward.lower(state.params, state.batch_stats, device_batch['image'])
+    eval_lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    eval_forward = lowered.compile()
+    eval_compile_s = time.perf_counter() - start
+    logging.info('Eval forward: compiled in %.1f s.', eval_compile_s)
+    run_eval = lambda: jax.block_until_ready(
+        eval_forward(state.params, state.batch_stats, device_batch['image']))
+    eval_load = wait_for_quiet(max_busy_cores, max_wait)
+    eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
+
+  train_flops, eval_flops = _flops(train_step), _flops(eval_forward)
+  peak_bytes, peak_source = peak_memory()
+  results.update({
+      'train': {
+          'lower_s': train_lower_s, 'compile_s': train_compile_s, **train_times,
+          'images_per_s': n / train_times['median_s'], 'flops': train_flops,
+          'flops_per_s': train_flops / train_times['median_s'] if train_flops else None,
+          'xla_buffer_bytes': _xla_buffer_bytes(train_step), 'load': train_load},
+      'eval': {
+          'lower_s': eval_lower_s, 'compile_s': eval_compile_s, **eval_times,
+          'images_per_s': n / eval_times['median_s'], 'flops': eval_flops,
+          'flops_per_s': eval_flops / eval_times['median_s'] if eval_flops else None,
+          'xla_buffer_bytes': _xla_buffer_bytes(eval_forward), 'load': eval_load},
+      'peak_memory_bytes': peak_bytes, 'peak_memory_source': peak_source,
+      'peak_memory_bytes_per_image': peak_bytes / n,
+  })
+  return results
+
+
+def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
+                    max_busy_cores: float, max_wait: float) -> dict:
+  """The PyTorch reference (float32, CPU) on the same batch: an Adam step on the config's loss,
+  and the eval forward."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from hded_jax.pytorch import reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(os.cpu_count())
+  arch = config.model
+  model = reference.HDEDNet(
+      tuple(arch.block_sizes), arch.growth_rate, arch.num_init_features, arch.bn_size,
+      heads=tuple(arch.heads))
+  opt = config.optimizer
+  optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2))
+  batch = {k: torch.from_numpy(v) for k, v in input_pipeline.random_batch(config).items()}
+  image = batch['image'].permute(0, 3, 1, 2).contiguous()
+  targets = {'depth': batch['depth'], 'aif': batch['aif'].permute(0, 3, 1, 2).contiguous()}
+
+  def run_train():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    reference.loss(model(image), targets, config.loss).backward()
+    optimizer.step()
+
+  def run_eval():
+    model.eval()
+    with torch.inference_mode():
+      model(image)
+
+  n = config.batch_size
+  train_load = wait_for_quiet(max_busy_cores, max_wait)
+  train_times = time_steps(run_train, steps=steps, warmup=warmup)
+  eval_load = wait_for_quiet(max_busy_cores, max_wait)
+  eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
+  return {'version': torch.__version__, 'num_threads': torch.get_num_threads(),
+          'train': {**train_times, 'images_per_s': n / train_times['median_s'],
+                    'load': train_load},
+          'eval': {**eval_times, 'images_per_s': n / eval_times['median_s'], 'load': eval_load}}
+
+
+def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 2,
+                  pipeline_batches: int = 20, with_torch: bool = False,
+                  max_busy_cores: float = 0.5, max_wait: float = 180.0,
+                  output: str | None = None) -> dict:
+  """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
+  also written to ``output`` as JSON if given."""
+  h, w = config.dataset.image_size
+  results = {
+      'config': {'model': config.model.to_dict(),
+                 'image_size': [h, w], 'batch_size': config.batch_size,
+                 'dtype': config.model.dtype},
+      'machine': {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+                  'xla_flags': os.environ.get('XLA_FLAGS', '')},
+  }
+  timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
+  results['jax'] = benchmark_jax(config, **timing)
+  results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
+  if with_torch:
+    results['torch'] = benchmark_torch(config, **timing)
+  if output:
+    with open(output, 'w') as f:
+      json.dump(results, f, indent=2, default=str)
+  return results
+
+
+def format_table(results: Mapping) -> str:
+  """A text table of the headline figures."""
+  cfg = results['config']
+  rows = [f'{cfg["image_size"][0]}x{cfg["image_size"][1]}, batch {cfg["batch_size"]}, '
+          f'{results["jax"]["backend"]} ({results["jax"]["device"]}, '
+          f'{results["machine"]["cpu_count"]} CPUs)',
+          f'{"":18}{"compile s":>10}{"step s":>9}{"images/s":>10}{"GFLOP":>9}{"GFLOP/s":>9}'
+          f'{"other busy cores":>18}']
+  def row(name, r):
+    compile_s = f'{r["compile_s"]:10.1f}' if 'compile_s' in r else f'{"-":>10}'
+    gflop = f'{r["flops"] / 1e9:9.1f}' if r.get('flops') else f'{"-":>9}'
+    rate = f'{r["flops_per_s"] / 1e9:9.1f}' if r.get('flops_per_s') else f'{"-":>9}'
+    return (f'{name:18}{compile_s}{r["median_s"]:9.3f}{r["images_per_s"]:10.2f}{gflop}{rate}'
+            f'{r["load"]["other_busy_cores"]:18.2f}')
+  jx = results['jax']
+  rows += [row(f'jax {cfg["dtype"]} train', jx['train']),
+           row(f'jax {cfg["dtype"]} eval', jx['eval'])]
+  if 'torch' in results:
+    rows += [row('torch f32 train', results['torch']['train']),
+             row('torch f32 eval', results['torch']['eval'])]
+  rows.append(f'peak memory {jx["peak_memory_bytes"] / 2**20:.0f} MiB '
+              f'({jx["peak_memory_bytes_per_image"] / 2**20:.0f} MiB/image; '
+              f'{jx["peak_memory_source"]}); XLA train buffers '
+              f'{(jx["train"]["xla_buffer_bytes"] or 0) / 2**20:.0f} MiB')
+  pipe = results['pipeline']
+  rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
+  return '\n'.join(rows)
