@@ -20,7 +20,12 @@ flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; defaul
 flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps before the timed ones.')
 flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed from the input pipeline.')
-flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference (needs the torch extra).')
+flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same device (needs the '
+                  'torch extra; on CUDA set XLA_PYTHON_CLIENT_PREALLOCATE=false to share memory).')
+flags.DEFINE_list('torch_modes', None, 'PyTorch modes to time (default: all the device has: '
+                  f'{benchmark_lib.TORCH_MODES}).')
+flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits in device '
+                  'memory, with and without remat.')
 flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
 flags.DEFINE_float('max_wait', 180.0, 'Longest wait (s) for a quiet machine per measurement.')
 flags.DEFINE_string('output', None, 'Where to write the results as JSON.')
@@ -38,7 +43,8 @@ def main(argv):
     config.model.dtype = FLAGS.dtype
   results = benchmark_lib.run_benchmark(
       config, steps=FLAGS.steps, warmup=FLAGS.warmup, pipeline_batches=FLAGS.pipeline_batches,
-      with_torch=FLAGS.torch, max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
+      with_torch=FLAGS.torch, torch_modes=FLAGS.torch_modes, find_largest_batch=FLAGS.largest_batch,
+      max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       output=FLAGS.output)
   print(benchmark_lib.format_table(results))
 

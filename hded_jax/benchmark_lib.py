@@ -7,15 +7,18 @@ median of timed steps after warm-up (synchronised with `block_until_ready`); pea
 (`device.memory_stats()`; on CPU, which reports none, the process's max RSS plus XLA's own buffer
 sizes); XLA's FLOP count (`cost_analysis()`) and the FLOP/s achieved; the input pipeline's
 examples/s on its own (the prepared dataset if there is one, else an in-memory source of
-NYU-sized 480x640 frames). ``with_torch`` also times the PyTorch reference
-(`hded_jax.pytorch.reference`, CPU, all cores).
+NYU-sized 480x640 frames); on an accelerator, FLOP/s as a share of the devices' dense bf16 peak.
+``with_torch`` also times the PyTorch reference (`hded_jax.pytorch.reference`) on the same device:
+on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16 autocast, all
+channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
+`largest_batch` finds the largest batch whose train step fits in device memory.
 
 The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
 seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
 figure and the 1-minute load average beside each result.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import json
 import os
 import resource
@@ -34,6 +37,18 @@ from hded_jax import train_lib
 
 # The NYU Depth v2 frame size; the synthetic pipeline source resizes from it like the real one.
 NYU_FRAME = (480, 640)
+
+# Dense bf16 peak FLOP/s of one device, by a substring of its device_kind (vendor datasheets;
+# most specific first).
+PEAK_BF16_FLOPS = (
+    ('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12),
+    ('L4', 121e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
+    ('TPU v6', 918e12),
+)
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+  return next((flops for kind, flops in PEAK_BF16_FLOPS if kind in device_kind), None)
 
 
 def machine_load(sample_s: float = 1.0) -> dict[str, float]:
@@ -183,17 +198,25 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
 
   train_flops, eval_flops = _flops(train_step), _flops(eval_forward)
+  peak = peak_bf16_flops(results['device'])
+  peak = peak * jax.device_count() if peak else None
+
+  def share_of_peak(flops, seconds):
+    return flops / seconds / peak if flops and peak else None
+
   peak_bytes, peak_source = peak_memory()
   results.update({
       'train': {
           'lower_s': train_lower_s, 'compile_s': train_compile_s, **train_times,
           'images_per_s': n / train_times['median_s'], 'flops': train_flops,
           'flops_per_s': train_flops / train_times['median_s'] if train_flops else None,
+          'share_of_bf16_peak': share_of_peak(train_flops, train_times['median_s']),
           'xla_buffer_bytes': _xla_buffer_bytes(train_step), 'load': train_load},
       'eval': {
           'lower_s': eval_lower_s, 'compile_s': eval_compile_s, **eval_times,
           'images_per_s': n / eval_times['median_s'], 'flops': eval_flops,
           'flops_per_s': eval_flops / eval_times['median_s'] if eval_flops else None,
+          'share_of_bf16_peak': share_of_peak(eval_flops, eval_times['median_s']),
           'xla_buffer_bytes': _xla_buffer_bytes(eval_forward), 'load': eval_load},
       'peak_memory_bytes': peak_bytes, 'peak_memory_source': peak_source,
       'peak_memory_bytes_per_image': peak_bytes / n,
@@ -201,50 +224,123 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   return results
 
 
+# PyTorch precision modes timed per device: float32 is the authors' setting; on CUDA also TF32
+# matmuls/convolutions and bf16 autocast, PyTorch's fast modes.
+TORCH_MODES = {'cpu': ('float32',), 'cuda': ('float32', 'tf32', 'bfloat16')}
+
+
 def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
-                    max_busy_cores: float, max_wait: float) -> dict:
-  """The PyTorch reference (float32, CPU) on the same batch: an Adam step on the config's loss,
-  and the eval forward."""
+                    max_busy_cores: float, max_wait: float,
+                    modes: Sequence[str] | None = None) -> dict:
+  """The PyTorch reference on the same batch and device kind: an Adam step on the config's loss,
+  and the eval forward, in each of ``modes`` (default: ``TORCH_MODES`` of the device)."""
   import torch  # pylint: disable=g-import-not-at-top
   from hded_jax.pytorch import reference  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(os.cpu_count())
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  if device == 'cpu':
+    torch.set_num_threads(os.cpu_count())
+  else:
+    torch.backends.cudnn.benchmark = True
+  layout = torch.channels_last if device == 'cuda' else torch.contiguous_format
   arch = config.model
   model = reference.HDEDNet(
       tuple(arch.block_sizes), arch.growth_rate, arch.num_init_features, arch.bn_size,
-      heads=tuple(arch.heads))
+      heads=tuple(arch.heads)).to(device, memory_format=layout)
   opt = config.optimizer
   optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2))
-  batch = {k: torch.from_numpy(v) for k, v in input_pipeline.random_batch(config).items()}
-  image = batch['image'].permute(0, 3, 1, 2).contiguous()
-  targets = {'depth': batch['depth'], 'aif': batch['aif'].permute(0, 3, 1, 2).contiguous()}
-
-  def run_train():
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    reference.loss(model(image), targets, config.loss).backward()
-    optimizer.step()
-
-  def run_eval():
-    model.eval()
-    with torch.inference_mode():
-      model(image)
-
+  batch = {k: torch.from_numpy(v).to(device) for k, v in input_pipeline.random_batch(config).items()}
+  image = batch['image'].permute(0, 3, 1, 2).contiguous(memory_format=layout)
+  targets = {'depth': batch['depth'],
+             'aif': batch['aif'].permute(0, 3, 1, 2).contiguous(memory_format=layout)}
+  sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
   n = config.batch_size
-  train_load = wait_for_quiet(max_busy_cores, max_wait)
-  train_times = time_steps(run_train, steps=steps, warmup=warmup)
-  eval_load = wait_for_quiet(max_busy_cores, max_wait)
-  eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
-  return {'version': torch.__version__, 'num_threads': torch.get_num_threads(),
-          'train': {**train_times, 'images_per_s': n / train_times['median_s'],
-                    'load': train_load},
-          'eval': {**eval_times, 'images_per_s': n / eval_times['median_s'], 'load': eval_load}}
+  results = {'version': torch.__version__, 'device': device,
+             'num_threads': torch.get_num_threads()}
+  if unknown := sorted(set(modes or ()) - set(TORCH_MODES[device])):
+    raise ValueError(f'PyTorch modes {unknown} are not timed on {device}; choose from '
+                     f'{TORCH_MODES[device]}.')
+  for mode in modes or TORCH_MODES[device]:
+    if device == 'cuda':
+      torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == 'tf32'
+      torch.cuda.reset_peak_memory_stats()
+    autocast = torch.autocast(device, torch.bfloat16, enabled=mode == 'bfloat16')
+
+    def run_train():
+      model.train()
+      optimizer.zero_grad(set_to_none=True)
+      with autocast:
+        loss = reference.loss(model(image), targets, config.loss)
+      loss.backward()
+      optimizer.step()
+      sync()
+
+    def run_eval():
+      model.eval()
+      with torch.inference_mode(), autocast:
+        model(image)
+      sync()
+
+    train_load = wait_for_quiet(max_busy_cores, max_wait)
+    train_times = time_steps(run_train, steps=steps, warmup=warmup)
+    eval_load = wait_for_quiet(max_busy_cores, max_wait)
+    eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
+    results[mode] = {
+        'train': {**train_times, 'images_per_s': n / train_times['median_s'],
+                  'load': train_load},
+        'eval': {**eval_times, 'images_per_s': n / eval_times['median_s'], 'load': eval_load},
+        'peak_memory_bytes': torch.cuda.max_memory_allocated() if device == 'cuda' else None}
+  return results
+
+
+def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = None,
+                  tries: int = 3) -> dict:
+  """The largest global batch whose train step fits in ``memory_bytes`` (default: the device's
+  limit). XLA's buffer sizes at two batch sizes give the bytes per image; the extrapolated
+  batch (a multiple of the device count) is then run for one step, 10% smaller on each
+  out-of-memory."""
+  if memory_bytes is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'bytes_limit' not in stats:
+      return {'batch_size': None, 'why': f'{jax.default_backend()} reports no memory limit'}
+    memory_bytes = stats['bytes_limit']
+  unit = jax.device_count()
+
+  def train_step(batch_size, run):
+    config_b = config.copy_and_resolve_references()
+    config_b.batch_size = batch_size
+    trainer = train_lib.Trainer(config_b, train_size=batch_size)
+    with jax.set_mesh(trainer.mesh):
+      batch = sharding.global_batch(input_pipeline.random_batch(config_b),
+                                    trainer.batch_sharding)
+      if not run:
+        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.initial_state, batch).compile())
+      jax.block_until_ready(trainer.step_fn(trainer.initial_state, batch))
+
+  small, large = unit, 4 * unit
+  bytes_small, bytes_large = train_step(small, run=False), train_step(large, run=False)
+  per_image = (bytes_large - bytes_small) / (large - small)
+  estimate = int((memory_bytes - (bytes_small - per_image * small)) / per_image) // unit * unit
+  result = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image, 'estimate': estimate}
+  batch_size = estimate
+  for _ in range(tries):
+    if batch_size < unit:
+      break
+    try:
+      train_step(batch_size, run=True)
+      return {**result, 'batch_size': batch_size}
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      logging.info('Batch %d does not fit: %s', batch_size, str(e).splitlines()[0])
+      batch_size = int(batch_size * 0.9) // unit * unit
+  return {**result, 'batch_size': None, 'why': f'no batch from {estimate} down fitted'}
 
 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 2,
                   pipeline_batches: int = 20, with_torch: bool = False,
-                  max_busy_cores: float = 0.5, max_wait: float = 180.0,
-                  output: str | None = None) -> dict:
+                  torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False, max_busy_cores: float = 0.5,
+                  max_wait: float = 180.0, output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given."""
   h, w = config.dataset.image_size
@@ -253,13 +349,27 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                  'image_size': [h, w], 'batch_size': config.batch_size,
                  'dtype': config.model.dtype},
       'machine': {'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+                  'device_kind': jax.devices()[0].device_kind,
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing)
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
   if with_torch:
-    results['torch'] = benchmark_torch(config, **timing)
+    results['torch'] = benchmark_torch(config, **timing, modes=torch_modes)
+    modes = {k: v for k, v in results['torch'].items() if isinstance(v, dict)}
+    best = max(modes, key=lambda m: modes[m]['train']['images_per_s'])
+    results['jax_vs_torch'] = {
+        'best_torch_mode': best,
+        **{f'{what}_vs_{mode}': (results['jax'][what]['images_per_s']
+                                 / modes[mode][what]['images_per_s'])
+           for mode in modes for what in ('train', 'eval')}}
+  if find_largest_batch:
+    results['largest_batch'] = {}
+    for remat in (False, True):
+      config_remat = config.copy_and_resolve_references()
+      config_remat.model.remat = remat
+      results['largest_batch']['remat' if remat else 'plain'] = largest_batch(config_remat)
   if output:
     with open(output, 'w') as f:
       json.dump(results, f, indent=2, default=str)
@@ -283,13 +393,15 @@ def format_table(results: Mapping) -> str:
   jx = results['jax']
   rows += [row(f'jax {cfg["dtype"]} train', jx['train']),
            row(f'jax {cfg["dtype"]} eval', jx['eval'])]
-  if 'torch' in results:
-    rows += [row('torch f32 train', results['torch']['train']),
-             row('torch f32 eval', results['torch']['eval'])]
+  for mode, r in results.get('torch', {}).items():
+    if isinstance(r, dict):
+      rows += [row(f'torch {mode} train', r['train']), row(f'torch {mode} eval', r['eval'])]
   rows.append(f'peak memory {jx["peak_memory_bytes"] / 2**20:.0f} MiB '
               f'({jx["peak_memory_bytes_per_image"] / 2**20:.0f} MiB/image; '
               f'{jx["peak_memory_source"]}); XLA train buffers '
               f'{(jx["train"]["xla_buffer_bytes"] or 0) / 2**20:.0f} MiB')
   pipe = results['pipeline']
   rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
+  for name, r in results.get('largest_batch', {}).items():
+    rows.append(f'largest batch ({name}): {r["batch_size"]} ({r.get("why", "ran one step")})')
   return '\n'.join(rows)

@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import pytest
 
 from hded_jax import benchmark_lib
@@ -42,9 +43,21 @@ def test_benchmark_writes_every_figure(tmp_path):
   assert _positive(pipe['examples_per_s']) and pipe['source'].startswith('synthetic')
 
   for name in ('train', 'eval'):
-    assert _positive(results['torch'][name]['images_per_s'])
+    assert _positive(results['torch']['float32'][name]['images_per_s'])
+  assert results['jax_vs_torch']['best_torch_mode'] == 'float32'
+  assert math.isclose(results['jax_vs_torch']['train_vs_float32'],
+                      jx['train']['images_per_s'] / results['torch']['float32']['train']['images_per_s'])
 
   table = benchmark_lib.format_table(returned)
-  for text in ('jax float32 train', 'jax float32 eval', 'torch f32 train', 'input pipeline'):
+  for text in ('jax float32 train', 'jax float32 eval', 'torch float32 train', 'input pipeline'):
     assert text in table
 
+
+
+def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  result = benchmark_lib.largest_batch(config, memory_bytes=64 << 20)
+  assert _positive(result['bytes_per_image'])
+  # The estimate ran one step without running out of memory.
+  assert result['batch_size'] == result['estimate'] > 4
+  assert result['batch_size'] % jax.device_count() == 0

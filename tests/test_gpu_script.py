@@ -1,0 +1,25 @@
+"""benchmarks/gpu.sh rehearsed on the CPU with the tiny model: steps run, are skipped when not
+asked for, and their figures and exit codes are merged into one results.json."""
+
+import json
+import os
+import subprocess
+
+from tests.conftest import REPO
+
+
+def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir, tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
+             SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
+             ONLY='platform bf16_b4 smoke_train smoke_eval')
+  subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+  log = (tmp_path / 'out' / 'log.txt').read_text()
+  ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
+  assert ran == {'platform', 'bf16_b4', 'smoke_train', 'smoke_eval'}, log[-3000:]
+  assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
+      'bf16_b32', 'f32_b4', 'largest', 'autotune0'}
+  assert results['bf16_b4']['config']['dtype'] == 'bfloat16'
+  assert results['bf16_b4']['jax']['train']['images_per_s'] > 0
+  assert results['smoke_eval']['step'] == 20 and 'depth/rmse' in results['smoke_eval']
