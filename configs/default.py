@@ -27,11 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_threads=4,
       prefetch=8,
       num_workers=0,  # >0: grain worker processes for preprocessing.
-      # Evaluation: depth range of valid ground truth and crop (top, bottom, left, right) at
-      # image_size, or None.
+      # Evaluation: depth range of valid ground truth, and where depth is scored (a name from
+      # hded_jax.metrics.EVAL_PROTOCOLS, written beside every metric).
       min_depth=1e-3,
       max_depth=10.0,
-      eval_crop=ml_collections.FieldReference(None, field_type=tuple),
+      eval_protocol='authors',
   ))
 
   config.loss = losses.default_loss_config()

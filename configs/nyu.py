@@ -8,5 +8,6 @@ def get_config():
   config.dataset.name = 'nyu_depth_v2_defocus'
   config.dataset.builder_config = 'focus_2m'
   config.dataset.min_depth = 1e-3
+  config.dataset.eval_protocol = 'nyu_literature'
   config.dataset.max_depth = 10.0
   return config

@@ -59,18 +59,22 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 class Preprocess:
   """Resizes to the training size (aspect not kept, as the authors did) and augments.
 
-  Depth is resized with nearest neighbour so that invalid (0) pixels never blend into valid ones.
-  The same flip and colour change apply to the defocused image and the AiF target.
+  Depth is resized with nearest neighbour so that invalid (0) pixels never blend into valid ones,
+  or kept on its stored grid with ``native_depth`` (evaluation protocols that score there). The
+  same flip and colour change apply to the defocused image and the AiF target.
   """
   image_size: tuple[int, int]
   hflip: bool = False
   color_jitter: float = 0.0
+  native_depth: bool = False
 
   def __call__(self, example, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     size = tuple(self.image_size)
     image = images.to_network_range(_resize(example['image'], size, Image.BILINEAR))
     aif = images.to_network_range(_resize(example['aif'], size, Image.BILINEAR))
-    depth = _resize(np.asarray(example['depth'], np.float32), size, Image.NEAREST)
+    depth = np.asarray(example['depth'], np.float32)
+    if not self.native_depth:
+      depth = _resize(depth, size, Image.NEAREST)
     if rng is not None and self.hflip and rng.random() < 0.5:
       image, aif, depth = image[:, ::-1], aif[:, ::-1], depth[:, ::-1]
     if rng is not None and self.color_jitter:
@@ -127,13 +131,13 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   return iter(it)
 
 
-def eval_batches(config: ml_collections.ConfigDict, source,
-                 num_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(config: ml_collections.ConfigDict, source, num_examples: int | None = None,
+                 native_depth: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Local batches covering the split once, in order; padding carries ``example_mask`` 0.
 
   Every process yields the same number of batches (processes must step together).
   """
-  preprocess = Preprocess(tuple(config.dataset.image_size))
+  preprocess = Preprocess(tuple(config.dataset.image_size), native_depth=native_depth)
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local = local_batch_size(config.eval_batch_size)
   global_size = local * jax.process_count()

@@ -6,6 +6,7 @@ the average over images), the convention of the depth-estimation literature.
 """
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import flax
@@ -15,6 +16,43 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from hded_jax import images
+
+@dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+  """Where depth is scored and which pixels count (the dataset config gives the depth range)."""
+  description: str
+  # True: the prediction is resized (bilinear) to the stored ground truth's grid; False: the
+  # ground truth is resized (nearest) to the network's input size.
+  native_resolution: bool
+  crop: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) on that grid.
+
+
+EVAL_PROTOCOLS = {
+    'nyu_literature': EvalProtocol(
+        'the depth literature\'s NYU protocol: prediction resized to the 480x640 ground truth, '
+        'scored in the crop rows 45:471, columns 41:601', native_resolution=True,
+        crop=(45, 471, 41, 601)),
+    'make3d_literature': EvalProtocol(
+        'the depth literature\'s Make3D protocol: prediction resized to the 55x305 depth grid',
+        native_resolution=True),
+    'authors': EvalProtocol(
+        'the 2HDED:NET authors\' protocol: scored at the network\'s input size (256x256), ground '
+        'truth resized by nearest neighbour', native_resolution=False),
+}
+
+
+def eval_protocol(name: str) -> EvalProtocol:
+  if name not in EVAL_PROTOCOLS:
+    raise ValueError(f'Unknown evaluation protocol {name!r}; choose one of '
+                     f'{sorted(EVAL_PROTOCOLS)} (config.dataset.eval_protocol).')
+  return EVAL_PROTOCOLS[name]
+
+
+def resize_depth(depth: jax.Array, size: Sequence[int]) -> jax.Array:
+  """(N, H, W) depth maps to (N, *size), bilinear without antialiasing, as the literature's
+  interpolation (half-pixel centres)."""
+  return jax.image.resize(depth, (depth.shape[0], *size), 'linear', antialias=False)
+
 
 DEPTH_METRICS = ('abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'log10', 'delta1', 'delta2', 'delta3')
 

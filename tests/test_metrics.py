@@ -210,3 +210,35 @@ def test_key_without_any_image_is_nan():
   batch['depth_valid'][:] = False
   means = eval_fn(outputs, batch).compute()
   assert np.isnan(means['depth/abs_rel']) and np.isfinite(means['aif/ssim'])
+
+
+def _bilinear_reference(x, size):
+  """Bilinear interpolation with half-pixel centres and no antialiasing, one axis at a time
+  (what cv2.resize INTER_LINEAR and torch's interpolate(align_corners=False) compute)."""
+  for axis, n_out in ((0, size[0]), (1, size[1])):
+    n_in = x.shape[axis]
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    t = (pos - lo).reshape([-1 if a == axis else 1 for a in range(2)])
+    x = np.take(x, lo, axis) * (1 - t) + np.take(x, hi, axis) * t
+  return x
+
+
+def test_resize_depth_is_plain_bilinear_interpolation():
+  depth = np.random.default_rng(9).uniform(1, 10, (2, 48, 64)).astype(np.float32)
+  for size in ((96, 128), (11, 61), (480, 640)):  # Up, down by ~4-5x (no antialiasing), mixed.
+    got = np.asarray(metrics.resize_depth(depth, size))
+    for i in range(2):
+      np.testing.assert_allclose(got[i], _bilinear_reference(depth[i], size), atol=1e-4)
+
+
+def test_eval_protocols_are_named_and_the_nyu_crop_fits_its_frame():
+  nyu = metrics.eval_protocol('nyu_literature')
+  assert nyu.native_resolution and nyu.crop == (45, 471, 41, 601)
+  assert not metrics.eval_protocol('authors').native_resolution
+  with pytest.raises(ValueError, match='config.dataset.eval_protocol'):
+    metrics.eval_protocol('eigen')
+  gt = np.full((1, 480, 640), 5.0, np.float32)
+  pixels = metrics.depth_metrics(gt, gt, MIN_DEPTH, MAX_DEPTH, crop=nyu.crop)['valid_pixels']
+  assert int(pixels[0]) == (471 - 45) * (601 - 41)

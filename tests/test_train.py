@@ -1,5 +1,6 @@
 """Training and evaluation end to end on the tiny synthetic dataset and model."""
 
+import functools
 import json
 import os
 import re
@@ -13,6 +14,8 @@ from flax import nnx
 from hded_jax import checkpoints
 from hded_jax import eval_lib
 from hded_jax import input_pipeline
+from hded_jax import metrics
+from hded_jax import models
 from hded_jax import sharding
 from hded_jax import train_lib
 from tests.conftest import tiny_config
@@ -94,6 +97,7 @@ def test_eval_scores_checkpoints_and_keeps_the_best(tiny_data_dir, tmp_path):
               'input/psnr', 'input/ssim', 'baseline/mean_depth_rmse'):
     assert np.isfinite(figures[key]), key
   assert figures['num_images'] == 4 and figures['step'] == 4
+  assert figures['protocol'] == 'authors' and 'input size' in figures['protocol_description']
   with open(os.path.join(workdir, 'eval', 'best.json')) as f:
     assert json.load(f) == {'step': 4, 'metric': 'depth/rmse', 'value': figures['depth/rmse']}
   model, _, step = checkpoints.load_model(os.path.join(workdir, 'best_checkpoint'))
@@ -158,3 +162,28 @@ def test_remat_trains_identically(tiny_data_dir, tmp_path):
   assert remat_metrics == pytest.approx(plain_metrics, rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                plain_stats, remat_stats)
+
+
+def test_native_resolution_protocol_scores_the_resized_prediction(tiny_data_dir):
+  """make3d_literature's scoring: the prediction at the input size (64x64 here), resized to the
+  stored 32x32 ground truth, against the ground truth as stored."""
+  config = tiny_config(tiny_data_dir)
+  config.dataset.image_size = (64, 64)
+  config.dataset.eval_protocol = 'make3d_literature'
+  model = models.create_model(config.model)
+  evaluator = eval_lib.Evaluator(config, config.model, mean_depth=1.0)
+  _, graphdef, params, batch_stats = models.split_model(model)
+  local = next(input_pipeline.eval_batches(config, evaluator.source, native_depth=True))
+  assert local['image'].shape[1:3] == (64, 64) and local['depth'].shape[1:] == (32, 32)
+  with jax.set_mesh(evaluator.mesh):
+    batch = sharding.global_batch(local, evaluator.batch_sharding)
+    result, outputs = jax.jit(functools.partial(
+        eval_lib.eval_step, graphdef=graphdef, dataset_config=config.dataset, mean_depth=1.0))(
+            params, batch_stats, batch)
+  predicted = jax.jit(lambda p, b, x: nnx.merge(graphdef, p, b)(x))(
+      params, batch_stats, local['image'])['depth']
+  expected = metrics.resize_depth(predicted, (32, 32))
+  np.testing.assert_allclose(outputs['depth'], expected, rtol=1e-5, atol=1e-5)
+  rmse = metrics.depth_metrics(expected, local['depth'], config.dataset.min_depth,
+                               config.dataset.max_depth, valid=local['depth_valid'])['rmse']
+  np.testing.assert_allclose(result.compute()['depth/rmse'], np.mean(rmse), rtol=1e-4)
