@@ -106,6 +106,25 @@ def generate_scene(rng, height, width):
   return np.round(rgb * 255).astype(np.uint8), depth.astype(np.float32)
 
 
+def room_scene(height=480, width=640, seed=0):
+  """An NYU-like room for benchmarks and renderer checks, not part of the dataset.
+
+  A floor rising to a back wall at 10 m, a side wall from 0.5 m and a box at 1.2 m, under
+  random texture at 1, 4 and 16 px: depths span NYU's 0.5-10 m, so rendering it takes as many
+  layers as a real NYU frame. Returns (aif uint8 (H, W, 3), depth float32 (H, W) metres).
+  """
+  rng = np.random.default_rng(seed)
+  rows, cols = np.mgrid[:height, :width].astype(np.float32)
+  floor = 1.3 * height / np.maximum(rows - height / 3, 1e-3)
+  side_wall = 0.5 + 9.5 * (cols / (width / 3))**2
+  depth = np.clip(np.minimum(floor, side_wall), 0.5, 10.0)
+  depth[height * 5 // 12:height * 5 // 6, width * 15 // 32:width * 45 // 64] = 1.2
+  texture = sum(
+      ndimage.zoom(rng.random((-(-height // s), -(-width // s), 3)), (s, s, 1),
+                   order=1)[:height, :width] for s in (1, 4, 16)) / 3
+  return np.round(texture * 255).astype(np.uint8), depth.astype(np.float32)
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for synthetic_defocus."""
 
