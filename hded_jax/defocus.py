@@ -79,7 +79,8 @@ class Camera:
 
 
 CAMERAS = {
-    # D3-Net's NYU-v2 camera (parameters_blurred_NYUv2.m): 5.6 um = 2 x 2.8 um for the subsampled 640x480 frames.
+    # D3-Net's NYU-v2 camera (its parameters_blurred_NYUv2.m): 5.6 um = 2 x 2.8 um for the
+    # subsampled 640x480 frames.
     'nyu': Camera(focal_length=0.015, f_number=2.8, pixel_size=5.6e-6, focus_distance=2.0),
     # Make3D's camera is unpublished. A 35 mm f/4 lens focused at 5 m with 9 um pixels gives
     # NYU's sigma profile stretched to outdoor depths: 8.2 / 3.1 / 0 / 1.0 / 1.5 / 1.8 / 1.9 px

@@ -4,7 +4,8 @@ Each scene is a slanted textured ground plane (farther towards the top) with 3-8
 fronto-parallel rectangles and ellipses at random depths in front of it, composited with a
 z-buffer so nearer surfaces hide farther ones. Every surface carries colour texture with detail
 at all scales (multi-scale noise plus stripes or checkers), so blur is visible everywhere. The
-defocused image is rendered with ``hded_jax.defocus`` and the ``nyu`` camera (focused at 2 m).
+defocused image is rendered with ``hded_jax.defocus`` and the ``nyu`` camera (focused at 2 m),
+in the renderer's 'clean' mode (no border darkening).
 
 All depths lie in ``DEPTH_RANGE`` = 0.5-1.95 m, in front of the focal plane, where the blur
 sigma falls monotonically from 6.7 to 0.1 px: depth is recoverable from defocus alone, without
@@ -15,6 +16,7 @@ so the data do not depend on the order or parallelism of generation.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,8 +31,9 @@ _SPLIT_SEEDS = {'train': 0, 'test': 1}
 
 
 @dataclasses.dataclass
-class SyntheticDefocusConfig(tfds.core.BuilderConfig):
+class SyntheticDefocusConfig(common.DefocusConfig):
   """Image size, split sizes and seed; pass one as ``config=`` for a custom variant."""
+  defocus_mode: str = 'clean'
   height: int = 128
   width: int = 128
   num_train: int = 1024
@@ -125,7 +128,7 @@ def room_scene(height=480, width=640, seed=0):
   return np.round(texture * 255).astype(np.uint8), depth.astype(np.float32)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.DefocusBuilder):
   """DatasetBuilder for synthetic_defocus."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -157,14 +160,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, num_examples):
     config = self.builder_config
-    camera = defocus.CAMERAS[CAMERA]
-    for index in range(num_examples):
-      rng = np.random.default_rng((config.seed, _SPLIT_SEEDS[split], index))
-      aif, depth = generate_scene(rng, config.height, config.width)
-      yield index, {
-          'image': defocus.render_defocus(aif, depth, camera),
-          'aif': aif,
-          'depth': depth,
-          'camera': camera.as_dict(),
-          'index': index,
-      }
+    make = functools.partial(make_example, seed=(config.seed, _SPLIT_SEEDS[split]),
+                             size=(config.height, config.width), mode=config.defocus_mode)
+    yield from common.log_progress(
+        common.map_in_order(make, range(num_examples), self.num_workers), num_examples,
+        f'{self.name}/{config.name} {split}')
+
+
+def make_example(index: int, *, seed: tuple[int, int], size: tuple[int, int],
+                 mode: str) -> tuple[int, dict]:
+  """(index, example) for example ``index`` of the split with seed (seed, split seed)."""
+  camera = defocus.CAMERAS[CAMERA]
+  aif, depth = generate_scene(np.random.default_rng((*seed, index)), *size)
+  return index, {
+      'image': defocus.render_defocus(aif, depth, camera, mode=mode),
+      'aif': aif,
+      'depth': depth,
+      'camera': common.camera_features(camera),
+      'index': index,
+  }
