@@ -2,6 +2,10 @@
 
 import dataclasses
 import functools
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +299,17 @@ def test_d3net_mode_runs_under_jit(scene):
   out = render(jnp.asarray(image), jnp.asarray(depth), NYU)
   np.testing.assert_allclose(out, defocus.render_defocus(image, depth, NYU, mode='d3net'),
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (['--variants=clean', '--repeats=1'], r'clean: [\d.]+ s per frame'),
+    (['--measure=prepare', '--workers=1', '--frames=2'],
+     r'1 worker\(s\): [\d.]+ frames/s overall.*\nwriter: \d+ ms per frame.* Estimate for 16 '
+     r'cores: [\d.]+ frames/s'),
+])
+def test_benchmark_program_runs(flags, expected):
+  result = subprocess.run([sys.executable, '-m', 'hded_jax.benchmark_defocus', *flags],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0, result.stderr
+  assert re.search(expected, result.stdout), result.stdout

@@ -132,7 +132,7 @@ def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tupl
   # NaN or <= 0 means no laser return.
   valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth)
   rendering_depth = resize_depth(np.where(valid, depth, max_depth), image_size)
-  return index, {
+  return index, common.encode_images({
       # Every layer on its own (no merging), as D3-Net.
       'image': defocus.render_defocus(aif, rendering_depth, camera, mode=mode,
                                       sigma_tolerance=0.0),
@@ -140,7 +140,7 @@ def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tupl
       'depth': np.where(valid, depth, 0).astype(np.float32),
       'camera': common.camera_features(camera),
       'index': index,
-  }
+  })
 
 
 def archive_files(

@@ -93,7 +93,7 @@ def render_example(frame: tuple[int, np.ndarray, np.ndarray], *, camera: defocus
                    mode: str) -> tuple[int, dict]:
   """(index, example) of a frame (index, aif, depth); runs in a worker process."""
   index, aif, depth = frame
-  return index, {
+  return index, common.encode_images({
       # The labeled depths are in-painted: positive everywhere, as rendering needs.
       # Every layer on its own (no merging), as D3-Net: ~1 s a 480x640 frame on one core.
       'image': defocus.render_defocus(aif, depth, camera, mode=mode, sigma_tolerance=0.0),
@@ -101,7 +101,7 @@ def render_example(frame: tuple[int, np.ndarray, np.ndarray], *, camera: defocus
       'depth': depth,
       'camera': common.camera_features(camera),
       'index': index,
-  }
+  })
 
 
 def _check_labeled_mat(path: epath.Path, frame_size: tuple[int, int]) -> int:
