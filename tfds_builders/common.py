@@ -49,9 +49,10 @@ class DefocusBuilder(tfds.core.GeneratorBasedBuilder):
 
 def defocus_features(image_shape: Sequence[int], depth_shape: Sequence[int]):
   """The features every defocus builder yields; the training input pipeline relies on them."""
+  image_shape = (*image_shape, 3)
   return tfds.features.FeaturesDict({
-      'image': _image_feature(tuple(image_shape), 'Defocused rendering of `aif`.'),
-      'aif': _image_feature(tuple(image_shape), 'All-in-focus (sharp) image.'),
+      'image': tfds.features.Image(shape=image_shape, doc='Defocused rendering of `aif`.'),
+      'aif': tfds.features.Image(shape=image_shape, doc='All-in-focus (sharp) image.'),
       'depth': tfds.features.Tensor(
           shape=tuple(depth_shape), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB,
           doc='Depth in metres; 0 marks pixels without valid ground truth.'),
@@ -62,13 +63,9 @@ def defocus_features(image_shape: Sequence[int], depth_shape: Sequence[int]):
   })
 
 
-def _image_feature(shape: tuple[int, int], doc: str | None = None) -> tfds.features.Image:
-  return tfds.features.Image(shape=(*shape, 3), doc=doc)
-
-
 @functools.cache
-def _png_encoder(shape: tuple[int, int]) -> tfds.features.Image:
-  return _image_feature(shape)
+def _image_feature(shape: tuple[int, int]) -> tfds.features.Image:
+  return tfds.features.Image(shape=(*shape, 3))
 
 
 def encode_images(example: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +74,7 @@ def encode_images(example: dict[str, Any]) -> dict[str, Any]:
   Builders call it where they render, in the worker processes: the one process that writes
   every frame would otherwise, encoding them all, become the bottleneck at about 16 workers.
   """
-  encode = _png_encoder(example['aif'].shape[:2]).encode_example
+  encode = _image_feature(example['aif'].shape[:2]).encode_example
   return {**example, 'image': encode(example['image']), 'aif': encode(example['aif'])}
 
 
