@@ -64,15 +64,15 @@ def measure_prepare(worker_counts: Sequence[int], num_frames: int, cores: int) -
   frames = [(i, *synthetic_defocus.room_scene(seed=i)) for i in range(num_frames)]
   print(f'{num_frames} 480x640 NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
         f'average {os.getloadavg()[0]:.1f}')
-  per_worker = None
+  steady = {}
   for workers in worker_counts:
     start = time.perf_counter()
     done = [time.perf_counter() - start for _ in common.map_in_order(render, frames, workers)]
     # Past the start-up (spawning, imports, compilation), every worker is busy.
-    steady = (num_frames - workers) / (done[-1] - done[workers - 1])
-    per_worker = steady / workers
+    steady[workers] = (num_frames - workers) / (done[-1] - done[workers - 1])
     print(f'{workers} worker(s): {num_frames / done[-1]:.2f} frames/s overall, first frame after '
-          f'{done[0]:.1f} s; {steady:.2f} frames/s once started ({per_worker:.2f} per worker)')
+          f'{done[0]:.1f} s; {steady[workers]:.2f} frames/s once started '
+          f'({steady[workers] / workers:.2f} per worker)')
   # What the writing process does for every frame, besides reading it from the source file.
   _, example = render(frames[0])
   features = common.defocus_features((480, 640), (480, 640))
@@ -82,7 +82,8 @@ def measure_prepare(worker_counts: Sequence[int], num_frames: int, cores: int) -
   for _ in range(5):
     serializer.serialize_example(features.encode_example(example))
   writer = (time.perf_counter() - start) / 5
-  estimate = min(cores * per_worker, 1 / writer)
+  most = max(steady)
+  estimate = min(cores * steady[most] / most, 1 / writer)
   print(f'writer: {1e3 * writer:.0f} ms per frame (encoding the depth, serialising). Estimate '
         f'for {cores} cores: {estimate:.1f} frames/s, NYU ({NYU_FRAMES} frames) in '
         f'{NYU_FRAMES / estimate / 60:.1f} min plus start-up')
@@ -98,7 +99,10 @@ def main(argv: Sequence[str]) -> None:
                                ' --xla_cpu_multi_thread_eigen=false')
     measure_render(_VARIANTS.value, _REPEATS.value)
   else:
-    measure_prepare([int(w) for w in _WORKERS.value], _FRAMES.value, _ESTIMATE_CORES.value)
+    workers = [int(w) for w in _WORKERS.value]
+    if min(workers) < 1 or _FRAMES.value <= max(workers):
+      raise app.UsageError('--workers must be >= 1 and --frames more than the most workers.')
+    measure_prepare(workers, _FRAMES.value, _ESTIMATE_CORES.value)
 
 
 if __name__ == '__main__':
