@@ -3,8 +3,9 @@ r"""Defocus rendering speed: one frame on one core, and dataset preparation on s
   python -m hded_jax.benchmark_defocus [--variants=d3net,clean:0,clean] [--repeats=5]
   python -m hded_jax.benchmark_defocus --measure=prepare [--workers=1,2] [--frames=16]
 
-`render` times ``render_defocus`` on a 480x640 NYU-like frame (``synthetic_defocus.room_scene``,
-depths 0.5-10 m), pinned to one core with XLA single-threaded. `prepare` renders and encodes
+`render` times ``render_defocus`` on an NYU-like frame (``synthetic_defocus.room_scene``, depths
+0.5-10 m, 480x640 unless --frame_size says otherwise), pinned to one core with XLA
+single-threaded. `prepare` renders and encodes
 frames as the NYU builder does (its ``render_example`` through ``map_in_order``) on 1, 2, ...
 worker processes, and estimates the rate on more cores from the rate per worker and the cost of
 what the writing process does for every frame.
@@ -28,6 +29,7 @@ _MEASURE = flags.DEFINE_enum('measure', 'render', ['render', 'prepare'], 'What t
 _VARIANTS = flags.DEFINE_list(
     'variants', ['d3net', 'clean:0', 'clean'],
     'render: mode[:sigma_tolerance] of each variant (default tolerance: the mode\'s own).')
+_FRAME_SIZE = flags.DEFINE_list('frame_size', ['480', '640'], 'Height and width of the frames.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'render: timed calls per variant.')
 _WORKERS = flags.DEFINE_list('workers', ['1', '2'], 'prepare: worker counts to compare.')
 _FRAMES = flags.DEFINE_integer('frames', 16, 'prepare: frames rendered per worker count.')
@@ -37,10 +39,10 @@ _ESTIMATE_CORES = flags.DEFINE_integer('estimate_cores', 16,
 NYU_FRAMES = 1449
 
 
-def measure_render(variants: Sequence[str], repeats: int) -> None:
-  image, depth = synthetic_defocus.room_scene()
+def measure_render(size: tuple[int, int], variants: Sequence[str], repeats: int) -> None:
+  image, depth = synthetic_defocus.room_scene(*size)
   camera = defocus.CAMERAS['nyu']
-  print(f'480x640 frame, depth {depth.min():.2f}-{depth.max():.2f} m, CPU core '
+  print(f'{size[0]}x{size[1]} frame, depth {depth.min():.2f}-{depth.max():.2f} m, CPU core '
         f'{sorted(os.sched_getaffinity(0))}')
   for variant in variants:
     mode, _, tolerance = variant.partition(':')
@@ -58,11 +60,12 @@ def measure_render(variants: Sequence[str], repeats: int) -> None:
           f'with compilation {first:.2f} s)')
 
 
-def measure_prepare(worker_counts: Sequence[int], num_frames: int, cores: int) -> None:
+def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_frames: int,
+                    cores: int) -> None:
   camera = defocus.camera_preset('nyu')
   render = functools.partial(nyu.render_example, camera=camera, mode='d3net')
-  frames = [(i, *synthetic_defocus.room_scene(seed=i)) for i in range(num_frames)]
-  print(f'{num_frames} 480x640 NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
+  frames = [(i, *synthetic_defocus.room_scene(*size, seed=i)) for i in range(num_frames)]
+  print(f'{num_frames} {size[0]}x{size[1]} NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
         f'average {os.getloadavg()[0]:.1f}')
   steady = {}
   for workers in worker_counts:
@@ -75,7 +78,7 @@ def measure_prepare(worker_counts: Sequence[int], num_frames: int, cores: int) -
           f'({steady[workers] / workers:.2f} per worker)')
   # What the writing process does for every frame, besides reading it from the source file.
   _, example = render(frames[0])
-  features = common.defocus_features((480, 640), (480, 640))
+  features = common.defocus_features(size, size)
   serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
   serializer.serialize_example(features.encode_example(example))
   start = time.perf_counter()
@@ -85,24 +88,27 @@ def measure_prepare(worker_counts: Sequence[int], num_frames: int, cores: int) -
   most = max(steady)
   estimate = min(cores * steady[most] / most, 1 / writer)
   print(f'writer: {1e3 * writer:.0f} ms per frame (encoding the depth, serialising). Estimate '
-        f'for {cores} cores: {estimate:.1f} frames/s, NYU ({NYU_FRAMES} frames) in '
+        f'for {cores} cores: {estimate:.1f} frames/s, {NYU_FRAMES} frames (NYU) in '
         f'{NYU_FRAMES / estimate / 60:.1f} min plus start-up')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  size = tuple(int(n) for n in _FRAME_SIZE.value)
+  if len(size) != 2:
+    raise app.UsageError(f'--frame_size takes a height and a width, got {_FRAME_SIZE.value}.')
   if _MEASURE.value == 'render':
     # One core, one XLA thread: set before JAX's backend starts (it has not: nothing ran yet).
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_cpu_multi_thread_eigen=false')
-    measure_render(_VARIANTS.value, _REPEATS.value)
+    measure_render(size, _VARIANTS.value, _REPEATS.value)
   else:
     workers = [int(w) for w in _WORKERS.value]
     if min(workers) < 1 or _FRAMES.value <= max(workers):
       raise app.UsageError('--workers must be >= 1 and --frames more than the most workers.')
-    measure_prepare(workers, _FRAMES.value, _ESTIMATE_CORES.value)
+    measure_prepare(size, workers, _FRAMES.value, _ESTIMATE_CORES.value)
 
 
 if __name__ == '__main__':

@@ -303,7 +303,7 @@ def test_d3net_mode_runs_under_jit(scene):
 
 @pytest.mark.parametrize('flags,expected', [
     (['--variants=clean', '--repeats=1'], r'clean: [\d.]+ s per frame'),
-    (['--measure=prepare', '--workers=1', '--frames=2'],
+    (['--measure=prepare', '--workers=1', '--frames=2', '--frame_size=48,64'],
      r'1 worker\(s\): [\d.]+ frames/s overall.*\nwriter: \d+ ms per frame.* Estimate for 16 '
      r'cores: [\d.]+ frames/s'),
 ])
