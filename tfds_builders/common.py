@@ -110,11 +110,13 @@ def on_cpu(fn: Callable[..., Any], *args, **kwargs):
 
 
 def _start_worker() -> None:
-  # Each worker renders on one core, next to the others; keep JAX off any accelerator (one GPU
-  # shared by every worker would run out of memory) and XLA's CPU backend single-threaded.
-  jax.config.update('jax_platforms', 'cpu')
+  # Workers render next to each other, one core each: XLA's CPU backend single-threaded, and
+  # neither JAX nor TensorFlow (which encodes the PNGs) on an accelerator, where each worker
+  # would claim the memory of one GPU that all of them share. Set before either starts.
+  os.environ['CUDA_VISIBLE_DEVICES'] = ''
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_cpu_multi_thread_eigen=false')
+  jax.config.update('jax_platforms', 'cpu')
 
 
 def map_in_order(fn: Callable[[Any], Any], items: Iterable[Any],
