@@ -293,9 +293,17 @@ def _render(image, depth, camera, *, psf, layer_step, sigma_tolerance, window, f
   padded_image = jnp.pad(image.transpose(2, 0, 1), ((0, 0), (pad, pad), (pad, pad)),
                          mode=border)
 
+  if border == 'constant':
+    # The same masks as zero-padding each dilated mask, which XLA's CPU backend fuses into the
+    # blur at 1.4x the time: dilate a group map already padded with -1, then clear the frame.
+    padded_group = jnp.pad(pixel_group, pad, constant_values=-1)
+    inside = jnp.pad(jnp.ones(depth.shape, bool), pad)
+    layer_mask = lambda g: _dilate(padded_group == g, footprint) & inside
+  else:
+    layer_mask = lambda g: jnp.pad(_dilate(pixel_group == g, footprint), pad, mode=border)
+
   def add_group(g, out, visibility):
-    mask = _dilate(pixel_group == g, footprint).astype(jnp.float32)
-    mask = jnp.pad(mask, pad, mode=border)[None]
+    mask = layer_mask(g).astype(jnp.float32)[None]
     blurred = _blur(jnp.concatenate([mask * padded_image, mask]),
                     _psf(group_sigma[g], psf, window))
     return out + blurred[:3] * visibility, visibility * (1 - blurred[3:])
