@@ -1,59 +1,115 @@
-r"""Times ``render_defocus`` on a 480x640 NYU-like frame (depths 0.5-10 m) on one CPU core.
+r"""Defocus rendering speed: one frame on one core, and dataset preparation on several.
 
-  python -m hded_jax.benchmark_defocus [--tolerances 0.05,0] [--repeats 5]
+  python -m hded_jax.benchmark_defocus [--variants=d3net,clean:0,clean] [--repeats=5]
+  python -m hded_jax.benchmark_defocus --measure=prepare [--workers=1,2] [--frames=16]
 
-The process pins itself to one core and asks XLA for one thread before JAX starts.
+`render` times ``render_defocus`` on an NYU-like frame (``synthetic_defocus.room_scene``, depths
+0.5-10 m, 480x640 unless --frame_size says otherwise), pinned to one core with XLA
+single-threaded. `prepare` renders and encodes
+frames as the NYU builder does (its ``render_example`` through ``map_in_order``) on 1, 2, ...
+worker processes, and estimates the rate on more cores from the rate per worker and the cost of
+what the writing process does for every frame.
 """
 
-import argparse
+import functools
 import os
 import time
+from collections.abc import Sequence
 
-os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from scipy import ndimage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hded_jax import defocus
+from tfds_builders import common
+from tfds_builders import synthetic_defocus
+from tfds_builders.nyu_depth_v2_defocus import nyu_depth_v2_defocus_dataset_builder as nyu
 
-from hded_jax import defocus  # pylint: disable=g-import-not-at-top,wrong-import-position
+_MEASURE = flags.DEFINE_enum('measure', 'render', ['render', 'prepare'], 'What to time.')
+_VARIANTS = flags.DEFINE_list(
+    'variants', ['d3net', 'clean:0', 'clean'],
+    'render: mode[:sigma_tolerance] of each variant (default tolerance: the mode\'s own).')
+_FRAME_SIZE = flags.DEFINE_list('frame_size', ['480', '640'], 'Height and width of the frames.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'render: timed calls per variant.')
+_WORKERS = flags.DEFINE_list('workers', ['1', '2'], 'prepare: worker counts to compare.')
+_FRAMES = flags.DEFINE_integer('frames', 16, 'prepare: frames rendered per worker count.')
+_ESTIMATE_CORES = flags.DEFINE_integer('estimate_cores', 16,
+                                       'prepare: the core count to estimate the rate for.')
+
+NYU_FRAMES = 1449
 
 
-def nyu_like_frame(height=480, width=640, seed=0):
-  """A room: floor rising to a back wall at 10 m, a side wall from 0.5 m, a box at 1.2 m."""
-  rng = np.random.default_rng(seed)
-  rows, cols = np.mgrid[:height, :width].astype(np.float32)
-  floor = 1.2 * 520 / np.maximum(rows - height / 3, 1e-3)
-  side_wall = 0.5 + 9.5 * (cols / (width / 3))**2
-  depth = np.clip(np.minimum(floor, side_wall), 0.5, 10.0)
-  depth[200:400, 300:450] = 1.2
-  texture = sum(ndimage.zoom(rng.random((height // s, width // s, 3)), (s, s, 1), order=1)
-                for s in (1, 4, 16)) / 3
-  return texture.astype(np.float32), depth.astype(np.float32)
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--tolerances', default='0.05,0',
-                      help='comma-separated sigma_tolerance values; 0 is the exact model')
-  parser.add_argument('--repeats', type=int, default=5)
-  args = parser.parse_args()
-  image, depth = nyu_like_frame()
+def measure_render(size: tuple[int, int], variants: Sequence[str], repeats: int) -> None:
+  image, depth = synthetic_defocus.room_scene(*size)
   camera = defocus.CAMERAS['nyu']
-  print(f'480x640 frame, depth {depth.min():.2f}-{depth.max():.2f} m, CPU core '
+  print(f'{size[0]}x{size[1]} frame, depth {depth.min():.2f}-{depth.max():.2f} m, CPU core '
         f'{sorted(os.sched_getaffinity(0))}')
-  for tolerance in map(float, args.tolerances.split(',')):
+  for variant in variants:
+    mode, _, tolerance = variant.partition(':')
+    render = functools.partial(defocus.render_defocus, image, depth, camera, mode=mode,
+                               sigma_tolerance=float(tolerance) if tolerance else None)
     start = time.perf_counter()
-    defocus.render_defocus(image, depth, camera, sigma_tolerance=tolerance)
+    render()
     first = time.perf_counter() - start
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
       start = time.perf_counter()
-      defocus.render_defocus(image, depth, camera, sigma_tolerance=tolerance)
+      render()
       times.append(time.perf_counter() - start)
-    print(f'sigma_tolerance={tolerance}: {np.median(times):.3f} s per frame (median of '
-          f'{args.repeats}; first call with compilation {first:.2f} s)')
+    print(f'{variant}: {np.median(times):.3f} s per frame (median of {repeats}; first call '
+          f'with compilation {first:.2f} s)')
+
+
+def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_frames: int,
+                    cores: int) -> None:
+  camera = defocus.camera_preset('nyu')
+  render = functools.partial(nyu.render_example, camera=camera, mode='d3net')
+  frames = [(i, *synthetic_defocus.room_scene(*size, seed=i)) for i in range(num_frames)]
+  print(f'{num_frames} {size[0]}x{size[1]} NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
+        f'average {os.getloadavg()[0]:.1f}')
+  steady = {}
+  for workers in worker_counts:
+    start = time.perf_counter()
+    done = [time.perf_counter() - start for _ in common.map_in_order(render, frames, workers)]
+    # Past the start-up (spawning, imports, compilation), every worker is busy.
+    steady[workers] = (num_frames - workers) / (done[-1] - done[workers - 1])
+    print(f'{workers} worker(s): {num_frames / done[-1]:.2f} frames/s overall, first frame after '
+          f'{done[0]:.1f} s; {steady[workers]:.2f} frames/s once started '
+          f'({steady[workers] / workers:.2f} per worker)')
+  # What the writing process does for every frame, besides reading it from the source file.
+  _, example = render(frames[0])
+  features = common.defocus_features(size, size)
+  serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
+  serializer.serialize_example(features.encode_example(example))
+  start = time.perf_counter()
+  for _ in range(5):
+    serializer.serialize_example(features.encode_example(example))
+  writer = (time.perf_counter() - start) / 5
+  most = max(steady)
+  estimate = min(cores * steady[most] / most, 1 / writer)
+  print(f'writer: {1e3 * writer:.0f} ms per frame (encoding the depth, serialising). Estimate '
+        f'for {cores} cores: {estimate:.1f} frames/s, {NYU_FRAMES} frames (NYU) in '
+        f'{NYU_FRAMES / estimate / 60:.1f} min plus start-up')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  size = tuple(int(n) for n in _FRAME_SIZE.value)
+  if len(size) != 2:
+    raise app.UsageError(f'--frame_size takes a height and a width, got {_FRAME_SIZE.value}.')
+  if _MEASURE.value == 'render':
+    # One core, one XLA thread: set before JAX's backend starts (it has not: nothing ran yet).
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_multi_thread_eigen=false')
+    measure_render(size, _VARIANTS.value, _REPEATS.value)
+  else:
+    workers = [int(w) for w in _WORKERS.value]
+    if min(workers) < 1 or _FRAMES.value <= max(workers):
+      raise app.UsageError('--workers must be >= 1 and --frames more than the most workers.')
+    measure_prepare(size, workers, _FRAMES.value, _ESTIMATE_CORES.value)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

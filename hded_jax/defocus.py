@@ -1,29 +1,35 @@
-"""Thin-lens defocus blur and the D3-Net layered renderer (SPEC.md, "Defocus simulation").
+"""Thin-lens defocus blur and D3-Net's layered renderer.
 
-``render_defocus`` follows the D3-Net generator (Carvalho et al., ``refoc_image.m``, after
+``render_defocus`` follows the D3-Net generator (Carvalho et al., "Deep depth from defocus",
+ECCV-W 2018, ``matlab/refoc_image.m`` in github.com/marcelampc/d3net_depth_estimation, after
 Hasinoff & Kutulakos): the depth range [min(d) - 0.5, max(d) + 0.5] is cut into layers of
-``layer_step`` metres (half-open bins); each layer's mask A_k is dilated by a radius-4 disk and
-blurred with the PSF of the layer's mid-depth; layers are composited near to far,
+``layer_step`` metres (half-open bins); each layer's mask A_k is dilated and blurred with the PSF
+of the layer's mid-depth; layers are composited near to far,
 
   I_blur = sum_k (A_k I) * PSF_k · prod_{j<k} (1 - A_j * PSF_j).
 
-Choices, where the MATLAB code leaves room or does something unintended:
-* Borders: the image and the dilated masks are extended symmetrically (edge pixel repeated)
-  instead of ``conv2(..., 'same')``'s zeros, which darken a 10-pixel frame. Dilation itself sees
-  only pixels inside the image (``imdilate``), and commutes with the symmetric extension.
-* The disk structuring element is the Euclidean disk x² + y² <= r² (9x9 for r = 4);
-  MATLAB's ``strel('disk', 4)`` is a slightly smaller polygonal approximation.
-* The first layer's contribution is dropped in the MATLAB code (it dilates an all-zero array);
-  that layer always lies 0.5 m in front of the nearest pixel and is empty, so nothing changes.
-* Speed: empty layers are skipped, and adjacent layers whose sigmas fall in the same
-  ``sigma_tolerance``-wide bin (default 0.05 px) are merged into one layer blurred with the
-  mean sigma of its pixels (sigma error < tolerance). Behind the focal plane hundreds of
-  10/255 m layers differ by hundredths of a pixel, so this cuts the work ~4x on NYU frames.
-  Merging is harmless where layers are wider than the dilation. Where a steep depth gradient
-  makes them thinner, D3-Net's compositing of many overlapping dilated masks shifts texture up
-  to ~4 px towards the nearer side, which merged layers do not reproduce: there single pixels
-  can differ by up to ~15% of the intensity range (about 1-2/255 on average over an image;
-  ``tests/test_defocus.py`` bounds both). ``sigma_tolerance=0`` renders the exact model.
+Two modes (docs/defocus.md has the measured differences):
+* ``'d3net'`` reproduces the MATLAB output: masks dilated by ``strel('disk', 4)``, which MATLAB
+  builds from four periodic lines, a 37-pixel octagon (|x|, |y| <= 3 and |x| + |y| <= 4), not a
+  Euclidean disk; ``conv2(..., 'same')``'s zero padding, which darkens a 10-pixel frame; every
+  layer (no merging); ``uint8()`` rounding, halves away from zero. The prepared NYU and Make3D
+  datasets store this mode, so their numbers compare with the papers'.
+* ``'clean'`` removes the two artefacts: the image and the dilated masks are extended
+  symmetrically (edge pixel repeated) at the borders, and masks are dilated by the Euclidean disk
+  x² + y² <= r².
+In both, dilation sees only pixels inside the image (``imdilate``), and MATLAB's first layer,
+which it drops (it dilates an all-zero array), lies 0.5 m in front of the nearest pixel and is
+always empty.
+
+Speed: empty layers are skipped (exact), and with ``sigma_tolerance`` > 0 (the clean mode's
+default, 0.05 px) adjacent layers whose sigmas fall in the same ``sigma_tolerance``-wide bin are
+merged into one layer blurred with the mean sigma of its pixels (sigma error < tolerance). Behind
+the focal plane hundreds of 10/255 m layers differ by hundredths of a pixel, so this cuts the work
+~4x on NYU frames. Merging is harmless where layers are wider than the dilation. Where a steep
+depth gradient makes them thinner, D3-Net's compositing of many overlapping dilated masks shifts
+texture up to ~4 px towards the nearer side, which merged layers do not reproduce: there single
+pixels can differ by up to ~15% of the intensity range (about 1-2/255 on average over an image;
+``tests/test_defocus.py`` bounds both).
 
 Under ``jax.jit`` everything is traced, cameras included (``Camera`` is a pytree); the
 number of layers is data-dependent and handled by a ``while_loop``, so only ``max_layers``
@@ -42,6 +48,9 @@ import numpy as np
 # D3-Net's blur-circle to Gaussian-sigma factor (sigma = RHO * blur-circle diameter).
 RHO = 0.3
 PSFS = ('gaussian', 'disk')
+MODES = ('d3net', 'clean')
+# The layer-merging tolerance (pixels of sigma) each mode uses unless told otherwise.
+DEFAULT_SIGMA_TOLERANCE = {'d3net': 0.0, 'clean': 0.05}
 
 
 @jax.tree_util.register_dataclass
@@ -70,7 +79,8 @@ class Camera:
 
 
 CAMERAS = {
-    # D3-Net's NYU-v2 camera (SPEC.md): 5.6 um = 2 x 2.8 um for the subsampled 640x480 frames.
+    # D3-Net's NYU-v2 camera (its parameters_blurred_NYUv2.m): 5.6 um = 2 x 2.8 um for the
+    # subsampled 640x480 frames.
     'nyu': Camera(focal_length=0.015, f_number=2.8, pixel_size=5.6e-6, focus_distance=2.0),
     # Make3D's camera is unpublished. A 35 mm f/4 lens focused at 5 m with 9 um pixels gives
     # NYU's sigma profile stretched to outdoor depths: 8.2 / 3.1 / 0 / 1.0 / 1.5 / 1.8 / 1.9 px
@@ -93,8 +103,8 @@ def camera_preset(name: str, focus_distance: float | None = None) -> Camera:
 def blur_sigma_px(depth, camera: Camera):
   """Gaussian PSF sigma in pixels of a point at ``depth`` metres (numpy or jax arrays).
 
-  SPEC.md's sigma = (f/N) · 0.3 · s · |1/f - 1/s - 1/d| / pixel_size with s = (1/f - 1/d_f)^-1,
-  written with 1/f - 1/s = 1/d_f, which avoids float32 cancellation.
+  D3-Net's sigma = (f/N) · 0.3 · s · |1/f - 1/s - 1/d| / pixel_size with s = (1/f - 1/d_f)^-1
+  (``refoc_image.m``), written with 1/f - 1/s = 1/d_f, which avoids float32 cancellation.
   """
   f, n = camera.focal_length, camera.f_number
   sensor_distance = 1 / (1 / f - 1 / camera.focus_distance)
@@ -102,8 +112,8 @@ def blur_sigma_px(depth, camera: Camera):
       camera.pixel_size)
 
 
-def render_defocus(aif, depth, camera: Camera, *, psf: str = 'gaussian',
-                   layer_step: float = 10 / 255, sigma_tolerance: float = 0.05,
+def render_defocus(aif, depth, camera: Camera, *, mode: str = 'clean', psf: str = 'gaussian',
+                   layer_step: float = 10 / 255, sigma_tolerance: float | None = None,
                    window: int = 21, dilation_radius: int = 4, max_layers: int = 4096):
   """Renders the defocused image of an all-in-focus image with a depth map (D3-Net model).
 
@@ -112,10 +122,13 @@ def render_defocus(aif, depth, camera: Camera, *, psf: str = 'gaussian',
       A numpy input gives a numpy result.
     depth: (H, W) depth in metres, all positive (fill invalid pixels first).
     camera: the lens; its fields may be traced values under ``jax.jit``.
+    mode: 'd3net' (D3-Net's MATLAB output) or 'clean' (no border darkening, round dilation);
+      see the module docstring.
     psf: 'gaussian' (D3-Net) or 'disk': a pillbox of radius sigma / (2 · 0.3), i.e. the
       geometric blur circle (``fspecial('disk', phi / 2)`` in D3-Net), antialiased at its edge.
     layer_step: layer thickness in metres.
-    sigma_tolerance: layers whose sigmas share a bin this wide (pixels) are merged; 0 = exact.
+    sigma_tolerance: layers whose sigmas share a bin this wide (pixels) are merged; 0 = every
+      layer on its own. Default: ``DEFAULT_SIGMA_TOLERANCE[mode]``.
     window: PSF window size (odd); PSFs are truncated to it and renormalised.
     dilation_radius: radius of the disk that dilates each layer mask.
     max_layers: static bound on (max(d) - min(d) + 1) / layer_step, the number of layers.
@@ -123,6 +136,8 @@ def render_defocus(aif, depth, camera: Camera, *, psf: str = 'gaussian',
   Returns:
     The (H, W, 3) defocused image.
   """
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   if psf not in PSFS:
     raise ValueError(f'Unknown psf {psf!r}; choose one of {PSFS}.')
   if window % 2 != 1 or window < 1:
@@ -130,6 +145,8 @@ def render_defocus(aif, depth, camera: Camera, *, psf: str = 'gaussian',
   if np.ndim(aif) != 3 or np.shape(aif)[-1] != 3 or np.shape(depth) != np.shape(aif)[:2]:
     raise ValueError(f'Expected aif (H, W, 3) and depth (H, W), got {np.shape(aif)} and '
                      f'{np.shape(depth)}.')
+  if sigma_tolerance is None:
+    sigma_tolerance = DEFAULT_SIGMA_TOLERANCE[mode]
   is_uint8 = jnp.asarray(aif).dtype == jnp.uint8
   if not is_uint8 and not jnp.issubdtype(jnp.asarray(aif).dtype, jnp.floating):
     raise ValueError(f'aif must be uint8 or float in [0, 1], got dtype {aif.dtype}.')
@@ -144,16 +161,55 @@ def render_defocus(aif, depth, camera: Camera, *, psf: str = 'gaussian',
       raise ValueError(f'The depth range {d.min():.2f}-{d.max():.2f} m needs {num_layers} '
                        f'layers of {layer_step} m; raise max_layers (now {max_layers}).')
   image = jnp.asarray(aif, jnp.float32) / (255 if is_uint8 else 1)
+  footprint = matlab_disk(dilation_radius) if mode == 'd3net' else euclidean_disk(
+      dilation_radius)
   out = _render(image, jnp.asarray(depth, jnp.float32), camera, psf=psf,
                 layer_step=layer_step, sigma_tolerance=sigma_tolerance, window=window,
-                dilation_radius=dilation_radius, max_layers=max_layers)
+                footprint=tuple(map(tuple, footprint)),
+                border='constant' if mode == 'd3net' else 'symmetric',
+                max_layers=max_layers)
   if is_uint8:
-    out = jnp.round(jnp.clip(out, 0, 1) * 255).astype(jnp.uint8)
+    out = jnp.clip(out, 0, 1) * 255
+    # MATLAB's uint8() rounds halves away from zero; numpy's round, halves to even.
+    out = (jnp.floor(out + 0.5) if mode == 'd3net' else jnp.round(out)).astype(jnp.uint8)
   else:
     out = out.astype(jnp.asarray(aif).dtype)
   if isinstance(aif, np.ndarray) and eager:
     return np.asarray(out)
   return out
+
+
+def euclidean_disk(radius: int) -> np.ndarray:
+  """The (2r+1, 2r+1) boolean disk x² + y² <= r²."""
+  yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+  return xx**2 + yy**2 <= radius**2
+
+
+def matlab_disk(radius: int) -> np.ndarray:
+  """MATLAB's ``strel('disk', radius)`` neighbourhood (its default N = 4), boolean.
+
+  For radius >= 3 MATLAB dilates four periodic lines along (1, 0), (1, 1), (0, 1), (-1, 1),
+  each k / |v| long with k = 2r / (cot(pi/8) + 1/sin(pi/8)), then adds a horizontal and a
+  vertical line when the rows fall short of the radius: an octagon (37 pixels for r = 4).
+  """
+  if radius < 3:
+    return euclidean_disk(radius)  # MATLAB does not decompose small disks.
+  k = 2 * radius / (1 / np.tan(np.pi / 8) + 1 / np.sin(np.pi / 8))
+  offsets = np.zeros((1, 2), int)
+
+  def add_line(offsets, v, p):
+    steps = np.arange(-p, p + 1)[:, None] * np.asarray(v)
+    return (offsets[:, None] + steps[None]).reshape(-1, 2)
+
+  for v in ((1, 0), (1, 1), (0, 1), (-1, 1)):
+    offsets = add_line(offsets, v, int(k // np.hypot(*v)))
+  extra = radius - offsets[:, 0].max() - 1  # Half-length of the compensating lines.
+  if extra >= 1:
+    offsets = add_line(add_line(offsets, (0, 1), extra), (1, 0), extra)
+  size = np.abs(offsets).max()
+  footprint = np.zeros((2 * size + 1, 2 * size + 1), bool)
+  footprint[offsets[:, 0] + size, offsets[:, 1] + size] = True
+  return footprint
 
 
 def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers):
@@ -176,12 +232,12 @@ def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers):
   pixel_layer = jnp.clip(jnp.floor((depth - lo) / layer_step).astype(jnp.int32), 0,
                          max_layers - 1)
   pixel_group = group[pixel_layer]
-  # The mean sigma of a group's pixels: a lone layer keeps its own sigma.
-  total = functools.partial(jax.ops.segment_sum, segment_ids=pixel_group.ravel(),
-                            num_segments=max_layers)
-  group_sigma = total(sigma[pixel_layer].ravel()) / jnp.maximum(
-      total(jnp.ones(depth.size)), 1)
-  return pixel_group, group_sigma, group[num_layers - 1] + 1
+  if sigma_tolerance > 0:
+    # The mean sigma of a group's pixels: a lone layer keeps its own sigma.
+    total = functools.partial(jax.ops.segment_sum, segment_ids=pixel_group.ravel(),
+                              num_segments=max_layers)
+    sigma = total(sigma[pixel_layer].ravel()) / jnp.maximum(total(jnp.ones(depth.size)), 1)
+  return pixel_group, sigma, group[num_layers - 1] + 1
 
 
 def _psf(sigma, psf, window):
@@ -196,15 +252,16 @@ def _psf(sigma, psf, window):
   return disk / disk.sum()
 
 
-def _dilate(mask, radius):
-  """Binary dilation by the Euclidean disk of ``radius``, as a union of row segments."""
+def _dilate(mask, footprint):
+  """Binary dilation by a symmetric footprint; pixels outside the image count as empty."""
   h, w = mask.shape
-  padded = jnp.pad(mask, radius)
+  r = len(footprint) // 2
+  padded = jnp.pad(mask, r)
   out = jnp.zeros_like(mask)
-  for dy in range(-radius, radius + 1):
-    half = int(np.sqrt(radius**2 - dy**2))
-    for dx in range(-half, half + 1):
-      out |= padded[radius + dy:radius + dy + h, radius + dx:radius + dx + w]
+  for dy, row in enumerate(footprint):
+    for dx, member in enumerate(row):
+      if member:
+        out |= padded[dy:dy + h, dx:dx + w]
   return out
 
 
@@ -225,19 +282,28 @@ def _blur(x, kernel):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'psf', 'layer_step', 'sigma_tolerance', 'window', 'dilation_radius', 'max_layers'))
-def _render(image, depth, camera, *, psf, layer_step, sigma_tolerance, window,
-            dilation_radius, max_layers):
+    'psf', 'layer_step', 'sigma_tolerance', 'window', 'footprint', 'border', 'max_layers'))
+def _render(image, depth, camera, *, psf, layer_step, sigma_tolerance, window, footprint,
+            border, max_layers):
+  """``border``: how the image and the dilated masks extend beyond the frame (a jnp.pad mode)."""
   pad = window // 2
   pixel_group, group_sigma, num_groups = _layer_groups(
       depth, camera, layer_step, sigma_tolerance, max_layers)
   # Channels first: the shifted slices then run along contiguous rows.
   padded_image = jnp.pad(image.transpose(2, 0, 1), ((0, 0), (pad, pad), (pad, pad)),
-                         mode='symmetric')
+                         mode=border)
+
+  if border == 'constant':
+    # The same masks as zero-padding each dilated mask, which XLA's CPU backend fuses into the
+    # blur at 1.4x the time: dilate a group map already padded with -1, then clear the frame.
+    padded_group = jnp.pad(pixel_group, pad, constant_values=-1)
+    inside = jnp.pad(jnp.ones(depth.shape, bool), pad)
+    layer_mask = lambda g: _dilate(padded_group == g, footprint) & inside
+  else:
+    layer_mask = lambda g: jnp.pad(_dilate(pixel_group == g, footprint), pad, mode=border)
 
   def add_group(g, out, visibility):
-    mask = _dilate(pixel_group == g, dilation_radius).astype(jnp.float32)
-    mask = jnp.pad(mask, pad, mode='symmetric')[None]
+    mask = layer_mask(g).astype(jnp.float32)[None]
     blurred = _blur(jnp.concatenate([mask * padded_image, mask]),
                     _psf(group_sigma[g], psf, window))
     return out + blurred[:3] * visibility, visibility * (1 - blurred[3:])

@@ -7,10 +7,12 @@ the data; `sharding.global_batch` assembles the per-process arrays into one arra
 
 from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
+import functools
 import math
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -19,28 +21,47 @@ from PIL import Image
 
 from hded_jax import images
 
-PREPARE_HINT = ('Build it once with `python -m tfds_builders.prepare {name} --data_dir={data_dir} '
-                '--manual_dir=DIR_WITH_THE_DOWNLOADED_FILES` (see README.md, "Datasets").')
-
-
-def _import_builders() -> None:
-  # Registers the project's builders with TFDS.
-  import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import
+PREPARE_HINT = 'Build it once with `{command}` (see README.md, "Datasets").'
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of ``config.dataset``, prepared (the synthetic default builds itself)."""
-  _import_builders()
-  name = config.dataset.name if not config.dataset.get('builder_config') else (
-      f'{config.dataset.name}/{config.dataset.builder_config}')
-  builder = tfds.builder(name, data_dir=config.dataset.data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    if not config.dataset.get('auto_prepare', False):
-      raise FileNotFoundError(
-          f'Dataset {name} is not prepared in {builder.data_dir_root}. ' + PREPARE_HINT.format(
-              name=config.dataset.name, data_dir=builder.data_dir_root))
-    logging.info('Building %s in %s (first run only).', name, builder.data_dir_root)
+  """The TFDS builder of ``config.dataset``, prepared (with ``auto_prepare``, built if need be).
+
+  In a multi-process run only process 0 builds; the others wait for it, then read what it wrote.
+  """
+  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
+  name, data_dir = config.dataset.name, config.dataset.data_dir
+  make = functools.partial(registry.builder, name, data_dir=data_dir,
+                           config=config.dataset.get('builder_config') or None)
+  builder = make()
+  if builder.is_prepared():
+    return builder
+  if not config.dataset.get('auto_prepare', False):
+    raise FileNotFoundError(
+        f'Dataset {name}/{builder.builder_config.name} is not prepared in '
+        f'{builder.data_dir_root}. ' + PREPARE_HINT.format(
+            command=registry.prepare_command(builder)))
+  logging.info('Building %s/%s in %s (first run only).', name, builder.builder_config.name,
+               builder.data_dir_root)
+  if jax.process_count() == 1:
     builder.download_and_prepare()
+    return builder
+  failure = None
+  if jax.process_index() == 0:
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failure = e  # Raised below, once the other processes stop waiting.
+  multihost_utils.sync_global_devices(f'dataset_builder: {name} prepared')
+  if failure is not None:
+    raise failure
+  builder = make()
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'Process 0 built {name}/{builder.builder_config.name} in {builder.data_dir_root}, but '
+        f'process {jax.process_index()} does not find it there (or process 0 failed: see its '
+        'log). Use a data_dir that every process shares, or prepare the dataset on each host: '
+        f'`{registry.prepare_command(builder)}`.')
   return builder
 
 

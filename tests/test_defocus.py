@@ -1,6 +1,11 @@
 """Thin-lens sigma and the layered renderer, against independent numpy/scipy computations."""
 
 import dataclasses
+import functools
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +14,15 @@ import pytest
 from scipy import ndimage
 
 from hded_jax import defocus
+from tests.fixtures import d3net_matlab as matlab
+from tfds_builders import synthetic_defocus
 
 NYU = defocus.CAMERAS['nyu']
 H, W = 48, 64
 
 
 def reference_render(image, depth, camera, step=10 / 255, window=21, radius=4):
-  """D3-Net's refoc_image.m, layer by layer in float64 (symmetric borders, as documented)."""
+  """D3-Net's layering in float64 with the clean mode's symmetric borders and round disk."""
   lo, hi = depth.min() - 0.5, depth.max() + 0.5
   edges = lo + step * np.arange(int((hi - lo) // step) + 1)
   t = np.arange(window) - window // 2
@@ -48,7 +55,7 @@ def scene():
   return image.astype(np.float32), depth.astype(np.float32)
 
 
-def test_sigma_matches_spec_table():
+def test_sigma_matches_d3net_table():
   depths = np.array([0.5, 1, 1.5, 2, 3, 5, 10])
   expected = [6.5, 2.2, 0.7, 0, 0.7, 1.3, 1.7]
   np.testing.assert_array_equal(np.round(defocus.blur_sigma_px(depths, NYU), 1), expected)
@@ -160,7 +167,149 @@ def test_bad_inputs_raise_clear_errors(scene):
     defocus.render_defocus(image, np.where(depth > 5, 0, depth), NYU)
   with pytest.raises(ValueError, match=r'Expected aif \(H, W, 3\)'):
     defocus.render_defocus(image[..., :1], depth, NYU)
+  with pytest.raises(ValueError, match='Unknown mode'):
+    defocus.render_defocus(image, depth, NYU, mode='matlab')
   with pytest.raises(ValueError, match='Unknown psf'):
     defocus.render_defocus(image, depth, NYU, psf='box')
   with pytest.raises(ValueError, match='raise max_layers'):
     defocus.render_defocus(image, depth, NYU, max_layers=64)
+
+
+# MATLAB's documented outputs, as printed by MATLAB.
+MATLAB_STREL_DISK = {
+    2: ['00100', '01110', '11111', '01110', '00100'],
+    4: ['0011100', '0111110', '1111111', '1111111', '1111111', '0111110', '0011100'],
+    5: ['001111100', '011111110', '111111111', '111111111', '111111111', '111111111',
+        '111111111', '011111110', '001111100'],
+}
+
+
+@pytest.mark.parametrize('radius', sorted(MATLAB_STREL_DISK))
+def test_port_strel_disk_is_matlabs_neighbourhood(radius):
+  expected = np.array([[c == '1' for c in row] for row in MATLAB_STREL_DISK[radius]])
+  np.testing.assert_array_equal(matlab.strel_disk(radius), expected)
+
+
+def test_port_builtins_match_matlab():
+  # fspecial('gaussian') with its defaults (3x3, sigma 0.5), as MATLAB prints it.
+  np.testing.assert_allclose(matlab.fspecial_gaussian(3, 0.5), [
+      [0.0113, 0.0838, 0.0113], [0.0838, 0.6193, 0.0838], [0.0113, 0.0838, 0.0113]], atol=5e-5)
+  # conv(u, v, 'same') from MATLAB's documentation: an even kernel shows which part is kept.
+  u, v = np.array([[-1, 2, 3, -2, 0, 1, 2]]), np.array([[2, 4, -1, 1]])
+  np.testing.assert_array_equal(matlab.conv2_same(u, v), [[15, 5, -9, 7, 6, 7, -1]])
+  np.testing.assert_array_equal(matlab.conv2_same(np.ones((3, 3)), np.ones((3, 3))),
+                                [[4, 6, 4], [6, 9, 6], [4, 6, 4]])  # Zero padding.
+  np.testing.assert_array_equal(
+      matlab.uint8([2.5, 3.5, -2.5, 254.5, 255.5, 300, np.nan, 0.49]),
+      [3, 4, 0, 255, 255, 255, 0, 0])
+  # 0:0.1:0.3 ends exactly at 0.3 (it is built from both ends); 0 + 3 * 0.1 does not.
+  assert matlab.colon(0, 0.1, 0.3)[[0, 1, 3]].tolist() == [0, 0.1, 0.3] and 3 * 0.1 != 0.3
+  assert len(matlab.colon(0, 0.1, 1)) == 11 and len(matlab.colon(0.5, 10 / 255, 1.0)) == 13
+  # imdilate ignores what lies outside the image: a corner pixel grows into a clipped octagon.
+  corner = np.zeros((6, 6))
+  corner[0, 0] = 1
+  expected = np.zeros((6, 6))
+  expected[:4, :4] = matlab.strel_disk(4)[3:, 3:]
+  np.testing.assert_array_equal(matlab.imdilate(corner, matlab.strel_disk(4)), expected)
+
+
+@pytest.mark.parametrize('radius', range(1, 13))
+def test_matlab_disk_is_the_ports_strel_disk(radius):
+  np.testing.assert_array_equal(defocus.matlab_disk(radius), matlab.strel_disk(radius))
+  np.testing.assert_array_equal(defocus.euclidean_disk(radius), matlab.strel_disk(radius, 0))
+
+
+def _ramp():
+  rng = np.random.default_rng(0)
+  depth = np.broadcast_to(np.linspace(0.5, 10, 96, dtype=np.float32), (64, 96))
+  return rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), np.array(depth)
+
+
+def _occlusion_edge():
+  rng = np.random.default_rng(1)
+  depth = np.full((64, 96), 6.0, np.float32)
+  depth[:, :48] = 1.0
+  return rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), depth
+
+
+# Frames on which D3-Net's artefacts show: thin layers along a ramp, a sharp occlusion edge, and
+# a room with NYU's depth range (quarter size: the port takes a minute on a full 480x640 frame).
+D3NET_FRAMES = {
+    'ramp': _ramp,
+    'occlusion_edge': _occlusion_edge,
+    'room': lambda: synthetic_defocus.room_scene(120, 160),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(D3NET_FRAMES))
+def matlab_frame(request):
+  """(name, aif, depth, uint8 output of the MATLAB port at focus 2 m)."""
+  aif, depth = D3NET_FRAMES[request.param]()
+  return request.param, aif, depth, matlab.blur_dataset_frame(aif, depth)
+
+
+def test_d3net_mode_reproduces_the_matlab_generator(matlab_frame):
+  name, aif, depth, expected = matlab_frame
+  out = defocus.render_defocus(aif, depth, NYU, mode='d3net')
+  diff = np.abs(out.astype(np.int32) - expected)
+  print(f'd3net vs MATLAB port, {name}: mean {diff.mean():.4f}, max {diff.max()}')
+  assert out.dtype == np.uint8 and diff.mean() <= 0.5 and diff.max() <= 8, name
+  assert (diff == 0).mean() > 0.99, name
+
+
+def test_clean_mode_differs_from_matlab_where_documented(matlab_frame):
+  name, aif, depth, expected = matlab_frame
+  out = defocus.render_defocus(aif, depth, NYU, mode='clean', sigma_tolerance=0)
+  diff = np.abs(out.astype(np.int32) - expected)
+  print(f'clean vs MATLAB port, {name}: mean {diff.mean():.3f}, max {diff.max()}, '
+        f'max 10 px inside the border {diff[10:-10, 10:-10].max()}')
+  # Zero padding darkens MATLAB's border; the octagon changes the interior along depth edges.
+  assert diff[:10].max() > 8 and diff[10:-10, 10:-10].max() > 8, name
+
+
+def test_d3net_mode_other_focus_distances_and_cameras():
+  aif, depth = synthetic_defocus.room_scene(48, 64, seed=3)
+  for focus in (4.0, 8.0):
+    expected = matlab.blur_dataset_frame(aif, depth, focus=focus)
+    out = defocus.render_defocus(aif, depth, defocus.camera_preset('nyu', focus), mode='d3net')
+    assert np.abs(out.astype(np.int32) - expected).max() <= 1
+  make3d = defocus.CAMERAS['make3d']
+  expected = matlab.uint8(matlab.refoc_image(
+      aif.astype(np.float64), depth * 7.0, 10 / 255, make3d.focus_distance,
+      make3d.focal_length, make3d.f_number, make3d.pixel_size))
+  out = defocus.render_defocus(aif, depth * 7.0, make3d, mode='d3net')
+  assert np.abs(out.astype(np.int32) - expected).max() <= 1
+
+
+def test_d3net_mode_darkens_the_border_like_conv2():
+  image = np.full((H, W, 3), 200, np.uint8)
+  depth = np.full((H, W), 0.5, np.float32)  # sigma 6.5 px
+  d3net = defocus.render_defocus(image, depth, NYU, mode='d3net')
+  assert (defocus.render_defocus(image, depth, NYU, mode='clean') == 200).all()
+  assert (d3net[20:-20, 20:-20] == 200).all()
+  # An edge pixel keeps the PSF's weight inside the image, a little over half; a corner, its
+  # square (the PSF is separable).
+  edge, corner = int(d3net[H // 2, 0, 0]), int(d3net[0, 0, 0])
+  assert 100 < edge < 115 and abs(corner - edge**2 / 200) <= 1
+
+
+def test_d3net_mode_runs_under_jit(scene):
+  image, depth = scene
+  render = jax.jit(functools.partial(defocus.render_defocus, mode='d3net'))
+  out = render(jnp.asarray(image), jnp.asarray(depth), NYU)
+  np.testing.assert_allclose(out, defocus.render_defocus(image, depth, NYU, mode='d3net'),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (['--variants=clean', '--repeats=1'], r'clean: [\d.]+ s per frame'),
+    (['--measure=prepare', '--workers=1', '--frames=2', '--frame_size=48,64'],
+     r'1 worker\(s\): [\d.]+ frames/s overall.*\nwriter: \d+ ms per frame.* Estimate for 16 '
+     r'cores: [\d.]+ frames/s'),
+])
+def test_benchmark_program_runs(flags, expected):
+  result = subprocess.run([sys.executable, '-m', 'hded_jax.benchmark_defocus', *flags],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0, result.stderr
+  assert re.search(expected, result.stdout), result.stdout

@@ -161,3 +161,16 @@ def test_a_depth_grid_of_another_size_is_rejected(tmp_path):
   write_sources(tmp_path)
   with pytest.raises(ValueError, match=r'Position3DGrid of shape \(55, 305, 4\)'):
     build(tmp_path, tmp_path / 'data', config=make3d.Builder.BUILDER_CONFIGS[0])
+
+
+def test_configs_store_d3net_by_default_and_clean_on_request(built):
+  assert {c.name: c.defocus_mode for c in make3d.Builder.BUILDER_CONFIGS} == {
+      '384x288': 'd3net', '384x288_clean': 'clean'}
+  builder, depths = built
+  ex = examples(builder, 'train')[0]
+  valid_depth = expected_depth(depths[TRAIN_NAMES[0]])
+  rendering_depth = make3d.resize_depth(np.where(valid_depth > 0, valid_depth, 70.0),
+                                        CONFIG.image_size)
+  np.testing.assert_array_equal(ex['image'], defocus.render_defocus(
+      ex['aif'], rendering_depth, defocus.camera_preset('make3d'), mode='d3net',
+      sigma_tolerance=0))

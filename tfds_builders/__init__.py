@@ -1,5 +1,3 @@
-"""TFDS builders for defocus datasets; importing this package registers all of them."""
+"""TFDS builders for defocus datasets; `registry` lists them and registers them with TFDS."""
 
-from tfds_builders import make3d_defocus
-from tfds_builders import nyu_depth_v2_defocus
-from tfds_builders import synthetic_defocus
+from tfds_builders import registry  # pylint: disable=unused-import

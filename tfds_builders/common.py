@@ -1,12 +1,50 @@
-"""What the defocus builders share: their features and the manual-download check."""
+"""What the defocus builders share: features, renderer options, manual-file checks, and rendering
+on all cores with progress."""
 
-from collections.abc import Mapping, Sequence
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
+from hded_jax import defocus
+
 CAMERA_KEYS = ('focal_length', 'f_number', 'pixel_size', 'focus_distance')
+PROGRESS_EVERY_SECS = 30
+
+
+@dataclasses.dataclass
+class DefocusConfig(tfds.core.BuilderConfig):
+  """What every defocus builder config has: the renderer mode (``hded_jax.defocus.MODES``)."""
+  defocus_mode: str = 'd3net'
+
+  def __post_init__(self):
+    if self.defocus_mode not in defocus.MODES:
+      raise ValueError(f'Unknown defocus_mode {self.defocus_mode!r}; choose one of '
+                       f'{defocus.MODES}.')
+
+
+class DefocusBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder that renders its examples on ``num_workers`` processes (default 1: in-process).
+
+  The number of workers changes neither the examples nor their order.
+  """
+
+  def __init__(self, *, num_workers: int = 1, **kwargs):
+    super().__init__(**kwargs)
+    if num_workers < 1:
+      raise ValueError(f'num_workers must be at least 1, got {num_workers}.')
+    self.num_workers = num_workers
 
 
 def defocus_features(image_shape: Sequence[int], depth_shape: Sequence[int]):
@@ -23,6 +61,26 @@ def defocus_features(image_shape: Sequence[int], depth_shape: Sequence[int]):
           doc='Thin-lens camera used for the rendering (metres).'),
       'index': tfds.features.Scalar(np.int64, doc='Index in the source file / archive order.'),
   })
+
+
+@functools.cache
+def _image_feature(shape: tuple[int, int]) -> tfds.features.Image:
+  return tfds.features.Image(shape=(*shape, 3))
+
+
+def encode_images(example: dict[str, Any]) -> dict[str, Any]:
+  """``example`` with its `image` and `aif` arrays encoded as the features store them (PNG).
+
+  Builders call it where they render, in the worker processes: the one process that writes
+  every frame would otherwise, encoding them all, become the bottleneck at about 16 workers.
+  """
+  encode = _image_feature(example['aif'].shape[:2]).encode_example
+  return {**example, 'image': encode(example['image']), 'aif': encode(example['aif'])}
+
+
+def camera_features(camera: defocus.Camera) -> dict[str, np.float32]:
+  """The `camera` feature of an example rendered with ``camera``."""
+  return {key: np.float32(value) for key, value in camera.as_dict().items()}
 
 
 def check_manual_files(
@@ -43,3 +101,65 @@ def check_manual_files(
         f'{found}\nExpected files (name <- where to get it):\n{expected}\n'
         f'Download them there, or pass --manual_dir=<the folder that holds them>.')
   return {name: manual_dir / name for name in files}
+
+
+def on_cpu(fn: Callable[..., Any], *args, **kwargs):
+  """``fn(*args, **kwargs)`` with JAX on the CPU, as in a worker: the same bytes either way."""
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    return fn(*args, **kwargs)
+
+
+def _start_worker() -> None:
+  # Workers render next to each other, one core each: XLA's CPU backend single-threaded, and
+  # neither JAX nor TensorFlow (which encodes the PNGs) on an accelerator, where each worker
+  # would claim the memory of one GPU that all of them share. Set before either starts.
+  os.environ['CUDA_VISIBLE_DEVICES'] = ''
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_cpu_multi_thread_eigen=false')
+  jax.config.update('jax_platforms', 'cpu')
+
+
+def map_in_order(fn: Callable[[Any], Any], items: Iterable[Any],
+                 num_workers: int) -> Iterator[Any]:
+  """``fn(item)`` for each item, in order, computed on ``num_workers`` processes.
+
+  One worker computes in this process. More are started with `spawn` (forking a process in
+  which JAX runs can deadlock), and at most two items per worker are in flight, so a large
+  source is never read whole into memory. ``fn`` must be picklable (a module-level function or
+  a ``functools.partial`` of one).
+  """
+  if num_workers == 1:
+    for item in items:
+      yield on_cpu(fn, item)
+    return
+  pool = concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker)
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 2 * num_workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def log_progress(items: Iterable[Any], total: int, what: str) -> Iterator[Any]:
+  """Yields ``items``, logging the count, the rate and the time left every 30 s and at the end."""
+  start = last = time.monotonic()
+  for count, item in enumerate(items, 1):
+    yield item
+    now = time.monotonic()
+    if now - last >= PROGRESS_EVERY_SECS or count == total:
+      last = now
+      rate = count / max(now - start, 1e-9)
+      logging.info('%s: %d / %d frames, %.2f frames/s, %s left.', what, count, total, rate,
+                   _duration((total - count) / rate))
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(round(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'

@@ -12,10 +12,13 @@ network needs. `depth` keeps the native 55x305 grid. Depths at or beyond 70 m ar
 near 81.9 m, where missed returns (sky) and far points pile up as non-measurements. For the
 rendering those pixels count as 70 m (far), and the grid is upsampled bilinearly to the image.
 The camera is `hded_jax.defocus`'s 'make3d' preset (focused at 5 m); its pixel size applies at
-the 384x288 working size, i.e. blur sigmas are in pixels of `image`.
+the 384x288 working size, i.e. blur sigmas are in pixels of `image`. The `384x288` config renders
+as D3-Net's MATLAB generator does (defocus mode 'd3net'), `384x288_clean` without its border
+darkening and with a round mask dilation (mode 'clean'; see hded_jax/defocus.py).
 """
 
 import dataclasses
+import functools
 import io
 import posixpath
 import tarfile
@@ -45,24 +48,29 @@ SPLIT_ARCHIVES = {
 }
 IMAGE_NAME = ('img-', '.jpg')
 DEPTH_NAME = ('depth_sph_corr-', '.mat')
-LOG_EVERY = 50
 
 
 @dataclasses.dataclass
-class Make3dDefocusConfig(tfds.core.BuilderConfig):
+class Make3dDefocusConfig(common.DefocusConfig):
   """Working image size, native depth grid size (both H, W) and the valid-depth cap in metres."""
   image_size: tuple[int, int] = (384, 288)
   depth_size: tuple[int, int] = (55, 305)
   max_depth: float = 70.0
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(common.DefocusBuilder):
   """Make3D images, their laser depth, and a defocused rendering of each."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '2.0.0': "384x288 renders as D3-Net's MATLAB generator does (defocus mode 'd3net'); "
+               "1.0.0's images are the new 384x288_clean config (mode 'clean').",
+  }
   BUILDER_CONFIGS = [Make3dDefocusConfig(
-      name='384x288', description='Images at 384x288 (HxW), depth at its native 55x305.')]
+      name='384x288' + ('' if mode == 'd3net' else f'_{mode}'), defocus_mode=mode,
+      description=f'Images at 384x288 (HxW), depth at its native 55x305, defocus mode {mode}.')
+      for mode in defocus.MODES]
   MANUAL_FILES = MANUAL_FILES
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'Download the four archives of the Make3D Range Image Data (Dataset 1) from {DATA_PAGE} '
@@ -92,31 +100,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             f'{image_archive} and {depth_archive} do not pair up: {len(images)} img-*.jpg, '
             f'{len(depths)} depth_sph_corr-*.mat, unpaired name suffixes: {unpaired[:10]}. '
             'Re-download both archives.')
-      splits[split] = self._generate_examples(paths[image_archive], depths)
+      splits[split] = self._generate_examples(paths[image_archive], depths, split)
     return splits
 
-  def _generate_examples(self, image_archive: epath.Path, depths: dict[str, np.ndarray]):
+  def _generate_examples(self, image_archive: epath.Path, depths: dict[str, np.ndarray],
+                         split: str):
     config = self.builder_config
-    camera = defocus.camera_preset('make3d')
-    camera_features = {key: np.float32(value) for key, value in camera.as_dict().items()}
-    images = archive_files(image_archive, *IMAGE_NAME)
-    for index, (name, data) in enumerate(images):
-      aif = read_image(data, config.image_size, f'{image_archive.name}:{name}')
-      depth = depths[name]
-      # NaN or <= 0 means no laser return.
-      valid = np.isfinite(depth) & (depth > 0) & (depth < config.max_depth)
-      rendering_depth = resize_depth(np.where(valid, depth, config.max_depth), config.image_size)
-      yield index, {
-          # Exact D3-Net layering (no layer merging): ~1.4 s a 480x640 frame, built once.
-          'image': defocus.render_defocus(aif, rendering_depth, camera, sigma_tolerance=0.0),
-          'aif': aif,
-          'depth': np.where(valid, depth, 0).astype(np.float32),
-          'camera': camera_features,
-          'index': index,
-      }
-      if (index + 1) % LOG_EVERY == 0 or index + 1 == len(depths):
-        logging.info('%s: rendered %d / %d images of %s.', self.name, index + 1, len(depths),
-                     image_archive.name)
+    render = functools.partial(
+        render_example, image_size=tuple(config.image_size), max_depth=config.max_depth,
+        camera=defocus.camera_preset('make3d'), mode=config.defocus_mode)
+    items = ((index, f'{image_archive.name}:{name}', data, depths[name])
+             for index, (name, data) in enumerate(archive_files(image_archive, *IMAGE_NAME)))
+    yield from common.log_progress(common.map_in_order(render, items, self.num_workers),
+                                   len(depths), f'{self.name}/{config.name} {split}')
 
   def _read_depth(self, data: bytes, where: str) -> np.ndarray:
     grid = scipy.io.loadmat(io.BytesIO(data), variable_names=['Position3DGrid']).get(
@@ -126,6 +122,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise ValueError(f'{where}: expected Position3DGrid of shape {(*size, 4)}, got '
                        f'{None if grid is None else grid.shape}.')
     return grid[..., 3].astype(np.float32)
+
+
+def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tuple[int, int],
+                   max_depth: float, camera: defocus.Camera, mode: str) -> tuple[int, dict]:
+  """(index, example) of an item (index, where, JPEG bytes, depth grid); runs in a worker."""
+  index, where, data, depth = item
+  aif = read_image(data, image_size, where)
+  # NaN or <= 0 means no laser return.
+  valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth)
+  rendering_depth = resize_depth(np.where(valid, depth, max_depth), image_size)
+  return index, common.encode_images({
+      # Every layer on its own (no merging), as D3-Net.
+      'image': defocus.render_defocus(aif, rendering_depth, camera, mode=mode,
+                                      sigma_tolerance=0.0),
+      'aif': aif,
+      'depth': np.where(valid, depth, 0).astype(np.float32),
+      'camera': common.camera_features(camera),
+      'index': index,
+  })
 
 
 def archive_files(

@@ -4,7 +4,8 @@ Each scene is a slanted textured ground plane (farther towards the top) with 3-8
 fronto-parallel rectangles and ellipses at random depths in front of it, composited with a
 z-buffer so nearer surfaces hide farther ones. Every surface carries colour texture with detail
 at all scales (multi-scale noise plus stripes or checkers), so blur is visible everywhere. The
-defocused image is rendered with ``hded_jax.defocus`` and the ``nyu`` camera (focused at 2 m).
+defocused image is rendered with ``hded_jax.defocus`` and the ``nyu`` camera (focused at 2 m),
+in the renderer's 'clean' mode (no border darkening).
 
 All depths lie in ``DEPTH_RANGE`` = 0.5-1.95 m, in front of the focal plane, where the blur
 sigma falls monotonically from 6.7 to 0.1 px: depth is recoverable from defocus alone, without
@@ -15,6 +16,7 @@ so the data do not depend on the order or parallelism of generation.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,8 +31,9 @@ _SPLIT_SEEDS = {'train': 0, 'test': 1}
 
 
 @dataclasses.dataclass
-class SyntheticDefocusConfig(tfds.core.BuilderConfig):
+class SyntheticDefocusConfig(common.DefocusConfig):
   """Image size, split sizes and seed; pass one as ``config=`` for a custom variant."""
+  defocus_mode: str = 'clean'
   height: int = 128
   width: int = 128
   num_train: int = 1024
@@ -106,7 +109,26 @@ def generate_scene(rng, height, width):
   return np.round(rgb * 255).astype(np.uint8), depth.astype(np.float32)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+def room_scene(height=480, width=640, seed=0):
+  """An NYU-like room for benchmarks and renderer checks, not part of the dataset.
+
+  A floor rising to a back wall at 10 m, a side wall from 0.5 m and a box at 1.2 m, under
+  random texture at 1, 4 and 16 px: depths span NYU's 0.5-10 m, so rendering it takes as many
+  layers as a real NYU frame. Returns (aif uint8 (H, W, 3), depth float32 (H, W) metres).
+  """
+  rng = np.random.default_rng(seed)
+  rows, cols = np.mgrid[:height, :width].astype(np.float32)
+  floor = 1.3 * height / np.maximum(rows - height / 3, 1e-3)
+  side_wall = 0.5 + 9.5 * (cols / (width / 3))**2
+  depth = np.clip(np.minimum(floor, side_wall), 0.5, 10.0)
+  depth[height * 5 // 12:height * 5 // 6, width * 15 // 32:width * 45 // 64] = 1.2
+  texture = sum(
+      ndimage.zoom(rng.random((-(-height // s), -(-width // s), 3)), (s, s, 1),
+                   order=1)[:height, :width] for s in (1, 4, 16)) / 3
+  return np.round(texture * 255).astype(np.uint8), depth.astype(np.float32)
+
+
+class Builder(common.DefocusBuilder):
   """DatasetBuilder for synthetic_defocus."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -138,14 +160,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, num_examples):
     config = self.builder_config
-    camera = defocus.CAMERAS[CAMERA]
-    for index in range(num_examples):
-      rng = np.random.default_rng((config.seed, _SPLIT_SEEDS[split], index))
-      aif, depth = generate_scene(rng, config.height, config.width)
-      yield index, {
-          'image': defocus.render_defocus(aif, depth, camera),
-          'aif': aif,
-          'depth': depth,
-          'camera': camera.as_dict(),
-          'index': index,
-      }
+    make = functools.partial(make_example, seed=(config.seed, _SPLIT_SEEDS[split]),
+                             size=(config.height, config.width), mode=config.defocus_mode)
+    yield from common.log_progress(
+        common.map_in_order(make, range(num_examples), self.num_workers), num_examples,
+        f'{self.name}/{config.name} {split}')
+
+
+def make_example(index: int, *, seed: tuple[int, int], size: tuple[int, int],
+                 mode: str) -> tuple[int, dict]:
+  """(index, example) for example ``index`` of the split with seed (seed, split seed)."""
+  camera = defocus.CAMERAS[CAMERA]
+  aif, depth = generate_scene(np.random.default_rng((*seed, index)), *size)
+  return index, common.encode_images({
+      'image': defocus.render_defocus(aif, depth, camera, mode=mode),
+      'aif': aif,
+      'depth': depth,
+      'camera': common.camera_features(camera),
+      'index': index,
+  })
