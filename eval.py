@@ -24,6 +24,7 @@ flags.mark_flag_as_required('workdir')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.readable_logs()
   runtime.setup(FLAGS.workdir, distributed=False)
   eval_lib.evaluate(FLAGS.config, FLAGS.workdir, once=FLAGS.once,
                     timeout_secs=FLAGS.timeout_secs)

@@ -32,6 +32,7 @@ flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.readable_logs()
   runtime.tune_for_cpu()
   depth_range = None
   if FLAGS.depth_range:
