@@ -20,9 +20,12 @@ runtime.use_eigen_convolutions()
 
 
 @pytest.fixture(scope='session', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Tests build the same tiny train step many times; compile it once per session."""
-  runtime.enable_compilation_cache(str(tmp_path_factory.mktemp('jax_cache')))
+def compilation_cache(tmp_path_factory) -> str:
+  """Tests build the same tiny train step many times; compile it once per session (programs
+  started by tests can share it through HDED_JAX_CACHE_DIR)."""
+  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+  runtime.enable_compilation_cache(cache_dir)
+  return cache_dir
 
 
 @pytest.fixture(scope='session')

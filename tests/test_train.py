@@ -88,7 +88,8 @@ def test_sigterm_and_ctrl_c_set_the_stop_flag_and_handlers_are_restored():
     assert {s: signal.getsignal(s) for s in previous} == previous
 
 
-def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, tmp_path):
+def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, compilation_cache,
+                                                   tmp_path):
   """train.py as a person runs it, resuming a run whose newest step is damaged and stopped with
   Ctrl-C: the log shows the project's progress, one warning about the damaged step and no
   library chatter or tracebacks."""
@@ -99,7 +100,7 @@ def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, tmp_
        f'--config.dataset.data_dir={tiny_data_dir}', '--config.dataset.auto_prepare=False',
        '--config.num_train_steps=100000', '--config.checkpoint_every_steps=100000'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      env=dict(os.environ, JAX_PLATFORMS='cpu', HDED_JAX_CACHE_DIR=compilation_cache))
   lines = []
   for line in proc.stdout:
     lines.append(line)
