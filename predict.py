@@ -17,10 +17,12 @@ from hded_jax import runtime
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoint', None,
                     'Checkpoint directory (a training run\'s WORKDIR/checkpoints, the run\'s '
-                    'WORKDIR, or `python -m hded_jax.convert official` output); latest step.')
+                    'WORKDIR, WORKDIR/best_checkpoint or `python -m hded_jax.convert official` '
+                    'output; its newest step that restores) or one step of one (DIR/<step>).')
 flags.DEFINE_string('input', None, 'Image file, folder of images, or glob.')
 flags.DEFINE_string('output_dir', None, 'Where to write the predictions.')
-flags.DEFINE_integer('batch_size', 8, 'Images per forward pass (same-size images are batched).')
+flags.DEFINE_integer('batch_size', 8, 'At most this many images per forward pass (images that '
+                     'pad to the same size are batched); lower it if memory runs out.')
 flags.DEFINE_string('resize', '', 'HxW: resize inputs to this size (e.g. the training size, '
                     '256x256) and the outputs back; default: run at the input size.')
 flags.DEFINE_enum('pad_mode', 'reflect', predict_lib.PAD_MODES,
@@ -32,6 +34,7 @@ flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.readable_logs()
   runtime.tune_for_cpu()
   depth_range = None
   if FLAGS.depth_range:

@@ -20,6 +20,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.readable_logs()
   runtime.setup(FLAGS.workdir)
   logging.info('Config:\n%s', FLAGS.config)
   train_lib.train(FLAGS.config, FLAGS.workdir)

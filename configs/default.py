@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1
 
   config.log_every_steps = 100
+  # Steps of a profiler trace (TensorBoard's profile tab, WORKDIR/plugins/profile; tens of MB
+  # each) taken from step 10 and then hourly; 0 = no profiling.
+  config.profile_steps = 0
   config.checkpoint_every_steps = 2000
   config.max_checkpoints_to_keep = 3
   # Images written to TensorBoard by eval.py, and the number of test examples it evaluates

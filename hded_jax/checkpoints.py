@@ -9,15 +9,20 @@ written, so a half-written one is never picked up), holds four items:
           `config.num_train_steps` is the run's length, resolved when training started.
 A model checkpoint (`save_model`: converted official weights, WORKDIR/best_checkpoint/<step>/)
 holds only `model` and `config`: all that evaluation and prediction read.
+Reading takes the newest step that restores: a damaged step (a truncated or deleted file) is
+reported once and the next older one used; training moves damaged steps aside to
+<step>.damaged, which Orbax does not list, so that it can write those steps again.
 An ImageNet encoder init (`save_encoder_init`, for `config.init_from='imagenet:DIR'`) is
 DIR/params/ (Orbax, the imported encoder tensors) and DIR/manifest.json.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import json
 import os
 import shutil
+from typing import TypeVar
 
+from absl import logging
 from flax import nnx
 from flax import traverse_util
 import grain
@@ -35,8 +40,19 @@ IMAGENET_FORMAT = 'hded-jax imagenet encoder v1'
 MANIFEST = 'manifest.json'
 PARAMS = 'params'
 _MAX_LISTED = 20
+_MAX_ERROR_CHARS = 400
+DAMAGED_SUFFIX = '.damaged'
 
 Path = tuple[str | int, ...]
+T = TypeVar('T')
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint step could be read (each step's error is in the message)."""
+
+
+class ConfigMismatchError(ValueError):
+  """The run's checkpoints hold a different model or optimizer than the config asks for."""
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3, read_only: bool = False,
@@ -49,8 +65,104 @@ def manager(directory: str, *, max_to_keep: int | None = 3, read_only: bool = Fa
         '(WORKDIR/checkpoints) or one made by `python -m hded_jax.convert`.')
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save)
+      save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def locate(path: str) -> tuple[str, int | None]:
+  """(checkpoint directory, step or None for the newest) that ``path`` names: a training run's
+  WORKDIR, a checkpoint directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, a converted
+  model) or one step of one (DIR/<step>)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  expected = (f'expected a training run\'s WORKDIR (with checkpoints/<step>/), a checkpoint '
+              f'directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, the output of `python -m '
+              f'hded_jax.convert official`) or one step of one (DIR/<step>)')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {expected}.')
+  if not os.path.isdir(path):
+    raise NotADirectoryError(f'{path} is a file: {expected}.')
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, MODEL)):
+    return os.path.dirname(path), int(os.path.basename(path))
+  if _has_steps(path):
+    return path, None
+  entries = sorted(os.listdir(path))
+  found = listing('It holds', entries) if entries else 'It is empty'
+  raise FileNotFoundError(f'No checkpoint in {path}: {expected}. {found}.')
+
+
+def _has_steps(directory: str) -> bool:
+  """Whether ``directory`` holds a complete step (Orbax gives a step its number as its name
+  once it is fully written)."""
+  return any(n.isdigit() and os.path.isdir(os.path.join(directory, n))
+             for n in os.listdir(directory))
+
+
+def _error_summary(error: BaseException) -> str:
+  """The innermost cause, one line: Orbax wraps TensorStore's errors in pages of specs."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  # TensorStore appends its whole spec to the message.
+  text = str(error).strip().split('\n')[0].split(' [tensorstore_spec')[0]
+  if len(text) > _MAX_ERROR_CHARS:
+    text = text[:_MAX_ERROR_CHARS] + ' ...'
+  return f'{type(error).__name__}: {text}'
+
+
+def damage_report(mngr: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  return f'step {step} ({os.path.join(mngr.directory, str(step))}) does not restore: ' + (
+      _error_summary(error))
+
+
+def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], T], *,
+                   step: int | None = None, set_aside_damaged: bool = False) -> tuple[int, T]:
+  """(step, ``restore(step)``) for the newest step that restores, or for ``step`` if given.
+
+  Each newer step that fails is reported in one warning naming the step, its path and the
+  error; with ``set_aside_damaged`` (training, which will write those steps again) it is renamed
+  to <step>.damaged. A ConfigMismatchError is no damage and stops at once; CheckpointError when
+  no step restores.
+  """
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'{mngr.directory} holds no complete checkpoint.')
+  damaged = []
+  for candidate in steps:
+    try:
+      result = restore(candidate)
+    except ConfigMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any damage: Orbax, TensorStore, JSON)
+      logging.debug('Restoring step %d failed:', candidate, exc_info=e)  # --verbosity=1
+      if step is not None or jax.process_count() > 1:
+        # Processes cannot agree on a fallback without a barrier Orbax might be waiting in.
+        raise CheckpointError(damage_report(mngr, candidate, e) + (
+            '. Move that step aside (e.g. to <step>.damaged) and rerun to use an older one.'
+            if step is None else '')) from None
+      damaged.append((candidate, e))
+      continue
+    for bad, error in damaged:
+      note = f'; moved it to {_set_aside(mngr, bad)}' if set_aside_damaged else ''
+      logging.warning('Checkpoint %s; using step %d instead%s.',
+                      damage_report(mngr, bad, error), candidate, note)
+    return candidate, result
+  raise CheckpointError(
+      f'No checkpoint in {mngr.directory} restores (an interrupted copy? a full disk?). ' +
+      listing('Steps tried', [damage_report(mngr, s, e) for s, e in damaged]) +
+      f'\nTo train afresh, move {mngr.directory} aside.')
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  source = os.path.join(mngr.directory, str(step))
+  target = source + DAMAGED_SUFFIX
+  n = 1
+  while os.path.exists(target):
+    n += 1
+    target = f'{source}{DAMAGED_SUFFIX}.{n}'
+  os.rename(source, target)
+  mngr.reload()
+  return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,21 +181,55 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, data_iter,
     mngr.wait_until_finished()
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, step: int, like: TrainState,
-                        data_iter) -> TrainState:
-  """The state saved at ``step``, with the shapes and shardings of ``like``; the data iterator
-  is restored in place."""
+def restore_train_state(
+    mngr: ocp.CheckpointManager, like: TrainState, data_iter,
+    check_config: Callable[[ml_collections.ConfigDict], None]) -> tuple[int, TrainState]:
+  """(step, state) of the newest step that restores, with the shapes and shardings of ``like``;
+  the data iterator is restored in place. Damaged newer steps are set aside.
+
+  ``check_config(saved config)`` runs before anything else is read and raises
+  ConfigMismatchError when the saved state does not fit ``like`` (see ``config_mismatch``).
+  """
   target = sharding.abstract(like)
-  restored = mngr.restore(step, args=ocp.args.Composite(**{
-      MODEL: ocp.args.StandardRestore(
-          nnx.merge_state(target.params, target.batch_stats).to_pure_dict()),
-      TRAIN: ocp.args.StandardRestore({'step': target.step, 'opt_state': target.opt_state}),
-      DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
-  model_state = nnx.merge_state(target.params, target.batch_stats)
-  nnx.replace_by_pure_dict(model_state, restored[MODEL])
-  params, batch_stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
-  return TrainState(step=restored[TRAIN]['step'], params=params, batch_stats=batch_stats,
-                    opt_state=restored[TRAIN]['opt_state'])
+
+  def restore(step):
+    check_config(restore_config(mngr, step))
+    model_state = nnx.merge_state(target.params, target.batch_stats)
+    restored = mngr.restore(step, args=ocp.args.Composite(**{
+        MODEL: ocp.args.StandardRestore(model_state.to_pure_dict()),
+        TRAIN: ocp.args.StandardRestore({'step': target.step, 'opt_state': target.opt_state}),
+        DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
+    nnx.replace_by_pure_dict(model_state, restored[MODEL])
+    params, batch_stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
+    return TrainState(step=restored[TRAIN]['step'], params=params, batch_stats=batch_stats,
+                      opt_state=restored[TRAIN]['opt_state'])
+
+  return restore_newest(mngr, restore, set_aside_damaged=True)
+
+
+def config_mismatch(directory: str, saved: ml_collections.ConfigDict,
+                    config: ml_collections.ConfigDict) -> ConfigMismatchError:
+  """The error for resuming with a model or optimizer other than the saved one: the fields that
+  differ and the ways out."""
+  def fields(c, section):
+    part = c.get(section)
+    return traverse_util.flatten_dict(part.to_dict(), sep='.') if part is not None else {}
+
+  differing = []
+  for section in ('model', 'optimizer'):
+    old, new = fields(saved, section), fields(config, section)
+    differing += [f'{section}.{k}: saved {old.get(k, "(none)")!r}, now {new.get(k, "(none)")!r}'
+                  for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  model_same = not any(d.startswith('model.') for d in differing)
+  start_from = (f' and add --config.init_from=checkpoint:{directory} to start from its weights'
+                if model_same else '')
+  return ConfigMismatchError(
+      f'{directory} holds a run with another model or optimizer than this config, so it cannot '
+      'resume.\n' + (listing('Fields that differ', differing) if differing else
+                      'The saved arrays differ in shape from the ones this config builds.') +
+      '\nEither rerun with the saved values (drop the overrides that changed them; '
+      f'the saved config is in every step\'s {CONFIG}/ item), or train in a new --workdir'
+      f'{start_from}.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,34 +270,65 @@ def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module
   nnx.update(model, state)
 
 
-def load_model(directory: str, step: int | None = None,
-               placement: jax.sharding.Sharding | None = None
-               ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
-  """Builds the network a checkpoint directory describes and loads its weights.
+def restore_model(mngr: ocp.CheckpointManager, step: int | None = None,
+                  placement: jax.sharding.Sharding | None = None
+                  ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """(model in eval mode, experiment config, step) of ``step``, else of the newest step that
+  restores. The network is built from the config saved with it."""
 
-  Returns (model in eval mode, experiment config, step). ``step`` defaults to the latest.
-  """
-  with manager(directory, read_only=True) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'{mngr.directory} holds no complete checkpoint.')
+  def restore(step):
     config = restore_config(mngr, step)
     # Abstract: the weights come from the checkpoint, so skip the random init.
     model = models.abstract_model(config.model)
     restore_model_into(mngr, step, model, placement)
+    return model, config
+
+  step, (model, config) = restore_newest(mngr, restore, step=step)
   model.eval()
   return model, config, step
 
 
+def load_model(path: str, placement: jax.sharding.Sharding | None = None
+               ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """``restore_model`` for what ``path`` names (see ``locate``): a step, else the newest that
+  restores."""
+  directory, step = locate(path)
+  with manager(directory, read_only=True) as mngr:
+    return restore_model(mngr, step, placement)
+
+
+BEST_OLD_SUFFIX, BEST_NEW_SUFFIX = '.old', '.tmp'
+
+
 def save_best(checkpoint_dir: str, step: int, best_dir: str) -> None:
   """Copies the model and config of training checkpoint ``step`` to ``best_dir``/<step>/, a
-  model checkpoint that replaces what ``best_dir`` held."""
-  tmp_dir = best_dir + '.tmp'
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  shutil.copytree(os.path.join(checkpoint_dir, str(step)), os.path.join(tmp_dir, str(step)),
+  model checkpoint that replaces what ``best_dir`` held.
+
+  The old copy is renamed away before the new one is renamed in and deleted after; a process
+  killed in between leaves both, and ``recover_best`` puts the old one back.
+  """
+  recover_best(best_dir)
+  new_dir, old_dir = best_dir + BEST_NEW_SUFFIX, best_dir + BEST_OLD_SUFFIX
+  shutil.copytree(os.path.join(checkpoint_dir, str(step)), os.path.join(new_dir, str(step)),
                   ignore=lambda _, names: [n for n in names if n in (TRAIN, DATA)])
-  shutil.rmtree(best_dir, ignore_errors=True)
-  os.replace(tmp_dir, best_dir)
+  if os.path.exists(best_dir):
+    os.replace(best_dir, old_dir)
+  os.replace(new_dir, best_dir)
+  shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def recover_best(best_dir: str) -> None:
+  """Finishes or undoes a ``save_best`` that was killed: ``best_dir`` is complete afterwards
+  (the old copy if the new one was not in place yet) and no partial copy is left."""
+  old_dir = best_dir + BEST_OLD_SUFFIX
+  if os.path.exists(old_dir):
+    if os.path.exists(best_dir):
+      shutil.rmtree(old_dir)
+    else:
+      os.replace(old_dir, best_dir)
+      logging.warning('Restored %s from %s (an earlier copy was interrupted).', best_dir,
+                      old_dir)
+  shutil.rmtree(best_dir + BEST_NEW_SUFFIX, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,25 +392,28 @@ def load_encoder_init(model: nnx.Module, directory: str) -> list[str]:
   return [path_name(p) for p in restored]
 
 
-def load_checkpoint_weights(model: nnx.Module, directory: str) -> list[str]:
-  """Loads all weights of the latest checkpoint in ``directory`` (same architecture)."""
-  with manager(directory, read_only=True) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{mngr.directory} holds no complete checkpoint.')
+def load_checkpoint_weights(model: nnx.Module, path: str) -> list[str]:
+  """Loads all weights of a checkpoint (see ``locate``; the newest step that restores) into
+  ``model`` (same architecture)."""
+  directory, step = locate(path)
+  flat_model = traverse_util.flatten_dict(nnx.state(model).to_pure_dict())
+
+  def restore(step):
     saved = restore_config(mngr, step).model
     flat_saved = traverse_util.flatten_dict(
         nnx.state(models.abstract_model(saved)).to_pure_dict())
-    flat_model = traverse_util.flatten_dict(nnx.state(model).to_pure_dict())
     diff = sorted(path_name(p) for p in set(flat_saved) ^ set(flat_model)) + [
         f'{path_name(p)}: checkpoint {flat_saved[p].shape}, model {flat_model[p].shape}'
         for p in set(flat_saved) & set(flat_model) if flat_saved[p].shape != flat_model[p].shape]
     if diff:
-      raise ValueError(
-          f'The checkpoint in {mngr.directory} (step {step}) is a different architecture from '
+      raise ConfigMismatchError(
+          f'The checkpoint in {directory} (step {step}) is a different architecture from '
           f'the model (checkpoint model config: {saved.to_dict()}).\n'
           + listing('Differences', sorted(diff)))
     restore_model_into(mngr, step, model)
+
+  with manager(directory, read_only=True) as mngr:
+    restore_newest(mngr, restore, step=step)
   return [path_name(p) for p in flat_model]
 
 

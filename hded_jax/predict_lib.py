@@ -6,11 +6,14 @@ Per input image `<stem>` (in the output directory):
   <stem>_depth.png  that depth colour-mapped (turbo, near = blue) over a range that is logged;
   <stem>_aif.npy    float32 (H, W, 3) in [0, 1]: the all-in-focus image;
   <stem>_aif.png    the same as 8-bit RGB.
-A model without one of the heads writes no files for it. H, W are the input's size: images are
-scaled to [-1, 1] as in training (x / 127.5 - 1), padded at the bottom and right to a multiple of
-32 (`pad_mode` 'reflect' or 'edge') and the outputs cropped back. With `resize=(h, w)` images are
-first resized (bilinear) to that size, e.g. the training size, and the outputs resized (bilinear)
-back to the input's size.
+A model without one of the heads writes no files for it. H, W are the input's size as shown
+(EXIF orientation applied; files are read by `images.read_rgb`): images are scaled to [-1, 1] as
+in training (x / 127.5 - 1), padded at the bottom and right to a multiple of 32 (`pad_mode`
+'reflect' or 'edge') and the outputs cropped back. Images that pad to the same size are batched
+together, at most `batch_size` at a time. With `resize=(h, w)` images are first resized
+(bilinear) to that size, e.g. the training size, and the outputs resized (bilinear) back to the
+input's size. Files named like this command's outputs of another input (`x_depth.png` beside
+`x.jpg`) are not read as inputs, so predicting into the input folder twice is safe.
 """
 
 import collections
@@ -31,6 +34,7 @@ from hded_jax import images
 from hded_jax.models.hded_net import INPUT_MULTIPLE
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+OUTPUT_SUFFIXES = tuple(f'_{head}.{ext}' for head in ('depth', 'aif') for ext in ('npy', 'png'))
 PAD_MODES = ('reflect', 'edge')
 LOG_EVERY_S = 10.0
 
@@ -66,6 +70,12 @@ def find_inputs(pattern: str) -> tuple[list[str], dict[str, str]]:
     files = glob.glob(pattern)
   files = sorted(f for f in files if os.path.isfile(f))
   image_paths = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  outputs = {os.path.splitext(f)[0] + suffix for f in image_paths for suffix in OUTPUT_SUFFIXES}
+  if ours := [f for f in files if f in outputs]:
+    logging.info('Not reading %d earlier outputs of predict.py as inputs (%s, ...).', len(ours),
+                 os.path.basename(ours[0]))
+    files = [f for f in files if f not in outputs]
+    image_paths = [f for f in image_paths if f not in outputs]
   skipped = {f: 'not an image file extension' for f in files if f not in image_paths}
   if not image_paths:
     raise FileNotFoundError(
@@ -83,19 +93,8 @@ def _stem(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
-  """uint8 (H, W, 3), optionally resized (bilinear) to size = (h, w)."""
-  with Image.open(path) as image:
-    image = image.convert('RGB')
-    if size is not None and image.size != size[::-1]:
-      image = image.resize(size[::-1], Image.Resampling.BILINEAR)
-    return np.asarray(image)
-
-
-def image_size(path: str) -> tuple[int, int]:
-  """(H, W) from the file header, without decoding the pixels."""
-  with Image.open(path) as image:
-    return image.size[::-1]
+def padded_size(size: tuple[int, int], multiple: int = INPUT_MULTIPLE) -> tuple[int, int]:
+  return tuple(-(-n // multiple) * multiple for n in size)
 
 
 def pad_to_multiple(batch: np.ndarray, mode: str, multiple: int = INPUT_MULTIPLE) -> np.ndarray:
@@ -115,20 +114,29 @@ def make_forward(model: nnx.Module) -> Forward:
   return lambda batch: forward(state, batch)
 
 
-def predict_batch(forward: Forward, photos: Sequence[np.ndarray], *, batch_size: int,
-                  pad_mode: str) -> dict[str, np.ndarray]:
-  """Same-size uint8 images (at most batch_size) -> cropped outputs, AiF in [0, 1].
+def predict_batch(forward: Forward, photos: Sequence[np.ndarray], *,
+                  pad_mode: str) -> list[dict[str, np.ndarray]]:
+  """uint8 images of one padded size -> per image, outputs cropped to it, AiF in [0, 1].
 
-  The batch is padded to ``batch_size`` so that partial batches reuse the compiled function.
+  One compile per batch shape: a bucket's full batches share one, its last partial batch takes
+  another, which costs less memory and time than computing padding images.
   """
-  n = len(photos)
-  h, w = photos[0].shape[:2]
-  batch = pad_to_multiple(images.to_network_range(np.stack(photos)), pad_mode)
-  batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
-  outputs = {k: np.asarray(v)[:n, :h, :w] for k, v in forward(batch).items()}
+  batch = np.stack([
+      pad_to_multiple(images.to_network_range(p)[None], pad_mode)[0] for p in photos])
+  outputs = {k: np.asarray(v) for k, v in forward(batch).items()}
   if 'aif' in outputs:
     outputs['aif'] = np.clip(images.to_unit_range(outputs['aif']), 0.0, 1.0)
-  return outputs
+  return [{k: v[i, :p.shape[0], :p.shape[1]] for k, v in outputs.items()}
+          for i, p in enumerate(photos)]
+
+
+def _out_of_memory(error: Exception, photos: Sequence[np.ndarray], batch_size: int) -> str:
+  h, w = photos[0].shape[:2]
+  return (f'Out of memory predicting {len(photos)} image(s) of {h}x{w} (padded to '
+          f'{"x".join(map(str, padded_size((h, w))))}) at once on '
+          f'{jax.devices()[0].device_kind}. Lower --batch_size (now {batch_size}; 1 needs the '
+          'least) or pass --resize=HxW to run at a smaller size (e.g. the training size, '
+          f'256x256; outputs are resized back). XLA: {str(error).splitlines()[0][:300]}')
 
 
 def resize_output(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -189,51 +197,58 @@ class _Progress:
 def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, batch_size: int = 8,
                   resize: tuple[int, int] | None = None, pad_mode: str = 'reflect',
                   depth_range: tuple[float, float] | None = None) -> PredictionReport:
-  """Predicts ``paths`` in batches of same-size images; unreadable files are skipped."""
+  """Predicts ``paths`` in batches of images of one padded size; unreadable files are
+  skipped."""
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size}: must be at least 1.')
   if pad_mode not in PAD_MODES:
     raise ValueError(f'pad_mode={pad_mode!r}: choose one of {PAD_MODES}.')
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise NotADirectoryError(f'--output_dir={output_dir} is a file: pass a directory (created '
+                             'if missing).')
   report = PredictionReport()
   sizes = {}
   for path in paths:
     try:
-      sizes[path] = image_size(path)
+      sizes[path] = images.image_size(path)
     except (OSError, ValueError) as e:  # PIL raises these for unreadable or non-image files.
       report.skipped[path] = f'cannot read image: {e}'
-  groups = collections.defaultdict(list)
+  buckets = collections.defaultdict(list)
   for path, size in sizes.items():
-    groups[resize or size].append(path)
+    buckets[padded_size(resize or size)].append(path)
   os.makedirs(output_dir, exist_ok=True)
   progress = _Progress(len(sizes))
-  for size, group in sorted(groups.items()):
-    for i in range(0, len(group), batch_size):
+  for _, bucket in sorted(buckets.items()):
+    for i in range(0, len(bucket), batch_size):
       photos, done = [], []
-      for path in group[i:i + batch_size]:
+      for path in bucket[i:i + batch_size]:
         try:
-          photos.append(read_image(path, resize))
+          photos.append(images.read_rgb(path, resize))
           done.append(path)
         except (OSError, ValueError) as e:
           report.skipped[path] = f'cannot decode image: {e}'
       if photos:
-        outputs = predict_batch(forward, photos, batch_size=batch_size, pad_mode=pad_mode)
-        for j, path in enumerate(done):
-          single = {k: resize_output(v[j], sizes[path]) for k, v in outputs.items()}
+        try:
+          outputs = predict_batch(forward, photos, pad_mode=pad_mode)
+        except jax.errors.JaxRuntimeError as e:
+          if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+          raise MemoryError(_out_of_memory(e, photos, batch_size)) from None
+        for path, single in zip(done, outputs):
+          single = {k: resize_output(v, sizes[path]) for k, v in single.items()}
           write_outputs(output_dir, _stem(path), single, depth_range)
         report.written.extend(done)
-      progress.update(len(group[i:i + batch_size]))
+      progress.update(len(bucket[i:i + batch_size]))
   for path, reason in report.skipped.items():
     logging.warning('Skipped %s: %s', path, reason)
   return report
 
 
 def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> PredictionReport:
-  """Loads the latest checkpoint in ``checkpoint`` and predicts every image ``input_pattern``
-  names (see ``find_inputs``); kwargs go to ``predict_files``."""
+  """Loads the checkpoint ``checkpoint`` names (`checkpoints.locate`: a run's WORKDIR, a
+  checkpoint directory, one step of one) and predicts every image ``input_pattern`` names (see
+  ``find_inputs``); kwargs go to ``predict_files``."""
   paths, skipped = find_inputs(input_pattern)
-  # A training run's WORKDIR works too.
-  if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
-    checkpoint = os.path.join(checkpoint, 'checkpoints')
   model, config, step = checkpoints.load_model(checkpoint)
   logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,
                tuple(config.model.heads), len(paths))

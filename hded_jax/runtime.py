@@ -2,7 +2,9 @@
 
 import ctypes
 import ctypes.util
+import logging as python_logging
 import os
+import sys
 
 from absl import logging
 import jax
@@ -105,3 +107,32 @@ def keep_freed_memory() -> bool:
   # mallopt returns 1 on success; -1 as the trim threshold is SIZE_MAX, i.e. never trim.
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+def readable_logs() -> None:
+  """Shows the project's own INFO logs (and clu's progress reports) but only the warnings and
+  errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops the
+  'Event loop is closed' reports Orbax's reader threads print after a failed restore or Ctrl-C.
+  ``--verbosity=1`` (or more) shows everything. Call from a program's main, after flag parsing.
+  """
+  if logging.get_verbosity() > logging.INFO:
+    return
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  ours = (package_dir + os.sep, os.path.join(os.path.dirname(package_dir), 'tfds_builders', ''),
+          os.path.abspath(sys.argv[0]))
+  progress = f'{os.sep}clu{os.sep}'
+
+  def keep(record: python_logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname)
+    return (record.levelno >= python_logging.WARNING or path.startswith(ours)
+            or progress in path)
+
+  logging.get_absl_handler().addFilter(keep)
+  default_hook = sys.unraisablehook
+
+  def unraisable(report):
+    if not (isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == 'Event loop is closed'):
+      default_hook(report)
+
+  sys.unraisablehook = unraisable

@@ -36,6 +36,22 @@ class NonFiniteError(FloatingPointError):
   """The loss or the gradient norm became NaN or infinite."""
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Stops on sizes no run can have, naming the field (instead of a ZeroDivisionError or a shape
+  error deep inside)."""
+  problems = [f'config.{name}={config[name]}: must be at least 1' for name in (
+      'batch_size', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep')
+              if config[name] < 1]
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    problems.append(f'config.num_train_steps={config.num_train_steps} and '
+                    f'config.num_epochs={config.num_epochs}: set one of them above 0')
+  if min(config.dataset.image_size) < 1:
+    problems.append(f'config.dataset.image_size={tuple(config.dataset.image_size)}: must be '
+                    'positive')
+  if problems:
+    raise ValueError('Impossible config values:\n  ' + '\n  '.join(problems))
+
+
 def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
@@ -83,6 +99,20 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, t
   return new_state, metrics
 
 
+def _initial_state(params, batch_stats, *, tx) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))
+
+
+def same_state_layout(config: ml_collections.ConfigDict, state: TrainState) -> bool:
+  """Whether ``config`` trains a state of ``state``'s structure and shapes (nothing runs)."""
+  _, _, params, batch_stats = models.split_model(models.abstract_model(config.model))
+  tx = make_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1.0))
+  layout = jax.eval_shape(functools.partial(_initial_state, tx=tx), params, batch_stats)
+  return (jax.tree.structure(layout) == jax.tree.structure(state) and
+          [x.shape for x in jax.tree.leaves(layout)] == [x.shape for x in jax.tree.leaves(state)])
+
+
 class Trainer:
   """What a run computes with: the mesh, the initial state placed on it and the jitted step."""
 
@@ -97,10 +127,7 @@ class Trainer:
       logging.info('init_from=%s loaded %d tensors: %s', config.init_from, len(loaded),
                    ', '.join(loaded))
     self.graphdef, self.eval_graphdef, params, batch_stats = models.split_model(model)
-
-    def initial_state(params, batch_stats):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                        opt_state=self.tx.init(params))
+    initial_state = functools.partial(_initial_state, tx=self.tx)
 
     # One jitted program places the state: op-by-op, every parameter shape compiles its own
     # zeros for the optimizer moments.
@@ -119,13 +146,26 @@ class Trainer:
 
 
 class PreemptionHandler:
-  """SIGTERM (cloud preemption) -> save a checkpoint at the next step and exit cleanly."""
+  """SIGTERM (cloud preemption) or Ctrl-C (SIGINT) -> save a checkpoint at the next step and
+  exit cleanly. A second Ctrl-C stops at once, without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self.received = None  # The signal's name, once one came.
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+    self._event.set()
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+      logging.warning('Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C '
+                      'again stops at once, without saving).')
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -134,8 +174,8 @@ class PreemptionHandler:
     return self._event.is_set()
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class MetricsBuffer:
@@ -180,9 +220,29 @@ def check_finite(step: int, values: Mapping[str, float]) -> None:
           'config.optimizer.grad_clip_norm.')
 
 
+def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict) -> TrainState:
+  """The newest saved state that restores and fits ``config``, or a new run's initial state."""
+  if ckpt.latest_step() is None:
+    return trainer.initial_state
+
+  def check_config_fits(saved):
+    if not same_state_layout(saved, trainer.initial_state):
+      raise checkpoints.config_mismatch(str(ckpt.directory), saved, config)
+
+  step, state = checkpoints.restore_train_state(ckpt, trainer.initial_state, data_iter,
+                                                check_config_fits)
+  logging.info('Resumed from %s step %d.', ckpt.directory, step)
+  return state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from ``workdir``'s latest checkpoint) until config's last step."""
+  """Trains (resuming from ``workdir``'s newest checkpoint that restores) until config's last
+  step."""
+  check_config(config)
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
+                             'missing).')
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   source = input_pipeline.data_source(config, config.dataset.train_split)
@@ -191,56 +251,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   saved_config = config.copy_and_resolve_references()
   saved_config.num_train_steps = trainer.num_steps
   data_iter = input_pipeline.train_iterator(config, source)
-  ckpt = checkpoints.manager(os.path.join(workdir, 'checkpoints'),
-                             max_to_keep=config.max_checkpoints_to_keep)
-  latest = ckpt.latest_step()
-  if latest is None:
-    state = trainer.initial_state
-  else:
-    logging.info('Resuming from %s step %d.', ckpt.directory, latest)
-    state = checkpoints.restore_train_state(ckpt, latest, trainer.initial_state, data_iter)
-  first_step = int(state.step)
-  logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
-               dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
-               config.batch_size)
-  if first_step == 0:
-    logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-        state.params.to_pure_dict()))
-    writer.write_hparams({
-        k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
+  # Closing waits for the last save, also when an error ends the run.
+  with checkpoints.manager(os.path.join(workdir, 'checkpoints'),
+                           max_to_keep=config.max_checkpoints_to_keep) as ckpt:
+    state = _resume(ckpt, trainer, data_iter, config)
+    first_step = int(state.step)
+    logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
+                 dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
+                 config.batch_size)
+    if first_step == 0:
+      logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+          state.params.to_pure_dict()))
+      writer.write_hparams({
+          k: v if isinstance(v, (int, float, str, bool)) else str(v)
+          for k, v in traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
 
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=trainer.num_steps, writer=writer)
-  hooks = [report_progress]
-  if jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
-  preemption = PreemptionHandler()
-  metrics_buffer = MetricsBuffer(check_finite)
-  try:
-    with jax.set_mesh(trainer.mesh):
-      for step in range(first_step + 1, trainer.num_steps + 1):
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
-          state, metrics = trainer.step_fn(state, batch)
-        metrics_buffer.add(step, metrics)
-        for hook in hooks:
-          hook(step)
-        is_last = step == trainer.num_steps
-        if step % config.log_every_steps == 0 or is_last:
-          writer.write_scalars(step, metrics_buffer.pop_means())
-        stop = preemption.should_stop(step)
-        if step % config.checkpoint_every_steps == 0 or is_last or stop:
-          metrics_buffer.flush()
-          with report_progress.timed('checkpoint'):
-            checkpoints.save_train_state(ckpt, state, data_iter, saved_config,
-                                         wait=stop or is_last)
-        if stop:
-          logging.warning('Preempted (SIGTERM): saved step %d, exiting.', step)
-          break
-  finally:
-    preemption.close()
-    ckpt.wait_until_finished()
-    ckpt.close()
-    writer.flush()
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=trainer.num_steps, writer=writer)
+    hooks = [report_progress]
+    if config.profile_steps and jax.process_index() == 0:
+      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                            logdir=workdir))
+    preemption = PreemptionHandler()
+    metrics_buffer = MetricsBuffer(check_finite)
+    try:
+      with jax.set_mesh(trainer.mesh):
+        for step in range(first_step + 1, trainer.num_steps + 1):
+          with jax.profiler.StepTraceAnnotation('train', step_num=step):
+            batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
+            state, metrics = trainer.step_fn(state, batch)
+          metrics_buffer.add(step, metrics)
+          for hook in hooks:
+            hook(step)
+          is_last = step == trainer.num_steps
+          if step % config.log_every_steps == 0 or is_last:
+            writer.write_scalars(step, metrics_buffer.pop_means())
+          stop = preemption.should_stop(step)
+          if step % config.checkpoint_every_steps == 0 or is_last or stop:
+            metrics_buffer.flush()
+            with report_progress.timed('checkpoint'):
+              checkpoints.save_train_state(ckpt, state, data_iter, saved_config,
+                                           wait=stop or is_last)
+          if stop:
+            logging.warning('Stopped by %s: saved step %d, exiting.',
+                            preemption.received or 'preemption', step)
+            break
+    finally:
+      preemption.close()
+      writer.flush()
   return state

@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny synthetic dataset (32x32, 8 train / 4 test) and the smoke config."""
+"""Shared fixtures: the tiny synthetic dataset (32x32, 8 train / 4 test), the smoke config and
+a finished tiny run."""
 
 import os
+import shutil
 
 import ml_collections
 import pytest
@@ -8,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from configs import smoke
 from hded_jax import runtime
+from hded_jax import train_lib
 import tfds_builders  # pylint: disable=unused-import  (registers the builders)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +20,12 @@ runtime.use_eigen_convolutions()
 
 
 @pytest.fixture(scope='session', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Tests build the same tiny train step many times; compile it once per session."""
-  runtime.enable_compilation_cache(str(tmp_path_factory.mktemp('jax_cache')))
+def compilation_cache(tmp_path_factory) -> str:
+  """Tests build the same tiny train step many times; compile it once per session (programs
+  started by tests can share it through HDED_JAX_CACHE_DIR)."""
+  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+  runtime.enable_compilation_cache(cache_dir)
+  return cache_dir
 
 
 @pytest.fixture(scope='session')
@@ -37,3 +43,17 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   config.dataset.auto_prepare = False
   config.update(overrides)
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tiny_data_dir, tmp_path_factory) -> str:
+  """WORKDIR of a finished 4-step tiny run (checkpoints 2 and 4). Tests copy it (``copy_run``)
+  before changing anything."""
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  train_lib.train(tiny_config(tiny_data_dir), workdir)
+  return workdir
+
+
+def copy_run(workdir: str, to: str) -> str:
+  shutil.copytree(workdir, to)
+  return to

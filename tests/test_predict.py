@@ -5,14 +5,16 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from PIL import ExifTags
 from PIL import Image
 
-from hded_jax import checkpoints, models, predict_lib, visualize
+from hded_jax import checkpoints, images, models, predict_lib, visualize
 from tests.conftest import REPO
 from tests.fixtures.models import random_model
 
@@ -137,7 +139,7 @@ def test_resize_returns_original_size(tiny, forward, tmp_path):
                             batch_size=2, resize=(32, 64))
   got = load_outputs(tmp_path / 'out', 'odd')
   assert got['depth'].shape == (37, 50) and got['aif'].shape == (37, 50, 3)
-  small = direct(model, predict_lib.read_image(str(tmp_path / 'odd.png'), (32, 64)))
+  small = direct(model, images.read_rgb(str(tmp_path / 'odd.png'), (32, 64)))
   np.testing.assert_allclose(got['depth'], predict_lib.resize_output(small['depth'], (37, 50)),
                              atol=1e-5, rtol=0)
 
@@ -184,3 +186,99 @@ def test_parse_resize_and_pad():
   with pytest.raises(ValueError, match='pad_mode'):
     predict_lib.pad_to_multiple(np.ones((1, 8, 8, 3)), 'zeros')
 
+
+
+def test_batches_hold_only_the_images_there_are_bucketed_by_padded_size(tiny, forward, tmp_path):
+  """No padding images: 1 image at --batch_size=8 runs as a batch of 1. 64x64 and 37x50 both
+  pad to 64x64 and share batches; 32x32 needs no padding and goes alone."""
+  _, model = tiny
+  for i in range(3):
+    write_image(tmp_path / f'img{i}.png', 64, 64, seed=i)
+  odd = write_image(tmp_path / 'odd.png', 37, 50, seed=5)
+  write_image(tmp_path / 'small.png', 32, 32, seed=6)
+  shapes = []
+
+  def recording(batch):
+    shapes.append(batch.shape)
+    return forward(batch)
+
+  paths = sorted(str(p) for p in tmp_path.glob('*.png'))
+  predict_lib.predict_files(recording, paths, str(tmp_path / 'out'), batch_size=3)
+  assert sorted(shapes) == [(1, 32, 32, 3), (1, 64, 64, 3), (3, 64, 64, 3)]
+  shapes.clear()
+  predict_lib.predict_files(recording, paths[:1], str(tmp_path / 'out'), batch_size=8)
+  assert shapes == [(1, 64, 64, 3)]
+  got = load_outputs(tmp_path / 'out', 'odd')
+  np.testing.assert_allclose(got['depth'], direct(model, odd, pad_to=(64, 64))['depth'],
+                             atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_names_the_flags_that_help(tmp_path):
+  write_image(tmp_path / 'big.png', 40, 70)
+
+  def exhausted(batch):
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 73986457600 bytes.')
+
+  with pytest.raises(MemoryError) as info:
+    predict_lib.predict_files(exhausted, [str(tmp_path / 'big.png')], str(tmp_path / 'out'),
+                              batch_size=4)
+  message = str(info.value)
+  assert '1 image(s) of 40x70 (padded to 64x96)' in message
+  assert '--batch_size (now 4' in message and '--resize=HxW' in message
+  assert 'Out of memory while trying to allocate' in message
+
+
+def test_16_bit_and_float_images_are_scaled_and_others_refused(tmp_path):
+  ramp = np.linspace(0, 1, 32 * 48).reshape(32, 48)
+  expected = np.repeat(np.round(ramp * 255).astype(np.uint8)[..., None], 3, axis=-1)
+  Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / 'gray16.png')
+  assert Image.open(tmp_path / 'gray16.png').mode == 'I;16'
+  Image.fromarray(ramp.astype(np.float32)).save(tmp_path / 'float.tif')
+  for name in ('gray16.png', 'float.tif'):
+    np.testing.assert_allclose(images.read_rgb(str(tmp_path / name)), expected, atol=1)
+  Image.fromarray((ramp * 255).astype(np.float32)).save(tmp_path / 'float255.tif')
+  with pytest.raises(ValueError, match=r'float image with values in \[0, 255\].*\[0, 1\]'):
+    images.read_rgb(str(tmp_path / 'float255.tif'))
+  Image.fromarray((ramp * 1000).astype(np.int32)).save(tmp_path / 'int32.tif')
+  with pytest.raises(ValueError, match='32-bit integer'):
+    images.read_rgb(str(tmp_path / 'int32.tif'))
+
+
+def test_exif_orientation_is_applied(tiny, forward, tmp_path):
+  """A phone photo stored 40 wide x 24 high with orientation 6 (turn 90 degrees clockwise to
+  show) is shown 24 wide x 40 high: outputs come out that way."""
+  _, model = tiny
+  stored = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+  exif = Image.Exif()
+  exif[ExifTags.Base.Orientation] = 6
+  Image.fromarray(stored).save(tmp_path / 'phone.png', exif=exif)
+  shown = np.rot90(stored, k=-1)
+  assert images.image_size(str(tmp_path / 'phone.png')) == (40, 24)
+  np.testing.assert_array_equal(images.read_rgb(str(tmp_path / 'phone.png')), shown)
+  predict_lib.predict_files(forward, [str(tmp_path / 'phone.png')], str(tmp_path / 'out'))
+  got = load_outputs(tmp_path / 'out', 'phone')
+  assert got['depth'].shape == (40, 24)
+  np.testing.assert_allclose(got['depth'], direct(model, shown, pad_to=(64, 32))['depth'],
+                             atol=1e-5, rtol=0)
+
+
+def test_predicting_into_the_input_folder_twice_reads_only_the_photos(tiny, tmp_path):
+  directory, _ = tiny
+  write_image(tmp_path / 'photo.jpg', 32, 32)
+  for _ in range(2):
+    report = predict_lib.run(str(directory), str(tmp_path), str(tmp_path))
+    assert report.written == [str(tmp_path / 'photo.jpg')] and not report.skipped
+  assert sorted(os.listdir(tmp_path)) == ['photo.jpg', 'photo_aif.npy', 'photo_aif.png',
+                                          'photo_depth.npy', 'photo_depth.png']
+
+
+def test_checkpoint_step_directory_and_bad_output_dir(tiny, tmp_path):
+  directory, _ = tiny
+  write_image(tmp_path / 'photo.png', 32, 32)
+  report = predict_lib.run(str(directory / '1'), str(tmp_path / 'photo.png'),
+                           str(tmp_path / 'out'))
+  assert report.written == [str(tmp_path / 'photo.png')]
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(NotADirectoryError, match='--output_dir=.*file is a file'):
+    predict_lib.run(str(directory), str(tmp_path / 'photo.png'), str(tmp_path / 'file'))

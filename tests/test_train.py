@@ -5,10 +5,13 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from clu import periodic_actions
 from flax import nnx
 
 from hded_jax import checkpoints
@@ -18,6 +21,8 @@ from hded_jax import metrics
 from hded_jax import models
 from hded_jax import sharding
 from hded_jax import train_lib
+from tests.conftest import copy_run
+from tests.conftest import REPO
 from tests.conftest import tiny_config
 
 
@@ -52,25 +57,88 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path):
 
 
 def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkeypatch):
+  """Also: the profiler runs only when config.profile_steps asks for it."""
   workdir = str(tmp_path / 'run')
   config = tiny_config(tiny_data_dir, num_train_steps=6, checkpoint_every_steps=100)
+  profilers = []
+  monkeypatch.setattr(periodic_actions, 'Profile',
+                      lambda **kwargs: profilers.append(kwargs) or (lambda step: None))
   monkeypatch.setattr(train_lib.PreemptionHandler, 'should_stop',
                       lambda self, step: step == 3)
   state = train_lib.train(config, workdir)
   assert int(state.step) == 3 and steps_in(workdir) == [3]
+  assert not profilers
   monkeypatch.undo()
-  state = train_lib.train(config, workdir)
+  monkeypatch.setattr(periodic_actions, 'Profile',
+                      lambda **kwargs: profilers.append(kwargs) or (lambda step: None))
+  state = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6, checkpoint_every_steps=100,
+                                      profile_steps=2), workdir)
   assert int(state.step) == 6 and steps_in(workdir) == [3, 6]
+  assert profilers == [{'num_profile_steps': 2, 'logdir': workdir}]
 
 
-def test_sigterm_sets_the_stop_flag_and_handler_is_restored():
-  previous = signal.getsignal(signal.SIGTERM)
-  handler = train_lib.PreemptionHandler()
-  assert not handler.should_stop(1)
-  os.kill(os.getpid(), signal.SIGTERM)
-  assert handler.should_stop(2)
-  handler.close()
-  assert signal.getsignal(signal.SIGTERM) is previous
+def test_sigterm_and_ctrl_c_set_the_stop_flag_and_handlers_are_restored():
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  for signum, name in ((signal.SIGTERM, 'SIGTERM'), (signal.SIGINT, 'SIGINT')):
+    handler = train_lib.PreemptionHandler()
+    assert not handler.should_stop(1)
+    os.kill(os.getpid(), signum)
+    assert handler.should_stop(2) and handler.received == name
+    if signum == signal.SIGINT:  # A second Ctrl-C stops at once.
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    handler.close()
+    assert {s: signal.getsignal(s) for s in previous} == previous
+
+
+def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, compilation_cache,
+                                                   tmp_path):
+  """train.py as a person runs it, resuming a run whose newest step is damaged and stopped with
+  Ctrl-C: the log shows the project's progress, one warning about the damaged step and no
+  library chatter or tracebacks."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  os.remove(os.path.join(workdir, 'checkpoints', '4', 'model', 'manifest.ocdbt'))
+  proc = subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/smoke.py', f'--workdir={workdir}',
+       f'--config.dataset.data_dir={tiny_data_dir}', '--config.dataset.auto_prepare=False',
+       '--config.num_train_steps=100000', '--config.checkpoint_every_steps=100000'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', HDED_JAX_CACHE_DIR=compilation_cache))
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if '] [4] grad_norm=' in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  out = ''.join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-5000:]
+  stopped = int(re.search(r'Stopped by SIGINT: saved step (\d+), exiting', out).group(1))
+  assert stopped >= 4 and stopped in steps_in(workdir)
+  assert len(re.findall('does not restore', out)) == 1 and 'Resumed from' in out
+  assert 'Traceback' not in out and 'Event loop is closed' not in out
+  # INFO lines come from the project and clu's progress reports only (not Orbax, JAX, TFDS).
+  ours = set(os.listdir(os.path.join(REPO, 'hded_jax'))) | {'train.py', 'logging_writer.py',
+                                                             'local.py'}
+  info_from = {m.group(1) for m in re.finditer(r'^I\d{4} [\d:.]+ +\d+ ([\w.]+\.py):\d+\]',
+                                               out, re.M)}
+  assert info_from <= ours, info_from - ours
+
+
+def test_impossible_sizes_and_a_file_as_workdir_are_named(tiny_data_dir, tiny_run, tmp_path):
+  for field, value in (('batch_size', 0), ('checkpoint_every_steps', 0), ('log_every_steps', -1)):
+    with pytest.raises(ValueError, match=f'config.{field}={value}: must be at least 1'):
+      train_lib.train(tiny_config(tiny_data_dir, **{field: value}), str(tmp_path / 'run'))
+  with pytest.raises(ValueError, match='set one of them above 0'):
+    train_lib.train(tiny_config(tiny_data_dir, num_train_steps=0, num_epochs=0),
+                    str(tmp_path / 'run'))
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(NotADirectoryError, match=f'--workdir={tmp_path}/file is a file'):
+    train_lib.train(tiny_config(tiny_data_dir), str(tmp_path / 'file'))
+  assert not (tmp_path / 'run').exists()
+  with pytest.raises(ValueError, match='config.eval_batch_size=0: must be at least 1'):
+    eval_lib.evaluate(tiny_config(tiny_data_dir, eval_batch_size=0),
+                      copy_run(tiny_run, str(tmp_path / 'evaluated')), once=True,
+                      timeout_secs=0)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_data_dir,
@@ -84,10 +152,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_dat
   assert steps_in(workdir) and max(steps_in(workdir)) < bad_step
 
 
-def test_eval_scores_checkpoints_and_keeps_the_best(tiny_data_dir, tmp_path):
-  workdir = str(tmp_path / 'run')
-  config = tiny_config(tiny_data_dir)
-  train_lib.train(config, workdir)
+def test_eval_scores_checkpoints_and_keeps_the_best(tiny_run, tmp_path):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   # Follow mode: evaluates the newest checkpoint (step 4), the run's last step, and stops.
   results = eval_lib.evaluate(None, workdir, timeout_secs=5, poll_secs=0.1)
   assert list(results) == [4]
@@ -171,14 +237,15 @@ def test_native_resolution_protocol_scores_the_resized_prediction(tiny_data_dir)
   config.dataset.image_size = (64, 64)
   config.dataset.eval_protocol = 'make3d_literature'
   model = models.create_model(config.model)
-  evaluator = eval_lib.Evaluator(config, config.model, mean_depth=1.0)
+  evaluator = eval_lib.Evaluator(config, model, mean_depth=1.0)
   _, graphdef, params, batch_stats = models.split_model(model)
   local = next(input_pipeline.eval_batches(config, evaluator.source, native_depth=True))
   assert local['image'].shape[1:3] == (64, 64) and local['depth'].shape[1:] == (32, 32)
   with jax.set_mesh(evaluator.mesh):
     batch = sharding.global_batch(local, evaluator.batch_sharding)
     result, outputs = jax.jit(functools.partial(
-        eval_lib.eval_step, graphdef=graphdef, dataset_config=config.dataset, mean_depth=1.0))(
+        eval_lib.eval_step, graphdef=graphdef, protocol=evaluator.protocol,
+        dataset_config=config.dataset, mean_depth=1.0))(
             params, batch_stats, batch)
   predicted = jax.jit(lambda p, b, x: nnx.merge(graphdef, p, b)(x))(
       params, batch_stats, local['image'])['depth']

@@ -1,0 +1,224 @@
+"""Damaged, changed and half-replaced checkpoints, and the paths eval and predict accept: every
+read takes the newest step that restores and says which; nothing waits, and every error names
+the directory or step at fault."""
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+
+import pytest
+
+from hded_jax import checkpoints
+from hded_jax import eval_lib
+from hded_jax import input_pipeline
+from hded_jax import train_lib
+from tests.conftest import copy_run
+from tests.conftest import tiny_config
+
+
+def damage(step_dir: str, how: str) -> None:
+  """Damage seen in the field: a partly written file, lost files, an emptied JSON."""
+  if how == 'truncated data file':
+    path = max(glob.glob(os.path.join(step_dir, 'model', 'ocdbt.process_0', 'd', '*')),
+               key=os.path.getsize)
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif how == 'deleted manifest':
+    os.remove(os.path.join(step_dir, 'model', 'manifest.ocdbt'))
+  elif how == 'emptied data state':
+    open(os.path.join(step_dir, 'data', 'process_0-of-1.json'), 'w').close()
+  elif how == 'deleted train item':
+    shutil.rmtree(os.path.join(step_dir, 'train'))
+  else:
+    raise ValueError(how)
+
+
+# After a failed restore Orbax's reader threads report 'Event loop is closed' (the programs drop
+# these reports: runtime.readable_logs).
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
+DAMAGE = ('truncated data file', 'deleted manifest', 'emptied data state', 'deleted train item')
+
+
+def warnings_about(caplog, text):
+  return [r.getMessage() for r in caplog.records
+          if r.levelname == 'WARNING' and text in r.getMessage()]
+
+
+@pytest.fixture(scope='module')
+def trainer(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  return config, train_lib.Trainer(config, train_size=8)
+
+
+def restore_run(config, trainer, ckpt_dir):
+  data_iter = input_pipeline.train_iterator(
+      config, input_pipeline.data_source(config, config.dataset.train_split))
+  with checkpoints.manager(ckpt_dir) as mngr:
+    return checkpoints.restore_train_state(mngr, trainer.initial_state, data_iter,
+                                           lambda saved: None)
+
+
+@pytest.mark.parametrize('how', DAMAGE)
+def test_a_damaged_newest_step_is_reported_set_aside_and_the_previous_one_restored(
+    how, tiny_run, trainer, tmp_path, caplog):
+  config, trainer = trainer
+  ckpt_dir = os.path.join(copy_run(tiny_run, str(tmp_path / 'run')), 'checkpoints')
+  damage(os.path.join(ckpt_dir, '4'), how)
+  step, state = restore_run(config, trainer, ckpt_dir)
+  assert step == 2 == int(state.step)
+  [warning] = warnings_about(caplog, 'does not restore')
+  assert f'step 4 ({ckpt_dir}/4) does not restore: ' in warning
+  assert f'using step 2 instead; moved it to {ckpt_dir}/4.damaged' in warning
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4.damaged']
+
+
+def test_when_no_step_restores_the_error_names_each(tiny_run, trainer, tmp_path):
+  config, trainer = trainer
+  ckpt_dir = os.path.join(copy_run(tiny_run, str(tmp_path / 'run')), 'checkpoints')
+  damage(os.path.join(ckpt_dir, '4'), 'deleted train item')
+  damage(os.path.join(ckpt_dir, '2'), 'emptied data state')
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    restore_run(config, trainer, ckpt_dir)
+  message = str(info.value)
+  assert f'step 4 ({ckpt_dir}/4) does not restore: KeyError' in message
+  assert f'step 2 ({ckpt_dir}/2) does not restore: JSONDecodeError' in message
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Nothing set aside.
+
+
+def test_training_resumes_past_a_damaged_step_and_writes_it_again(tiny_data_dir, tiny_run,
+                                                                    tmp_path):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  damage(os.path.join(workdir, 'checkpoints', '4'), 'truncated data file')
+  state = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir)
+  assert int(state.step) == 6
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '4.damaged', '6']
+
+
+def test_a_changed_model_or_optimizer_stops_before_restoring(tiny_data_dir, tiny_run, tmp_path):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  config = tiny_config(tiny_data_dir, num_train_steps=6)
+  config.model.growth_rate = 12
+  with pytest.raises(checkpoints.ConfigMismatchError) as info:
+    train_lib.train(config, workdir)
+  message = str(info.value)
+  assert 'Fields that differ (1):\n  model.growth_rate: saved 8, now 12' in message
+  assert 'rerun with the saved values' in message and 'new --workdir' in message
+  assert 'init_from' not in message and 'strict' not in message
+
+  config = tiny_config(tiny_data_dir, num_train_steps=6)
+  config.optimizer.grad_clip_norm = 1.0
+  with pytest.raises(checkpoints.ConfigMismatchError) as info:
+    train_lib.train(config, workdir)
+  message = str(info.value)
+  assert 'optimizer.grad_clip_norm: saved 0.0, now 1.0' in message
+  assert f'--config.init_from=checkpoint:{ckpt_dir}' in message
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Neither counted as damage.
+
+
+def test_only_changes_to_the_state_layout_block_resuming(trainer):
+  config, trainer = trainer
+  state = trainer.initial_state
+  assert train_lib.same_state_layout(config, state)
+  for section, field, value, same in (('model', 'remat', True, True),
+                                      ('model', 'dropout_rate', 0.1, True),
+                                      ('optimizer', 'learning_rate', 1e-5, True),
+                                      ('model', 'growth_rate', 12, False),
+                                      ('model', 'heads', ('depth',), False),
+                                      ('optimizer', 'weight_decay', 1e-4, False)):
+    changed = config.copy_and_resolve_references()
+    changed[section][field] = value
+    assert train_lib.same_state_layout(changed, state) == same, field
+
+
+def test_eval_once_never_waits_and_names_what_it_expected(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'file').write_text('x')
+  for name, error, says in (('empty', FileNotFoundError, 'It is empty'),
+                            ('typo', FileNotFoundError, 'does not exist'),
+                            ('file', NotADirectoryError, 'is a file')):
+    path = str(tmp_path / name)
+    start = time.monotonic()
+    with pytest.raises(error) as info:
+      eval_lib.evaluate(None, path, once=True, timeout_secs=30, poll_secs=0.1)
+    assert time.monotonic() - start < 5, name
+    message = str(info.value)
+    assert path in message and says in message and 'checkpoints/<step>' in message, message
+
+
+def test_eval_once_takes_a_run_its_best_checkpoint_or_one_step(tiny_run, tmp_path):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  by_run = eval_lib.evaluate(None, workdir, once=True, timeout_secs=0)
+  assert list(by_run) == [4]
+  assert os.listdir(os.path.join(workdir, 'best_checkpoint')) == ['4']
+  by_best = eval_lib.evaluate(None, os.path.join(workdir, 'best_checkpoint'), once=True,
+                              timeout_secs=0)
+  assert by_best == by_run
+  by_step = eval_lib.evaluate(None, os.path.join(workdir, 'checkpoints', '2'), once=True,
+                              timeout_secs=0)
+  assert list(by_step) == [2]
+  assert {'metrics_2.json', 'metrics_4.json'} <= set(os.listdir(os.path.join(workdir, 'eval')))
+  assert eval_lib.run_dir(os.path.join(workdir, 'best_checkpoint'), once=True) == workdir
+
+
+def test_eval_and_predict_fall_back_past_a_damaged_step_and_say_which(tiny_run, tmp_path,
+                                                                       caplog):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  damage(os.path.join(ckpt_dir, '4'), 'deleted manifest')
+  caplog.set_level(logging.INFO, logger='absl')
+  assert list(eval_lib.evaluate(None, workdir, once=True, timeout_secs=0)) == [2]
+  assert any(f'Evaluating {ckpt_dir} step 2' in r.getMessage() for r in caplog.records)
+  # Following the run: step 2 is evaluated, damaged step 4 skipped with a warning.
+  caplog.clear()
+  assert list(eval_lib.evaluate(None, workdir, timeout_secs=0.5, poll_secs=0.1)) == [2]
+  assert len(warnings_about(caplog, f'step 4 ({ckpt_dir}/4) does not restore')) == 2
+  _, _, step = checkpoints.load_model(workdir)
+  assert step == 2
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Readers set nothing aside.
+  with pytest.raises(checkpoints.CheckpointError, match=f'step 4 \\({ckpt_dir}/4\\)'):
+    checkpoints.load_model(os.path.join(ckpt_dir, '4'))  # A step asked for: no fallback.
+
+
+def test_a_step_directory_is_a_checkpoint(tiny_run):
+  _, config, step = checkpoints.load_model(os.path.join(tiny_run, 'checkpoints', '2'))
+  assert step == 2 and config.model.growth_rate == 8
+  assert checkpoints.locate(tiny_run) == (os.path.join(tiny_run, 'checkpoints'), None)
+
+
+class Killed(BaseException):
+  """Stands for SIGKILL: nothing catches it."""
+
+
+def test_best_checkpoint_survives_a_kill_between_removing_and_replacing_it(
+    tiny_run, tmp_path, monkeypatch):
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  best_dir = os.path.join(workdir, 'best_checkpoint')
+  checkpoints.save_best(ckpt_dir, 2, best_dir)
+  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+  with open(os.path.join(workdir, 'eval', 'best.json'), 'w') as f:
+    json.dump({'step': 2, 'metric': 'depth/rmse', 'value': 1.0}, f)
+  # Killed as the new copy is moved in, after the old one went away.
+  replace = os.replace
+
+  def killed_moving_in(src, dst):
+    if src.endswith('.tmp'):
+      raise Killed()
+    replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', killed_moving_in)
+  with pytest.raises(Killed):
+    checkpoints.save_best(ckpt_dir, 4, best_dir)
+  monkeypatch.setattr(os, 'replace', replace)
+  # The rerun scores step 4 worse than the recorded best: it must not leave best lost.
+  monkeypatch.setattr(eval_lib.Evaluator, 'evaluate',
+                      lambda self, model: ({'depth/rmse': 9.0, 'num_images': 4.0}, {}))
+  eval_lib.evaluate(None, workdir, once=True, timeout_secs=0)
+  assert os.listdir(best_dir) == ['2']
+  assert not [n for n in os.listdir(workdir) if n.startswith('best_checkpoint.')]
+  assert checkpoints.load_model(best_dir)[2] == 2
+
