@@ -95,6 +95,17 @@ def time_steps(step: Callable[[], object], *, steps: int, warmup: int) -> dict[s
   return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times)}
 
 
+def _compile(name: str, jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]]:
+  """``jitted`` compiled for ``args``, and the seconds spent tracing/lowering and in XLA."""
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  logging.info('%s: lowered in %.1f s, compiled in %.1f s.', name, lower_s, compile_s)
+  return compiled, {'lower_s': lower_s, 'compile_s': compile_s}
+
+
 def _flops(compiled) -> float | None:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
@@ -164,14 +175,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     state = trainer.initial_state
     device_batch = sharding.global_batch(batch, trainer.batch_sharding)
 
-    start = time.perf_counter()
-    lowered = trainer.step_fn.lower(state, device_batch)
-    train_lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    train_step = lowered.compile()
-    train_compile_s = time.perf_counter() - start
-    logging.info('Train step: lowered in %.1f s, compiled in %.1f s.', train_lower_s,
-                 train_compile_s)
+    train_step, train_compile = _compile('Train step', trainer.step_fn, state, device_batch)
 
     def run_train():
       nonlocal state
@@ -185,39 +189,28 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     eval_graphdef = trainer.eval_graphdef
     forward = jax.jit(lambda params, batch_stats, images: nnx.merge(
         eval_graphdef, params, batch_stats)(images))
-    start = time.perf_counter()
-    lowered = forward.lower(state.params, state.batch_stats, device_batch['image'])
-    eval_lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    eval_forward = lowered.compile()
-    eval_compile_s = time.perf_counter() - start
-    logging.info('Eval forward: compiled in %.1f s.', eval_compile_s)
+    eval_forward, eval_compile = _compile('Eval forward', forward, state.params,
+                                          state.batch_stats, device_batch['image'])
     run_eval = lambda: jax.block_until_ready(
         eval_forward(state.params, state.batch_stats, device_batch['image']))
     eval_load = wait_for_quiet(max_busy_cores, max_wait)
     eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
 
-  train_flops, eval_flops = _flops(train_step), _flops(eval_forward)
   peak = peak_bf16_flops(results['device'])
   peak = peak * jax.device_count() if peak else None
 
-  def share_of_peak(flops, seconds):
-    return flops / seconds / peak if flops and peak else None
+  def figures(compiled, compile_times, times, load):
+    flops = _flops(compiled)
+    per_s = flops / times['median_s'] if flops else None
+    return {**compile_times, **times,
+            'images_per_s': n / times['median_s'], 'flops': flops, 'flops_per_s': per_s,
+            'share_of_bf16_peak': per_s / peak if per_s and peak else None,
+            'xla_buffer_bytes': _xla_buffer_bytes(compiled), 'load': load}
 
   peak_bytes, peak_source = peak_memory()
   results.update({
-      'train': {
-          'lower_s': train_lower_s, 'compile_s': train_compile_s, **train_times,
-          'images_per_s': n / train_times['median_s'], 'flops': train_flops,
-          'flops_per_s': train_flops / train_times['median_s'] if train_flops else None,
-          'share_of_bf16_peak': share_of_peak(train_flops, train_times['median_s']),
-          'xla_buffer_bytes': _xla_buffer_bytes(train_step), 'load': train_load},
-      'eval': {
-          'lower_s': eval_lower_s, 'compile_s': eval_compile_s, **eval_times,
-          'images_per_s': n / eval_times['median_s'], 'flops': eval_flops,
-          'flops_per_s': eval_flops / eval_times['median_s'] if eval_flops else None,
-          'share_of_bf16_peak': share_of_peak(eval_flops, eval_times['median_s']),
-          'xla_buffer_bytes': _xla_buffer_bytes(eval_forward), 'load': eval_load},
+      'train': figures(train_step, train_compile, train_times, train_load),
+      'eval': figures(eval_forward, eval_compile, eval_times, eval_load),
       'peak_memory_bytes': peak_bytes, 'peak_memory_source': peak_source,
       'peak_memory_bytes_per_image': peak_bytes / n,
   })
