@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from hded_jax import defocus
 from hded_jax import losses
 from hded_jax import models
 
@@ -32,6 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
       min_depth=1e-3,
       max_depth=10.0,
       eval_protocol='authors',
+      # Render the defocused input during training from the stored AiF image and depth, with
+      # this camera instead of the stored renderings: per field None (each example's own), a
+      # value, or a (low, high) range drawn per training example; evaluation takes each
+      # range's middle. Metres (the f-number is a ratio); the pixel size at the stored image
+      # resolution. All None: the stored images. E.g.
+      # --config.dataset.camera.focus_distance=1.5,3.0
+      camera=ml_collections.ConfigDict({
+          name: ml_collections.FieldReference(None, field_type=object)
+          for name in defocus.CAMERA_FIELDS}),
   ))
 
   config.loss = losses.default_loss_config()

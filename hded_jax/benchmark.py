@@ -1,7 +1,7 @@
 r"""Times the full training and inference programs of a config: compile, step, memory, FLOPs.
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
-      [--output=results.json] [--torch]
+      [--output=results.json] [--torch] [--rendering]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
@@ -24,6 +24,10 @@ flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same d
                   'torch extra; on CUDA set XLA_PYTHON_CLIENT_PREALLOCATE=false to share memory).')
 flags.DEFINE_list('torch_modes', None, 'PyTorch modes to time (default: all the device has: '
                   f'{benchmark_lib.TORCH_MODES}).')
+flags.DEFINE_bool('rendering', False, 'Also time rendering the inputs from the AiF image and '
+                  'the depth, as config.dataset.camera does (focus drawn from '
+                  f'{benchmark_lib.RENDERING_FOCUS_RANGE} m if the config sets no camera), and '
+                  'report what it adds to the train step.')
 flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits in device '
                   'memory, with and without remat.')
 flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
@@ -44,6 +48,7 @@ def main(argv):
   results = benchmark_lib.run_benchmark(
       config, steps=FLAGS.steps, warmup=FLAGS.warmup, pipeline_batches=FLAGS.pipeline_batches,
       with_torch=FLAGS.torch, torch_modes=FLAGS.torch_modes, find_largest_batch=FLAGS.largest_batch,
+      rendering=FLAGS.rendering,
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       output=FLAGS.output)
   print(benchmark_lib.format_table(results))

@@ -1,19 +1,24 @@
-r"""Defocus rendering speed: one frame on one core, and dataset preparation on several.
+r"""Defocus rendering speed: one frame on one core, dataset preparation on several, and blur maps
+stored against computed.
 
   python -m hded_jax.benchmark_defocus [--variants=d3net,clean:0,clean] [--repeats=5]
   python -m hded_jax.benchmark_defocus --measure=prepare [--workers=1,2] [--frames=16]
+  python -m hded_jax.benchmark_defocus --measure=blur_map [--frame_size=480,640]
 
 `render` times ``render_defocus`` on an NYU-like frame (``synthetic_defocus.room_scene``, depths
 0.5-10 m, 480x640 unless --frame_size says otherwise), pinned to one core with XLA
 single-threaded. `prepare` renders and encodes
 frames as the NYU builder does (its ``render_example`` through ``map_in_order``) on 1, 2, ...
 worker processes, and estimates the rate on more cores from the rate per worker and the cost of
-what the writing process does for every frame.
+what the writing process does for every frame. `blur_map` weighs storing each example's blur
+map (a zlib-compressed float32 feature, as the depth is stored) against computing it from the
+depth and the camera (`input_pipeline.blur_map`): bytes per example and time per example.
 """
 
 import functools
 import os
 import time
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,11 +26,13 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 
 from hded_jax import defocus
+from hded_jax import input_pipeline
 from tfds_builders import common
 from tfds_builders import synthetic_defocus
 from tfds_builders.nyu_depth_v2_defocus import nyu_depth_v2_defocus_dataset_builder as nyu
 
-_MEASURE = flags.DEFINE_enum('measure', 'render', ['render', 'prepare'], 'What to time.')
+_MEASURE = flags.DEFINE_enum('measure', 'render', ['render', 'prepare', 'blur_map'],
+                             'What to time.')
 _VARIANTS = flags.DEFINE_list(
     'variants', ['d3net', 'clean:0', 'clean'],
     'render: mode[:sigma_tolerance] of each variant (default tolerance: the mode\'s own).')
@@ -63,7 +70,8 @@ def measure_render(size: tuple[int, int], variants: Sequence[str], repeats: int)
 def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_frames: int,
                     cores: int) -> None:
   camera = defocus.camera_preset('nyu')
-  render = functools.partial(nyu.render_example, camera=camera, mode='d3net')
+  render = functools.partial(nyu.render_example, camera=camera, mode='d3net',
+                             sigma_tolerance=0.0)
   frames = [(i, *synthetic_defocus.room_scene(*size, seed=i)) for i in range(num_frames)]
   print(f'{num_frames} {size[0]}x{size[1]} NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
         f'average {os.getloadavg()[0]:.1f}')
@@ -92,13 +100,50 @@ def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_fra
         f'{NYU_FRAMES / estimate / 60:.1f} min plus start-up')
 
 
+def measure_blur_map(size: tuple[int, int], repeats: int) -> None:
+  aif, depth = synthetic_defocus.room_scene(*size)
+  camera = defocus.CAMERAS['nyu']
+  example = {'image': defocus.render_defocus(aif, depth, camera, mode='d3net',
+                                             sigma_tolerance=0.0),
+             'aif': aif, 'depth': depth, 'camera': common.camera_features(camera), 'index': 0}
+  features = common.defocus_features(size, size)
+  stored = features.encode_example(example)
+  example_bytes = sum(len(v) if isinstance(v, bytes) else np.asarray(v).nbytes
+                      for k, v in stored.items() if k != 'camera')
+  blur = input_pipeline.blur_map(depth, input_pipeline.camera_array(example))
+  blur_feature = tfds.features.Tensor(shape=size, dtype=np.float32,
+                                      encoding=tfds.features.Encoding.ZLIB)
+  blur_bytes = len(blur_feature.encode_example(blur))
+
+  def best_of(fn):
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  encoded = blur_feature.encode_example(blur)
+  decode = lambda: np.frombuffer(zlib.decompress(encoded), np.float32).reshape(size)
+  compute = lambda: input_pipeline.blur_map(depth, input_pipeline.camera_array(example))
+  np.testing.assert_array_equal(decode(), compute())
+  print(f'{size[0]}x{size[1]} NYU-like frame: example {example_bytes / 1e3:.0f} kB stored (PNGs '
+        f'and zlib depth); a stored blur map would add {blur_bytes / 1e3:.0f} kB '
+        f'(+{100 * blur_bytes / example_bytes:.0f}%; the depth it derives from takes '
+        f'{len(stored["depth"]) / 1e3:.0f} kB). Reading it back (zlib): '
+        f'{1e3 * best_of(decode):.2f} ms; computing it from depth and camera: '
+        f'{1e3 * best_of(compute):.2f} ms (best of {repeats}).')
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   size = tuple(int(n) for n in _FRAME_SIZE.value)
   if len(size) != 2:
     raise app.UsageError(f'--frame_size takes a height and a width, got {_FRAME_SIZE.value}.')
-  if _MEASURE.value == 'render':
+  if _MEASURE.value == 'blur_map':
+    measure_blur_map(size, _REPEATS.value)
+  elif _MEASURE.value == 'render':
     # One core, one XLA thread: set before JAX's backend starts (it has not: nothing ran yet).
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

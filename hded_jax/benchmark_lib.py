@@ -8,6 +8,10 @@ median of timed steps after warm-up (synchronised with `block_until_ready`); pea
 sizes); XLA's FLOP count (`cost_analysis()`) and the FLOP/s achieved; the input pipeline's
 examples/s on its own (the prepared dataset if there is one, else an in-memory source of
 NYU-sized 480x640 frames); on an accelerator, FLOP/s as a share of the devices' dense bf16 peak.
+With ``config.dataset.camera`` the train step renders its inputs (`input_pipeline.Rendering`);
+that rendering (with ``rendering``, also when the config renders nothing: then with focus
+distances drawn from ``RENDERING_FOCUS_RANGE``) is timed alone, and what it adds to the train
+step reported.
 ``with_torch`` also times the PyTorch reference (`hded_jax.pytorch.reference`) on the same device:
 on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16 autocast, all
 channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
@@ -31,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import sharding
 from hded_jax import train_lib
@@ -45,6 +50,10 @@ PEAK_BF16_FLOPS = (
     ('L4', 121e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
     ('TPU v6', 918e12),
 )
+
+
+# The focus distances rendered when the benchmark times rendering for a config without a camera.
+RENDERING_FOCUS_RANGE = (1.5, 3.0)
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:
@@ -136,7 +145,8 @@ def synthetic_source(num_examples: int, seed: int = 0) -> list[dict[str, np.ndar
   rng = np.random.default_rng(seed)
   return [{'image': rng.integers(0, 256, (*NYU_FRAME, 3), np.uint8),
            'aif': rng.integers(0, 256, (*NYU_FRAME, 3), np.uint8),
-           'depth': rng.uniform(0.5, 10, NYU_FRAME).astype(np.float32)}
+           'depth': rng.uniform(0.5, 10, NYU_FRAME).astype(np.float32),
+           'camera': defocus.CAMERAS['nyu'].as_dict()}
           for _ in range(num_examples)]
 
 
@@ -160,8 +170,9 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
 
 
 def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
-                  max_busy_cores: float, max_wait: float) -> dict:
-  """Compiles and times the train step and the eval forward of ``config``."""
+                  max_busy_cores: float, max_wait: float, rendering: bool = False) -> dict:
+  """Compiles and times the train step and the eval forward of ``config`` (and, with
+  ``rendering`` or a camera in the config, rendering the inputs)."""
   n = config.batch_size
   if n % jax.device_count():
     raise ValueError(f'batch_size={n} must be a multiple of the {jax.device_count()} devices '
@@ -185,14 +196,18 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     train_load = wait_for_quiet(max_busy_cores, max_wait)
     train_times = time_steps(run_train, steps=steps, warmup=warmup)
     logging.info('Train step: %s (load %s).', train_times, train_load)
+    if trainer.rendering or rendering:
+      results['rendering'] = benchmark_rendering(
+          config, trainer.batch_sharding, train_times['median_s'],
+          step_renders=bool(trainer.rendering), steps=steps, warmup=warmup,
+          max_busy_cores=max_busy_cores, max_wait=max_wait)
 
     eval_graphdef = trainer.eval_graphdef
-    forward = jax.jit(lambda params, batch_stats, images: nnx.merge(
-        eval_graphdef, params, batch_stats)(images))
-    eval_forward, eval_compile = _compile('Eval forward', forward, state.params,
-                                          state.batch_stats, device_batch['image'])
-    run_eval = lambda: jax.block_until_ready(
-        eval_forward(state.params, state.batch_stats, device_batch['image']))
+    forward = jax.jit(lambda params, batch_stats, images, camera: nnx.merge(
+        eval_graphdef, params, batch_stats)(images, camera=camera))
+    eval_args = (state.params, state.batch_stats, device_batch['image'], device_batch['camera'])
+    eval_forward, eval_compile = _compile('Eval forward', forward, *eval_args)
+    run_eval = lambda: jax.block_until_ready(eval_forward(*eval_args))
     eval_load = wait_for_quiet(max_busy_cores, max_wait)
     eval_times = time_steps(run_eval, steps=steps, warmup=warmup)
 
@@ -215,6 +230,27 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
       'peak_memory_bytes_per_image': peak_bytes / n,
   })
   return results
+
+
+def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train_step_s: float,
+                        *, step_renders: bool, steps: int, warmup: int, max_busy_cores: float,
+                        max_wait: float) -> dict:
+  """The rendering of a batch's inputs timed alone, and what it adds to the train step without
+  it (``overhead``; ``step_renders``: the timed step includes it)."""
+  if not step_renders:
+    config = config.copy_and_resolve_references()
+    config.dataset.camera.focus_distance = RENDERING_FOCUS_RANGE
+  rendering = input_pipeline.rendering(config)
+  batch = sharding.global_batch(input_pipeline.random_batch(config), batch_sharding)
+  render = jax.jit(lambda batch: rendering(batch)['image'])
+  jax.block_until_ready(render(batch))
+  load = wait_for_quiet(max_busy_cores, max_wait)
+  times = time_steps(lambda: jax.block_until_ready(render(batch)), steps=steps, warmup=warmup)
+  plain_step_s = train_step_s - times['median_s'] if step_renders else train_step_s
+  return {**times, 'mode': rendering.mode, 'sigma_tolerance': rendering.sigma_tolerance,
+          'scale': rendering.scale, 'camera': config.dataset.camera.to_dict(),
+          'step_renders': step_renders, 'overhead': times['median_s'] / max(plain_step_s, 1e-9),
+          'load': load}
 
 
 # PyTorch precision modes timed per device: float32 is the authors' setting; on CUDA also TF32
@@ -332,7 +368,8 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 2,
                   pipeline_batches: int = 20, with_torch: bool = False,
-                  torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False, max_busy_cores: float = 0.5,
+                  torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False,
+                  rendering: bool = False, max_busy_cores: float = 0.5,
                   max_wait: float = 180.0, output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given."""
@@ -346,7 +383,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
-  results['jax'] = benchmark_jax(config, **timing)
+  results['jax'] = benchmark_jax(config, **timing, rendering=rendering)
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
   if with_torch:
     results['torch'] = benchmark_torch(config, **timing, modes=torch_modes)
@@ -393,6 +430,10 @@ def format_table(results: Mapping) -> str:
               f'({jx["peak_memory_bytes_per_image"] / 2**20:.0f} MiB/image; '
               f'{jx["peak_memory_source"]}); XLA train buffers '
               f'{(jx["train"]["xla_buffer_bytes"] or 0) / 2**20:.0f} MiB')
+  if render := jx.get('rendering'):
+    rows.append(f'rendering the inputs ({render["mode"]}, sigma_tolerance '
+                f'{render["sigma_tolerance"]}): {render["median_s"]:.3f} s per batch, adds '
+                f'{100 * render["overhead"]:.1f}% to the train step without it')
   pipe = results['pipeline']
   rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
   for name, r in results.get('largest_batch', {}).items():

@@ -49,6 +49,8 @@ import numpy as np
 RHO = 0.3
 PSFS = ('gaussian', 'disk')
 MODES = ('d3net', 'clean')
+# D3-Net's mask dilation, strel('disk', 4), in the pixels of its 640x480 frames.
+DILATION_RADIUS = 4
 # The layer-merging tolerance (pixels of sigma) each mode uses unless told otherwise.
 DEFAULT_SIGMA_TOLERANCE = {'d3net': 0.0, 'clean': 0.05}
 
@@ -78,6 +80,9 @@ class Camera:
     return {k: float(v) for k, v in dataclasses.asdict(self).items()}
 
 
+# Camera's fields in order: how cameras travel as (..., 4) arrays in batches.
+CAMERA_FIELDS = tuple(field.name for field in dataclasses.fields(Camera))
+
 CAMERAS = {
     # D3-Net's NYU-v2 camera (its parameters_blurred_NYUv2.m): 5.6 um = 2 x 2.8 um for the
     # subsampled 640x480 frames.
@@ -106,15 +111,27 @@ def blur_sigma_px(depth, camera: Camera):
   D3-Net's sigma = (f/N) · 0.3 · s · |1/f - 1/s - 1/d| / pixel_size with s = (1/f - 1/d_f)^-1
   (``refoc_image.m``), written with 1/f - 1/s = 1/d_f, which avoids float32 cancellation.
   """
+  return abs(signed_blur_sigma_px(depth, camera))
+
+
+def signed_blur_sigma_px(depth, camera: Camera):
+  """``blur_sigma_px`` signed by the side of the focal plane: negative nearer than the focus
+  distance, positive beyond it (the same sigma occurs once on each side)."""
+  return blur_scale_px(camera) * (1 / camera.focus_distance - 1 / depth)
+
+
+def blur_scale_px(camera: Camera):
+  """Blur sigma in pixels per dioptre of defocus: sigma = scale · |1/d_f - 1/d|."""
   f, n = camera.focal_length, camera.f_number
   sensor_distance = 1 / (1 / f - 1 / camera.focus_distance)
-  return (f / n) * RHO * sensor_distance * abs(1 / camera.focus_distance - 1 / depth) / (
-      camera.pixel_size)
+  return (f / n) * RHO * sensor_distance / camera.pixel_size
 
 
 def render_defocus(aif, depth, camera: Camera, *, mode: str = 'clean', psf: str = 'gaussian',
                    layer_step: float = 10 / 255, sigma_tolerance: float | None = None,
-                   window: int = 21, dilation_radius: int = 4, max_layers: int = 4096):
+                   window: int = 21, dilation_radius: int = DILATION_RADIUS,
+                   max_layers: int = 4096,
+                   scale: tuple[float, float] = (1.0, 1.0)):
   """Renders the defocused image of an all-in-focus image with a depth map (D3-Net model).
 
   Args:
@@ -132,6 +149,10 @@ def render_defocus(aif, depth, camera: Camera, *, mode: str = 'clean', psf: str 
     window: PSF window size (odd); PSFs are truncated to it and renormalised.
     dilation_radius: radius of the disk that dilates each layer mask.
     max_layers: static bound on (max(d) - min(d) + 1) / layer_step, the number of layers.
+    scale: pixels of this image per pixel of the camera, along rows and columns: for an image
+      resized from the camera's resolution (an NYU frame squeezed to 256x256: (256/480,
+      256/640)). The PSF's sigma along each axis is ``blur_sigma_px`` times its factor;
+      ``sigma_tolerance`` is in pixels of this image.
 
   Returns:
     The (H, W, 3) defocused image.
@@ -142,6 +163,8 @@ def render_defocus(aif, depth, camera: Camera, *, mode: str = 'clean', psf: str 
     raise ValueError(f'Unknown psf {psf!r}; choose one of {PSFS}.')
   if window % 2 != 1 or window < 1:
     raise ValueError(f'window must be a positive odd number of pixels, got {window}.')
+  if len(scale) != 2 or min(scale) <= 0:
+    raise ValueError(f'scale must be two positive factors (rows, columns), got {scale}.')
   if np.ndim(aif) != 3 or np.shape(aif)[-1] != 3 or np.shape(depth) != np.shape(aif)[:2]:
     raise ValueError(f'Expected aif (H, W, 3) and depth (H, W), got {np.shape(aif)} and '
                      f'{np.shape(depth)}.')
@@ -167,7 +190,7 @@ def render_defocus(aif, depth, camera: Camera, *, mode: str = 'clean', psf: str 
                 layer_step=layer_step, sigma_tolerance=sigma_tolerance, window=window,
                 footprint=tuple(map(tuple, footprint)),
                 border='constant' if mode == 'd3net' else 'symmetric',
-                max_layers=max_layers)
+                max_layers=max_layers, scale=tuple(float(v) for v in scale))
   if is_uint8:
     out = jnp.clip(out, 0, 1) * 255
     # MATLAB's uint8() rounds halves away from zero; numpy's round, halves to even.
@@ -212,11 +235,11 @@ def matlab_disk(radius: int) -> np.ndarray:
   return footprint
 
 
-def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers):
-  """Per-pixel group index, the group sigmas and the group count.
+def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers, bin_scale):
+  """Per-pixel group index, the group sigmas (camera pixels) and the group count.
 
-  Groups are runs of consecutive layers (near to far) whose sigmas fall in the same
-  ``sigma_tolerance`` bin on the same side of the focal plane.
+  Groups are runs of consecutive layers (near to far) whose sigmas, times ``bin_scale``, fall in
+  the same ``sigma_tolerance`` bin on the same side of the focal plane.
   """
   lo = jnp.min(depth) - 0.5
   num_layers = jnp.floor((jnp.max(depth) - lo + 0.5) / layer_step).astype(jnp.int32)
@@ -224,7 +247,7 @@ def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers):
   sigma = blur_sigma_px(lo + (layer + 0.5) * layer_step, camera)
   if sigma_tolerance > 0:
     behind = lo + (layer + 0.5) * layer_step > camera.focus_distance
-    key = jnp.where(behind, 1, -1) * jnp.floor(sigma / sigma_tolerance)
+    key = jnp.where(behind, 1, -1) * jnp.floor(sigma * bin_scale / sigma_tolerance)
     new_group = jnp.concatenate([jnp.array([False]), key[1:] != key[:-1]])
     group = jnp.cumsum(new_group)
   else:
@@ -240,15 +263,26 @@ def _layer_groups(depth, camera, layer_step, sigma_tolerance, max_layers):
   return pixel_group, sigma, group[num_layers - 1] + 1
 
 
-def _psf(sigma, psf, window):
-  """The PSF's 1-D factor (window,) for the separable Gaussian, else its (window, window) disk."""
+def _psf(sigma, psf, window, scale):
+  """The PSF of ``sigma`` camera pixels in pixels scaled by ``scale`` (rows, columns): the
+  separable Gaussian's 1-D factors (rows, columns), each (window,), else a (window, window)
+  disk (an ellipse where the scales differ)."""
   t = jnp.arange(window, dtype=jnp.float32) - window // 2
   if psf == 'gaussian':
     # fspecial('gaussian', 21, sigma + 1e-4): a truncated, renormalised, separable Gaussian.
-    g = jnp.exp(-t**2 / (2 * (sigma + 1e-4)**2))
-    return g / g.sum()
+    def gaussian(s):
+      g = jnp.exp(-t**2 / (2 * (sigma * s + 1e-4)**2))
+      return g / g.sum()
+    return tuple(gaussian(s) for s in scale)
   radius = sigma / (2 * RHO)
-  disk = jnp.clip(radius + 0.5 - jnp.hypot(t[:, None], t[None, :]), 0, 1)
+  if scale[0] == scale[1]:
+    disk = jnp.clip(radius * scale[0] + 0.5 - jnp.hypot(t[:, None], t[None, :]), 0, 1)
+  else:
+    # The ellipse's edge at its mean radius, antialiased over one pixel as the disk's.
+    ry, rx = (jnp.maximum(radius * s, 1e-6) for s in scale)
+    mean_radius = jnp.sqrt(ry * rx)
+    distance = mean_radius * jnp.hypot(t[:, None] / ry, t[None, :] / rx)
+    disk = jnp.clip(mean_radius + 0.5 - distance, 0, 1)
   return disk / disk.sum()
 
 
@@ -266,29 +300,32 @@ def _dilate(mask, footprint):
 
 
 def _blur(x, kernel):
-  """Valid-mode convolution of (C, H', W') by a 1-D kernel along H' then W', or a 2-D one.
+  """Valid-mode convolution of (C, H', W') by 1-D kernels along H' then W' (a pair), or a 2-D
+  one.
 
   Sums of shifted slices: on CPU, XLA's depthwise ``conv_general_dilated`` is ~50x slower.
   """
-  n = kernel.shape[0]
+  n = len(kernel[0]) if isinstance(kernel, tuple) else kernel.shape[0]
   h, w = x.shape[1] - n + 1, x.shape[2] - n + 1
   along_w = lambda x, k: sum(k[j] * x[:, :, j:j + w] for j in range(n))
-  if kernel.ndim == 2:
+  if not isinstance(kernel, tuple):
     # Row by row in a loop: unrolling all n * n taps makes compilation slow.
     add_row = lambda i, acc: acc + along_w(
         jax.lax.dynamic_slice_in_dim(x, i, h, axis=1), kernel[i])
     return jax.lax.fori_loop(0, n, add_row, jnp.zeros((x.shape[0], h, w), x.dtype))
-  return along_w(sum(kernel[i] * x[:, i:i + h] for i in range(n)), kernel)
+  kernel_h, kernel_w = kernel
+  return along_w(sum(kernel_h[i] * x[:, i:i + h] for i in range(n)), kernel_w)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'psf', 'layer_step', 'sigma_tolerance', 'window', 'footprint', 'border', 'max_layers'))
+    'psf', 'layer_step', 'sigma_tolerance', 'window', 'footprint', 'border', 'max_layers',
+    'scale'))
 def _render(image, depth, camera, *, psf, layer_step, sigma_tolerance, window, footprint,
-            border, max_layers):
+            border, max_layers, scale):
   """``border``: how the image and the dilated masks extend beyond the frame (a jnp.pad mode)."""
   pad = window // 2
   pixel_group, group_sigma, num_groups = _layer_groups(
-      depth, camera, layer_step, sigma_tolerance, max_layers)
+      depth, camera, layer_step, sigma_tolerance, max_layers, max(scale))
   # Channels first: the shifted slices then run along contiguous rows.
   padded_image = jnp.pad(image.transpose(2, 0, 1), ((0, 0), (pad, pad), (pad, pad)),
                          mode=border)
@@ -305,7 +342,7 @@ def _render(image, depth, camera, *, psf, layer_step, sigma_tolerance, window, f
   def add_group(g, out, visibility):
     mask = layer_mask(g).astype(jnp.float32)[None]
     blurred = _blur(jnp.concatenate([mask * padded_image, mask]),
-                    _psf(group_sigma[g], psf, window))
+                    _psf(group_sigma[g], psf, window, scale))
     return out + blurred[:3] * visibility, visibility * (1 - blurred[3:])
 
   def body(state):

@@ -3,6 +3,10 @@
 grain's iterator state is small JSON that goes into every checkpoint, so a restarted run continues
 the data order where it stopped instead of starting over. Each process reads only its own slice of
 the data; `sharding.global_batch` assembles the per-process arrays into one array over the mesh.
+
+Every example carries its camera and its blur map. With ``config.dataset.camera`` set, the
+pipeline draws each example's camera and leaves out the stored defocused image: the jitted train
+and eval steps render it (`Rendering`) from the AiF image and the depth.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,6 +16,7 @@ import math
 
 import grain
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -19,6 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from hded_jax import defocus
 from hded_jax import images
 
 PREPARE_HINT = 'Build it once with `{command}` (see README.md, "Datasets").'
@@ -30,9 +36,8 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   In a multi-process run only process 0 builds; the others wait for it, then read what it wrote.
   """
   from tfds_builders import registry  # pylint: disable=g-import-not-at-top
-  name, data_dir = config.dataset.name, config.dataset.data_dir
-  make = functools.partial(registry.builder, name, data_dir=data_dir,
-                           config=config.dataset.get('builder_config') or None)
+  name = config.dataset.name
+  make = functools.partial(_builder, config)
   builder = make()
   if builder.is_prepared():
     return builder
@@ -65,6 +70,13 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   return builder
 
 
+def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder of ``config.dataset``, prepared or not (its configuration and features)."""
+  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
+  return registry.builder(config.dataset.name, data_dir=config.dataset.data_dir,
+                          config=config.dataset.get('builder_config') or None)
+
+
 def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, np.ndarray]]:
   return dataset_builder(config).as_data_source(split=split)
 
@@ -77,44 +89,167 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class CameraChoice:
+  """``config.dataset.camera``: per field of ``defocus.Camera``, None (each example's own), a
+  value, or a (low, high) range drawn uniformly for every training example. Evaluation takes
+  each range's middle. Lengths in metres; the pixel size is the camera's at the resolution the
+  dataset stores (its ``camera`` feature's)."""
+  ranges: tuple[tuple[float, float] | None, ...]
+
+  @classmethod
+  def from_config(cls, camera: ml_collections.ConfigDict | None) -> 'CameraChoice | None':
+    """None when no field is set (or configs from before the field have none): the stored
+    defocused images are used."""
+    if camera is None:
+      return None
+    if unknown := sorted(set(camera) - set(defocus.CAMERA_FIELDS)):
+      raise ValueError(f'config.dataset.camera has unknown fields {unknown}; its fields are '
+                       f'{defocus.CAMERA_FIELDS}.')
+    ranges = []
+    for name in defocus.CAMERA_FIELDS:
+      value = camera.get(name)
+      if value is not None:
+        bounds = (value, value) if isinstance(value, (int, float)) else tuple(value)
+        if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+          raise ValueError(
+              f'config.dataset.camera.{name}={value!r}: give a positive value or a range '
+              '(low, high) with 0 < low <= high, in metres (the f-number: a ratio).')
+        value = (float(bounds[0]), float(bounds[1]))
+      ranges.append(value)
+    return cls(tuple(ranges)) if any(r is not None for r in ranges) else None
+
+  def sample(self, own: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """The (4,) camera of one example: drawn with ``rng``, or each range's middle without."""
+    camera = np.array(own, np.float32)
+    for i, bounds in enumerate(self.ranges):
+      if bounds is not None:
+        low, high = bounds
+        camera[i] = (low + high) / 2 if rng is None or low == high else rng.uniform(low, high)
+    defocus.Camera(*map(float, camera))  # Raises if the lens cannot focus there.
+    return camera
+
+
+def camera_array(example) -> np.ndarray:
+  """The (4,) float32 camera of a dataset example (``defocus.CAMERA_FIELDS`` order)."""
+  return np.array([example['camera'][name] for name in defocus.CAMERA_FIELDS], np.float32)
+
+
+def blur_map(depth: np.ndarray, camera: np.ndarray) -> np.ndarray:
+  """Signed blur sigma in the camera's pixels (``defocus.signed_blur_sigma_px``: negative in
+  front of the focal plane), 0 where the depth is invalid (0)."""
+  valid = depth > 0
+  sigma = defocus.signed_blur_sigma_px(np.where(valid, depth, 1), defocus.Camera(
+      *map(float, camera)))
+  return np.where(valid, sigma, 0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Preprocess:
   """Resizes to the training size (aspect not kept, as the authors did) and augments.
 
   Depth is resized with nearest neighbour so that invalid (0) pixels never blend into valid ones,
   or kept on its stored grid with ``native_depth`` (evaluation protocols that score there). The
-  same flip and colour change apply to the defocused image and the AiF target.
+  same flip and colour change apply to the defocused image and the AiF target. ``blur`` is the
+  signed blur map on the depth's grid, in the camera's pixels (`blur_map`).
+
+  With ``camera`` (a `CameraChoice`) the example's camera is drawn (training) or fixed (no
+  ``rng``), the stored ``image`` is left out, and ``render_depth`` holds what the steps render
+  with (`Rendering`): the depth at the training size, invalid pixels at ``fill_depth`` (None:
+  the example's farthest valid depth).
   """
   image_size: tuple[int, int]
   hflip: bool = False
   color_jitter: float = 0.0
   native_depth: bool = False
+  camera: CameraChoice | None = None
+  fill_depth: float | None = None
 
   def __call__(self, example, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     size = tuple(self.image_size)
-    image = images.to_network_range(_resize(example['image'], size, Image.BILINEAR))
-    aif = images.to_network_range(_resize(example['aif'], size, Image.BILINEAR))
-    depth = np.asarray(example['depth'], np.float32)
-    if not self.native_depth:
-      depth = _resize(depth, size, Image.NEAREST)
+    out = {'aif': images.to_network_range(_resize(example['aif'], size, Image.BILINEAR))}
+    if self.camera is None:
+      out['image'] = images.to_network_range(_resize(example['image'], size, Image.BILINEAR))
+    stored_depth = np.asarray(example['depth'], np.float32)
+    out['depth'] = stored_depth if self.native_depth else _resize(stored_depth, size,
+                                                                  Image.NEAREST)
+    if self.camera is not None:
+      valid = stored_depth > 0
+      fill = self.fill_depth or (stored_depth.max() if valid.any() else 1.0)
+      # As the builders rendered: a depth on the image's grid resized like `depth` (blending
+      # depths across occlusion edges would blur them as one layer), a coarser grid
+      # (Make3D's) upsampled bilinearly.
+      on_image_grid = stored_depth.shape == example['aif'].shape[:2]
+      out['render_depth'] = _resize(np.where(valid, stored_depth, fill), size,
+                                    Image.NEAREST if on_image_grid else Image.BILINEAR)
     if rng is not None and self.hflip and rng.random() < 0.5:
-      image, aif, depth = image[:, ::-1], aif[:, ::-1], depth[:, ::-1]
+      out = {k: v[:, ::-1] for k, v in out.items()}
     if rng is not None and self.color_jitter:
-      image, aif = _color_jitter(image, aif, rng, self.color_jitter)
-    return {'image': np.ascontiguousarray(image), 'aif': np.ascontiguousarray(aif),
-            'depth': np.ascontiguousarray(depth), 'depth_valid': depth > 0}
+      jitter = _color_jitter(rng, self.color_jitter)
+      out.update({k: jitter(out[k]) for k in ('image', 'aif') if k in out})
+    camera = camera_array(example)
+    if self.camera is not None:
+      camera = self.camera.sample(camera, rng)
+    out = {k: np.ascontiguousarray(v) for k, v in out.items()}
+    out.update(depth_valid=out['depth'] > 0, blur=blur_map(out['depth'], camera), camera=camera)
+    return out
 
 
-def _color_jitter(image, aif, rng, strength):
-  """Brightness, contrast and per-channel gain, identical on both images."""
+def _color_jitter(rng, strength):
+  """A brightness, contrast and per-channel gain change, drawn once for the input and the AiF."""
   brightness = rng.uniform(-strength, strength)
   contrast = rng.uniform(1 - strength, 1 + strength)
   gain = rng.uniform(1 - strength / 2, 1 + strength / 2, size=3).astype(np.float32)
 
   def apply(x):
     mean = x.mean()
-    return np.clip((x - mean) * contrast + mean + brightness, -1, 1) * gain
+    return np.clip(np.clip((x - mean) * contrast + mean + brightness, -1, 1) * gain, -1, 1)
 
-  return np.clip(apply(image), -1, 1), np.clip(apply(aif), -1, 1)
+  return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendering:
+  """Renders a batch's network input inside the jitted steps, from its ``aif``, ``render_depth``
+  and ``camera``, as the dataset's builder rendered the stored images (its renderer mode and
+  layer merging) but at the input size: ``scale`` (rows, columns) converts the camera's pixels,
+  those of the stored images, to the input's, and D3-Net's 4-pixel mask dilation scales with
+  their geometric mean. The batch is rendered as one vectorised program (``jax.vmap``).
+  """
+  mode: str
+  sigma_tolerance: float | None
+  scale: tuple[float, float]
+  dilation_radius: int
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``batch`` with its ``image``: the defocused input in [-1, 1]."""
+    render = functools.partial(
+        defocus.render_defocus, mode=self.mode, sigma_tolerance=self.sigma_tolerance,
+        dilation_radius=self.dilation_radius, scale=self.scale)
+    aif = jnp.clip(images.to_unit_range(batch['aif']), 0, 1)
+    cameras = defocus.Camera(*jnp.moveaxis(batch['camera'], -1, 0))
+    image = jax.vmap(render)(aif, batch['render_depth'], cameras)
+    return {**batch, 'image': image * 2 - 1}
+
+
+def rendering(config: ml_collections.ConfigDict) -> Rendering | None:
+  """How the steps render their inputs with ``config.dataset.camera``; None without it."""
+  if CameraChoice.from_config(config.dataset.get('camera')) is None:
+    return None
+  builder = _builder(config)
+  stored = builder.info.features['image'].shape[:2]
+  h, w = config.dataset.image_size
+  scale = (h / stored[0], w / stored[1])
+  return Rendering(mode=builder.builder_config.defocus_mode,
+                   sigma_tolerance=builder.builder_config.sigma_tolerance, scale=scale,
+                   dilation_radius=max(1, round(defocus.DILATION_RADIUS * math.sqrt(
+                       scale[0] * scale[1]))))
+
+
+def preprocess(config: ml_collections.ConfigDict, **kwargs) -> Preprocess:
+  """The `Preprocess` of ``config.dataset`` (kwargs: augmentation, ``native_depth``)."""
+  return Preprocess(tuple(config.dataset.image_size),
+                    camera=CameraChoice.from_config(config.dataset.get('camera')),
+                    fill_depth=config.dataset.max_depth, **kwargs)
 
 
 class _RandomPreprocess(grain.transforms.RandomMap):
@@ -141,9 +276,8 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   ds = grain.MapDataset.source(source)
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.seed(config.seed).shuffle().repeat(None)
-  ds = ds.random_map(_RandomPreprocess(Preprocess(
-      tuple(config.dataset.image_size), hflip=config.dataset.hflip,
-      color_jitter=config.dataset.color_jitter)))
+  ds = ds.random_map(_RandomPreprocess(preprocess(
+      config, hflip=config.dataset.hflip, color_jitter=config.dataset.color_jitter)))
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.dataset.num_threads,
                                             prefetch_buffer_size=config.dataset.prefetch))
@@ -158,24 +292,36 @@ def eval_batches(config: ml_collections.ConfigDict, source, num_examples: int | 
 
   Every process yields the same number of batches (processes must step together).
   """
-  preprocess = Preprocess(tuple(config.dataset.image_size), native_depth=native_depth)
+  prepare = preprocess(config, native_depth=native_depth)
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local = local_batch_size(config.eval_batch_size)
   global_size = local * jax.process_count()
   for b in range(math.ceil(n / global_size)):
     start = b * global_size + jax.process_index() * local
     indices = range(start, start + local)
-    examples = [preprocess(source[min(i, n - 1)]) for i in indices]
+    examples = [prepare(source[min(i, n - 1)]) for i in indices]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     batch['example_mask'] = np.array([i < n for i in indices])
     yield batch
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global training batch of random values with the pipeline's keys, shapes and dtypes."""
+  """A global training batch with the pipeline's keys, shapes and dtypes: random images, and
+  an NYU-like room's depth (0.5-10 m), as layered as real frames for rendering, seen by the
+  NYU camera (``config.dataset.camera`` where it sets values or ranges)."""
+  from tfds_builders import synthetic_defocus  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   n, (h, w) = config.batch_size, tuple(config.dataset.image_size)
-  return {'image': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
-          'aif': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
-          'depth': rng.uniform(0.5, 10, (n, h, w)).astype(np.float32),
-          'depth_valid': np.ones((n, h, w), bool)}
+  depth = np.broadcast_to(synthetic_defocus.room_scene(h, w, seed)[1], (n, h, w))
+  nyu = defocus.CAMERAS['nyu']
+  camera = np.array([getattr(nyu, name) for name in defocus.CAMERA_FIELDS], np.float32)
+  choice = CameraChoice.from_config(config.dataset.get('camera'))
+  cameras = np.stack([choice.sample(camera, rng) if choice else camera for _ in range(n)])
+  batch = {'image': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
+           'aif': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
+           'depth': depth.copy(), 'depth_valid': np.ones((n, h, w), bool),
+           'blur': np.stack([blur_map(d, c) for d, c in zip(depth, cameras)]),
+           'camera': cameras}
+  if choice is not None:
+    batch['render_depth'] = depth.copy()
+  return batch

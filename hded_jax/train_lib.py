@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from hded_jax import checkpoints
+from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import losses
 from hded_jax import models
@@ -76,14 +77,20 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.Gradien
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, tx, schedule,
-               loss_config, dropout_key) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step. Dropout keys derive from (seed, step): resuming reproduces them."""
+               loss_config, dropout_key,
+               rendering=None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. Dropout keys derive from (seed, step): resuming reproduces them.
+
+  ``rendering`` (an `input_pipeline.Rendering`) renders the defocused inputs first.
+  """
   step_key = jax.random.fold_in(dropout_key, state.step)
+  if rendering is not None:
+    batch = rendering(batch)
 
   def loss_fn(params, batch_stats):
     # copy: BatchNorm updates its statistics in place, inside this (grad) trace.
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    outputs = model(batch['image'], rngs=nnx.Rngs(dropout=step_key))
+    outputs = model(batch['image'], camera=batch['camera'], rngs=nnx.Rngs(dropout=step_key))
     total, terms = losses.compute_loss(outputs, batch, loss_config)
     return total, (terms, nnx.state(model, nnx.BatchStat))
 
@@ -136,10 +143,11 @@ class Trainer:
     self.initial_state = jax.jit(initial_state, out_shardings=self.state_sharding)(
         params, batch_stats)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.rendering = input_pipeline.rendering(config)
     self.step_fn = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                           schedule=self.schedule, loss_config=config.loss,
-                          dropout_key=jax.random.key(config.seed)),
+                          dropout_key=jax.random.key(config.seed), rendering=self.rendering),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
         donate_argnums=0)
@@ -208,6 +216,24 @@ class MetricsBuffer:
     return means
 
 
+class CameraLog:
+  """The cameras training rendered with (``config.dataset.camera``), written as TensorBoard
+  histograms (``camera/<field>``) at each logging step; this process's examples only."""
+
+  def __init__(self):
+    self._cameras = []
+
+  def add(self, local_batch: Mapping[str, np.ndarray]) -> None:
+    self._cameras.append(local_batch['camera'])
+
+  def write(self, writer: metric_writers.MetricWriter, step: int) -> None:
+    if self._cameras:
+      cameras = np.concatenate(self._cameras)
+      writer.write_histograms(step, {f'camera/{name}': cameras[:, i]
+                                     for i, name in enumerate(defocus.CAMERA_FIELDS)})
+    self._cameras = []
+
+
 def check_finite(step: int, values: Mapping[str, float]) -> None:
   """Stops training at the first non-finite loss or gradient norm, before anything saves the
   state it produced (a non-finite gradient makes the state non-finite even when the loss is
@@ -274,11 +300,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                             logdir=workdir))
     preemption = PreemptionHandler()
     metrics_buffer = MetricsBuffer(check_finite)
+    camera_log = CameraLog() if trainer.rendering else None
     try:
       with jax.set_mesh(trainer.mesh):
         for step in range(first_step + 1, trainer.num_steps + 1):
           with jax.profiler.StepTraceAnnotation('train', step_num=step):
-            batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
+            local_batch = next(data_iter)
+            if camera_log:
+              camera_log.add(local_batch)
+            batch = sharding.global_batch(local_batch, trainer.batch_sharding)
             state, metrics = trainer.step_fn(state, batch)
           metrics_buffer.add(step, metrics)
           for hook in hooks:
@@ -286,6 +316,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           is_last = step == trainer.num_steps
           if step % config.log_every_steps == 0 or is_last:
             writer.write_scalars(step, metrics_buffer.pop_means())
+            if camera_log:
+              camera_log.write(writer, step)
           stop = preemption.should_stop(step)
           if step % config.checkpoint_every_steps == 0 or is_last or stop:
             metrics_buffer.flush()

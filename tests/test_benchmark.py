@@ -54,6 +54,21 @@ def test_benchmark_writes_every_figure(tmp_path):
 
 
 
+def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
+  config = tiny_config(str(tmp_path / 'tfds'), batch_size=2)
+  jx = benchmark_lib.benchmark_jax(config, steps=1, warmup=0, max_busy_cores=1e9,
+                                   max_wait=0.0, rendering=True)
+  render = jx['rendering']
+  assert render['mode'] == 'clean' and not render['step_renders']
+  assert render['camera']['focus_distance'] == benchmark_lib.RENDERING_FOCUS_RANGE
+  assert _positive(render['median_s']) and _positive(render['overhead'])
+  assert math.isclose(render['overhead'], render['median_s'] / jx['train']['median_s'])
+  assert 'rendering the inputs (clean' in benchmark_lib.format_table(
+      {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},
+       'machine': {'cpu_count': 2}, 'jax': jx,
+       'pipeline': {'examples_per_s': 1.0, 'source': 'x'}})
+
+
 def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir):
   config = tiny_config(tiny_data_dir)
   result = benchmark_lib.largest_batch(config, memory_bytes=64 << 20)

@@ -64,6 +64,17 @@ def test_sigma_matches_d3net_table():
   np.testing.assert_allclose(np.round(np.asarray(sigma), 1), expected, atol=1e-6)
 
 
+def test_signed_sigma_tells_the_sides_of_the_focal_plane_apart():
+  depths = np.array([0.5, 1.0, 2.0, 3.0, 10.0])
+  signed = defocus.signed_blur_sigma_px(depths, NYU)
+  np.testing.assert_array_equal(np.abs(signed), defocus.blur_sigma_px(depths, NYU))
+  assert (signed[:2] < 0).all() and signed[2] == 0 and (signed[3:] > 0).all()
+  # sigma = scale · |1/d_f - 1/d|; halving the pixel size doubles it.
+  np.testing.assert_allclose(signed, defocus.blur_scale_px(NYU) * (0.5 - 1 / depths))
+  half = dataclasses.replace(NYU, pixel_size=NYU.pixel_size / 2)
+  np.testing.assert_allclose(defocus.signed_blur_sigma_px(depths, half), 2 * signed)
+
+
 def test_make3d_preset_blur_keeps_changing_out_to_80m():
   sigma = defocus.blur_sigma_px(np.array([1.0, 5.0, 10.0, 20.0, 40.0, 80.0]), defocus.CAMERAS[
       'make3d'])
@@ -84,19 +95,50 @@ def test_camera_presets_and_validation():
     dataclasses.replace(NYU, f_number=0.0)
 
 
+def layer_mid_depth(distance, step=10 / 255):
+  """The depth whose sigma blurs a constant-depth frame: D3-Net blurs a layer with the sigma of
+  its mid-depth, and layers start 0.5 m before min(d)."""
+  return distance - 0.5 + (np.floor(0.5 / step) + 0.5) * step
+
+
 @pytest.mark.parametrize('distance', [0.5, 1.5, 3.0])
 def test_constant_depth_is_a_gaussian_blur(scene, distance):
   image, _ = scene
   depth = np.full((H, W), distance, np.float32)
   out = defocus.render_defocus(image, depth, NYU)
-  # D3-Net blurs a layer with the sigma of its mid-depth; layers start 0.5 m before min(d).
-  step = 10 / 255
-  mid_depth = distance - 0.5 + (np.floor(0.5 / step) + 0.5) * step
-  sigma = float(defocus.blur_sigma_px(mid_depth, NYU)) + 1e-4
+  sigma = float(defocus.blur_sigma_px(layer_mid_depth(distance), NYU)) + 1e-4
   expected = ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0),
                                      truncate=10 / sigma, mode='reflect')
   assert isinstance(out, np.ndarray) and out.dtype == np.float32
   np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize('psf', defocus.PSFS)
+def test_scale_blurs_each_axis_in_its_own_pixels(scene, psf):
+  """An image resized from the camera's resolution by (sy, sx): the PSF's size along each axis
+  is the camera's times that axis's factor; equal factors are an isotropic camera."""
+  image, _ = scene
+  depth = np.full((H, W), 0.6, np.float32)
+  render = functools.partial(defocus.render_defocus, image, depth, psf=psf, sigma_tolerance=0)
+  # 0.5 x 0.5 of the NYU camera's pixels = pixels twice as large.
+  coarse = dataclasses.replace(NYU, pixel_size=2 * NYU.pixel_size)
+  np.testing.assert_allclose(render(NYU, scale=(0.5, 0.5)), render(coarse), atol=1e-6)
+  anisotropic = render(NYU, scale=(0.6, 0.3))
+  if psf == 'gaussian':
+    sigma = float(defocus.blur_sigma_px(layer_mid_depth(0.6), NYU))
+    expected = ndimage.gaussian_filter(
+        image.astype(np.float64), (0.6 * sigma + 1e-4, 0.3 * sigma + 1e-4, 0),
+        radius=(10, 10, 0), mode='reflect')  # The 21x21 window.
+    np.testing.assert_allclose(anisotropic, expected, atol=2e-5)
+  # A point's image is the PSF: twice as wide along rows as along columns.
+  point = np.zeros((H, W, 3), np.float32)
+  point[H // 2, W // 2] = 1
+  psf_image = defocus.render_defocus(point, depth, NYU, psf=psf, scale=(0.6, 0.3))[..., 0]
+  rows, cols = np.mgrid[:H, :W] - np.array([H // 2, W // 2])[:, None, None]
+  spread = lambda offsets: (psf_image * offsets**2).sum() / psf_image.sum()
+  assert spread(rows) / spread(cols) == pytest.approx(4, rel=0.15)
+  with pytest.raises(ValueError, match='two positive factors'):
+    render(NYU, scale=(1.0, 0.0))
 
 
 def test_exact_mode_matches_reference(scene):

@@ -1,12 +1,18 @@
-"""Input pipeline: scaling, paired augmentation, shuffling/resume, eval padding, errors."""
+"""Input pipeline: scaling, paired augmentation, shuffling/resume, eval padding, errors,
+cameras, blur maps and rendering the inputs with another camera."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
+from hded_jax import defocus
+from hded_jax import images
 from hded_jax import input_pipeline
 from tests.conftest import tiny_config
+
+NYU = defocus.CAMERAS['nyu']
 
 
 def fake_source(n=10, h=8, w=12):
@@ -15,6 +21,7 @@ def fake_source(n=10, h=8, w=12):
            'aif': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
            'depth': np.where(rng.random((h, w)) < 0.2, 0, rng.uniform(0.5, 2, (h, w)))
                     .astype(np.float32),
+           'camera': {k: np.float32(v) for k, v in NYU.as_dict().items()},
            'index': i} for i in range(n)]
 
 
@@ -83,3 +90,89 @@ def test_too_small_split_and_unprepared_dataset_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m tfds_builders.prepare '
                                               'nyu_depth_v2_defocus'):
     input_pipeline.data_source(config, 'train')
+
+
+def camera_choice(**fields):
+  camera = tiny_config('unused').dataset.camera
+  camera.update(fields)
+  return input_pipeline.CameraChoice.from_config(camera)
+
+
+def test_camera_choice_takes_values_and_ranges_and_names_bad_ones():
+  assert camera_choice() is None  # No field set: the stored images.
+  choice = camera_choice(focus_distance=(1.5, 3.0), f_number=4)
+  own = input_pipeline.camera_array(fake_source(1)[0])
+  assert choice.ranges == (None, (4.0, 4.0), None, (1.5, 3.0))
+  np.testing.assert_allclose(choice.sample(own, None), [0.015, 4.0, 5.6e-6, 2.25])
+  drawn = np.stack([choice.sample(own, np.random.default_rng(i)) for i in range(50)])
+  np.testing.assert_array_equal(drawn[:, :3], np.broadcast_to([0.015, 4.0, 5.6e-6], (50, 3))
+                                .astype(np.float32))
+  assert 1.5 <= drawn[:, 3].min() < 1.7 and 2.8 < drawn[:, 3].max() <= 3.0
+  np.testing.assert_array_equal(choice.sample(own, np.random.default_rng(7)),
+                                choice.sample(own, np.random.default_rng(7)))
+  for bad in ((3.0, 1.5), (0.0, 1.0), (1.0, 2.0, 3.0), -2.0):
+    with pytest.raises(ValueError, match='config.dataset.camera.focus_distance'):
+      camera_choice(focus_distance=bad)
+  with pytest.raises(ValueError, match='unknown fields'):
+    input_pipeline.CameraChoice.from_config({'focus': 2.0})
+  with pytest.raises(ValueError, match='must exceed focal_length'):
+    camera_choice(focus_distance=0.01).sample(own, None)
+
+
+def test_blur_map_is_the_signed_sigma_of_the_examples_camera_masked_where_invalid():
+  example = fake_source(1)[0]
+  example['camera']['focus_distance'] = np.float32(1.2)
+  out = input_pipeline.Preprocess((8, 12))(example)
+  valid = example['depth'] > 0
+  camera = defocus.Camera(**{k: float(v) for k, v in example['camera'].items()})
+  np.testing.assert_allclose(out['blur'][valid], defocus.signed_blur_sigma_px(
+      example['depth'][valid], camera), rtol=1e-6)
+  assert (out['blur'][~valid] == 0).all() and (out['blur'] < 0).any() and (out['blur'] > 0).any()
+  np.testing.assert_allclose(out['camera'], [0.015, 2.8, 5.6e-6, 1.2])
+
+
+def test_with_a_camera_the_pipeline_leaves_the_input_to_the_step():
+  example = fake_source(1)[0]
+  choice = camera_choice(focus_distance=(1.0, 3.0))
+  preprocess = input_pipeline.Preprocess((8, 12), hflip=True, camera=choice, fill_depth=9.0)
+  out = preprocess(example, np.random.default_rng(0))
+  assert 'image' not in out and 1.0 <= out['camera'][3] <= 3.0
+  flipped = not np.array_equal(out['depth'], example['depth'])
+  depth = example['depth'][:, ::-1] if flipped else example['depth']
+  np.testing.assert_array_equal(out['render_depth'], np.where(depth > 0, depth, 9.0))
+  valid = depth > 0
+  np.testing.assert_allclose(out['blur'][valid], defocus.signed_blur_sigma_px(
+      depth[valid], defocus.Camera(*map(float, out['camera']))), rtol=1e-5)
+  # The step renders the input; without rng (evaluation) the camera is each range's middle.
+  fixed = input_pipeline.Preprocess((8, 12), camera=choice, fill_depth=9.0)(example)
+  assert fixed['camera'][3] == 2.0
+
+
+def test_rendering_with_the_datasets_own_camera_gives_the_stored_images(tiny_data_dir):
+  """The stored tiny images were rendered by the builder at 32x32 with the NYU camera focused
+  at 2 m; the steps' rendering with that camera gives them back (up to their uint8 rounding)."""
+  config = tiny_config(tiny_data_dir)
+  stored = next(input_pipeline.eval_batches(config, input_pipeline.data_source(config, 'test')))
+  config.dataset.camera.focus_distance = 2.0
+  rendering = input_pipeline.rendering(config)
+  assert rendering == input_pipeline.Rendering(mode='clean', sigma_tolerance=None,
+                                               scale=(1.0, 1.0), dilation_radius=4)
+  batch = next(input_pipeline.eval_batches(config, input_pipeline.data_source(config, 'test')))
+  assert 'image' not in batch
+  rendered = jax.jit(rendering)(batch)['image']
+  difference = np.abs(images.to_unit_range(np.asarray(rendered)) -
+                      images.to_unit_range(stored['image']))
+  assert difference.mean() <= 0.3 / 255 and difference.max() <= 0.51 / 255
+  # Another camera gives other images: focused at 0.6 m, the near objects sharpen.
+  config.dataset.camera.focus_distance = 0.6
+  refocused = jax.jit(rendering)({**batch, 'camera': next(input_pipeline.eval_batches(
+      config, input_pipeline.data_source(config, 'test')))['camera']})['image']
+  assert np.abs(np.asarray(refocused) - rendered).mean() > 5 / 255
+
+
+def test_rendering_at_the_input_size_scales_the_cameras_pixels(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  config.dataset.image_size = (64, 32)  # From the stored 32x32.
+  config.dataset.camera.f_number = (2.0, 4.0)
+  rendering = input_pipeline.rendering(config)
+  assert rendering.scale == (2.0, 1.0) and rendering.dilation_radius == 6

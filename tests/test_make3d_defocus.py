@@ -2,11 +2,14 @@
 
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from hded_jax import defocus
+from hded_jax import images
+from hded_jax import input_pipeline
 from tests.fixtures import defocus_sources
 from tfds_builders.make3d_defocus import make3d_defocus_dataset_builder as make3d
 
@@ -174,3 +177,20 @@ def test_configs_store_d3net_by_default_and_clean_on_request(built):
   np.testing.assert_array_equal(ex['image'], defocus.render_defocus(
       ex['aif'], rendering_depth, defocus.camera_preset('make3d'), mode='d3net',
       sigma_tolerance=0))
+
+
+def test_rendering_with_its_own_camera_gives_the_stored_images(built):
+  """What training renders with config.dataset.camera (the input pipeline's render depth: the
+  coarse grid upsampled, invalid pixels at 70 m; `Rendering` at the stored size) reproduces the
+  builder's d3net images."""
+  builder, _ = built
+  choice = input_pipeline.CameraChoice.from_config({'focus_distance': 5.0})
+  preprocess = input_pipeline.Preprocess(CONFIG.image_size, camera=choice, fill_depth=70.0)
+  rendering = input_pipeline.Rendering(mode='d3net', sigma_tolerance=0.0, scale=(1.0, 1.0),
+                                       dilation_radius=defocus.DILATION_RADIUS)
+  exs = examples(builder, 'train')
+  batch = [preprocess(ex) for ex in exs]
+  batch = {k: np.stack([b[k] for b in batch]) for k in batch[0]}
+  rendered = images.to_uint8(jax.jit(rendering)(batch)['image']).astype(np.float32)
+  difference = np.abs(rendered - np.stack([ex['image'] for ex in exs]))
+  assert difference.mean() <= 0.1 and difference.max() <= 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hded_jax import defocus
 from hded_jax import models
 from hded_jax.models import layers
 from tests.conftest import REPO
@@ -29,6 +30,32 @@ def test_full_size_parameter_counts_match_the_paper():
   config = models.model_config('densenet121')
   config.heads = ('depth',)
   assert models.count_params(config) == 24_212_544
+
+
+def test_camera_input_adds_the_camera_planes_to_the_first_conv_only():
+  config = models.model_config('densenet121')
+  config.camera_input = True
+  # conv0 (3x3, no bias, 64 filters) reads 2 more channels; nothing else changes.
+  assert models.count_params(config) == 41_414_400 + 2 * 3 * 3 * 64
+  tiny_config = models.model_config('tiny')
+  tiny_config.camera_input = True
+  model = models.create_model(tiny_config)
+  model.eval()
+  image = jnp.zeros((2, 32, 32, 3))
+  with pytest.raises(ValueError, match='takes the camera as input'):
+    model(image)
+  nyu = np.array([0.015, 2.8, 5.6e-6, 2.0], np.float32)
+  far = nyu.copy()
+  far[3] = 4.0
+  camera = jnp.asarray(np.stack([nyu, far]))
+  planes = models.hded_net.camera_channels(camera, image.shape)
+  assert planes.shape == (2, 32, 32, 2)
+  np.testing.assert_allclose(planes[:, 0, 0, 1], [0.5, 0.25])
+  np.testing.assert_allclose(planes[0, 5, 7, 0], defocus.blur_scale_px(defocus.CAMERAS['nyu']),
+                             rtol=1e-5)
+  # The same image with other cameras gives other depths.
+  out = nnx.jit(lambda m, x, c: m(x, camera=c))(model, jnp.ones((2, 32, 32, 3)), camera)
+  assert not np.allclose(out['depth'][0], out['depth'][1])
 
 
 def test_full_size_shapes_without_computing():

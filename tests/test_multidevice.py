@@ -6,6 +6,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.train_worker import finish
@@ -26,12 +27,16 @@ def logged(workdir, tag):
   return values
 
 
-def test_one_and_eight_devices_give_the_same_loss_curve(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize('focus_range', [None, (1.5, 3.0)], ids=['stored', 'camera_range'])
+def test_one_and_eight_devices_give_the_same_loss_curve(tiny_data_dir, tmp_path, focus_range):
   """Data parallel over 8 devices, BatchNorm statistics over the global batch: the same maths as
-  one device, up to float reduction order."""
-  one = run_worker(tiny_data_dir, str(tmp_path / 'one'), devices=1, batch_size=8)
+  one device, up to float reduction order; with a camera range, each device renders its share
+  of the batch with the cameras the input pipeline drew."""
+  one = run_worker(tiny_data_dir, str(tmp_path / 'one'), devices=1, batch_size=8,
+                   focus_range=focus_range)
   finish(one)
-  eight = run_worker(tiny_data_dir, str(tmp_path / 'eight'), devices=8, batch_size=8)
+  eight = run_worker(tiny_data_dir, str(tmp_path / 'eight'), devices=8, batch_size=8,
+                     focus_range=focus_range)
   out = finish(eight)
   assert f'final step {STEPS} on 8 devices in 1 processes' in out
   loss_one, loss_eight = logged(str(tmp_path / 'one'), 'loss'), logged(str(tmp_path / 'eight'),

@@ -1,6 +1,7 @@
 """Training and evaluation end to end on the tiny synthetic dataset and model."""
 
 import functools
+import glob
 import json
 import os
 import re
@@ -11,10 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from clu import periodic_actions
 from flax import nnx
 
 from hded_jax import checkpoints
+from hded_jax import defocus
 from hded_jax import eval_lib
 from hded_jax import input_pipeline
 from hded_jax import metrics
@@ -164,6 +167,8 @@ def test_eval_scores_checkpoints_and_keeps_the_best(tiny_run, tmp_path):
     assert np.isfinite(figures[key]), key
   assert figures['num_images'] == 4 and figures['step'] == 4
   assert figures['protocol'] == 'authors' and 'input size' in figures['protocol_description']
+  assert figures['defocused_input'] == 'stored'
+  assert figures['camera'] == defocus.CAMERAS['nyu'].as_dict()  # The dataset's own.
   with open(os.path.join(workdir, 'eval', 'best.json')) as f:
     assert json.load(f) == {'step': 4, 'metric': 'depth/rmse', 'value': figures['depth/rmse']}
   model, _, step = checkpoints.load_model(os.path.join(workdir, 'best_checkpoint'))
@@ -171,6 +176,39 @@ def test_eval_scores_checkpoints_and_keeps_the_best(tiny_run, tmp_path):
   # TensorBoard events for scalars and images.
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir,
                                                                                   'eval')))
+
+
+def test_training_with_a_camera_range_renders_and_records_the_cameras(tiny_data_dir, tmp_path):
+  """Focus drawn from 1.5-3 m per example, rendered in the step, fed to the network; the
+  cameras are histograms in TensorBoard and evaluation renders at the range's middle."""
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(tiny_data_dir, num_train_steps=4)
+  config.dataset.camera.focus_distance = (1.5, 3.0)
+  config.model.camera_input = True
+  train_lib.train(config, workdir)
+  histograms = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag.startswith('camera/'):
+          # Buckets as (left edge, right edge, count) rows.
+          histograms.setdefault(value.tag, []).append(tf.make_ndarray(value.tensor))
+  assert set(histograms) == {f'camera/{name}' for name in defocus.CAMERA_FIELDS}
+  focus = np.concatenate(histograms['camera/focus_distance'])
+  drawn = focus[focus[:, 2] > 0]
+  assert drawn[:, 2].sum() == 4 * config.batch_size  # Every example of the 4 steps.
+  assert 1.5 <= drawn[:, 0].min() and drawn[:, 1].max() <= 3.0
+  assert drawn[:, 0].max() - drawn[:, 0].min() > 0.3  # Not one value.
+  f_number = np.concatenate(histograms['camera/f_number'])
+  assert f_number[f_number[:, 2] > 0][:, :2] == pytest.approx(2.8)
+
+  eval_lib.evaluate(None, workdir, once=True, timeout_secs=5)
+  with open(os.path.join(workdir, 'eval', 'metrics_4.json')) as f:
+    figures = json.load(f)
+  assert figures['defocused_input'] == 'rendered'
+  assert figures['camera'] == dict(focal_length=0.015, f_number=2.8, pixel_size=5.6e-6,
+                                   focus_distance=2.25)
+  assert np.isfinite(figures['depth/rmse']) and np.isfinite(figures['input/psnr'])
 
 
 def test_eval_follows_new_checkpoints():

@@ -19,14 +19,17 @@ from etils import epath
 
 from hded_jax import defocus
 
-CAMERA_KEYS = ('focal_length', 'f_number', 'pixel_size', 'focus_distance')
+CAMERA_KEYS = defocus.CAMERA_FIELDS
 PROGRESS_EVERY_SECS = 30
 
 
 @dataclasses.dataclass
 class DefocusConfig(tfds.core.BuilderConfig):
-  """What every defocus builder config has: the renderer mode (``hded_jax.defocus.MODES``)."""
+  """What every defocus builder config has: how ``defocus.render_defocus`` rendered the stored
+  images, its mode (``defocus.MODES``) and layer merging (None: the mode's default); training
+  renders other cameras the same way."""
   defocus_mode: str = 'd3net'
+  sigma_tolerance: float | None = None
 
   def __post_init__(self):
     if self.defocus_mode not in defocus.MODES:

@@ -55,9 +55,9 @@ class DenseNetEncoder(nnx.Module):
   """Returns the bottleneck (1/32 resolution) and the skips S0..S3 (1/2 .. 1/16)."""
 
   def __init__(self, *, block_sizes: Sequence[int], growth_rate: int, num_init_features: int,
-               bn_size: int, remat: bool, dtype, rngs: nnx.Rngs):
+               bn_size: int, remat: bool, dtype, rngs: nnx.Rngs, in_features: int = 3):
     f = num_init_features
-    self.conv0 = layers.conv(3, f, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
+    self.conv0 = layers.conv(in_features, f, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
     self.norm0 = layers.batch_norm(f, dtype=dtype, rngs=rngs)
     self.downconv0 = layers.conv(f, f, 4, stride=2, padding=1, dtype=dtype, rngs=rngs)
     self.norm1 = layers.batch_norm(f, dtype=dtype, rngs=rngs)

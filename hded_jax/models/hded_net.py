@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from hded_jax import defocus
 from hded_jax.models.decoder import Decoder
 from hded_jax.models.densenet import DenseNetEncoder
 
@@ -12,6 +13,8 @@ HEADS = ('depth', 'aif')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # The encoder halves the resolution five times.
 INPUT_MULTIPLE = 32
+# With model.camera_input, input channels beyond RGB (`camera_channels`).
+CAMERA_CHANNELS = 2
 
 
 def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
@@ -40,6 +43,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # Recompute each dense layer's and decoder block's activations in the backward pass:
       # less memory per image (larger batches fit), more compute (docs/performance.md).
       remat=False,
+      # Feed the camera to the network as constant input channels (`camera_channels`): with
+      # cameras that vary (config.dataset.camera ranges) the same blur means other depths.
+      camera_input=False,
   ))
 
 
@@ -58,7 +64,10 @@ class HDEDNet(nnx.Module):
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
+    # Configs saved in checkpoints from before the option have no 'camera_input'.
+    self.camera_input = bool(config.get('camera_input', False))
     self.encoder = DenseNetEncoder(
+        in_features=3 + (CAMERA_CHANNELS if self.camera_input else 0),
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
         remat=remat, dtype=dtype, rngs=rngs)
@@ -70,10 +79,18 @@ class HDEDNet(nnx.Module):
                           else None)
     self.aif_decoder = Decoder(out_channels=3, **decoder_args) if 'aif' in heads else None
 
-  def __call__(self, image: jax.Array, *, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-    """``rngs`` (a ``dropout`` stream) is needed in training mode only."""
+  def __call__(self, image: jax.Array, *, camera: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+    """``camera``: (N, 4) in ``defocus.CAMERA_FIELDS`` order, read with ``camera_input`` only.
+    ``rngs`` (a ``dropout`` stream) is needed in training mode only."""
     check_input_shape(image.shape)
-    bottleneck, skips = self.encoder(image)
+    x = image
+    if self.camera_input:
+      if camera is None:
+        raise ValueError('This model takes the camera as input (model.camera_input=True): pass '
+                         'camera=(N, 4) focal length, f-number, pixel size, focus distance.')
+      x = jnp.concatenate([image, camera_channels(camera, image.shape).astype(image.dtype)], -1)
+    bottleneck, skips = self.encoder(x)
     outputs = {}
     if self.depth_decoder is not None:
       depth = self.depth_decoder(bottleneck, skips, rngs)[..., 0].astype(jnp.float32)
@@ -83,6 +100,15 @@ class HDEDNet(nnx.Module):
       aif = self.aif_decoder(bottleneck, skips, rngs).astype(jnp.float32) + image.astype(jnp.float32)
       outputs['aif'] = jnp.tanh(aif) if self.aif_tanh else aif
     return outputs
+
+
+def camera_channels(camera: jax.Array, shape) -> jax.Array:
+  """(N, H, W, CAMERA_CHANNELS) constant planes: the blur per dioptre of defocus
+  (``defocus.blur_scale_px``, in the camera's pixels) and the focus in dioptres, from which
+  sigma = scale · |1/focus - 1/depth| gives depth on either side of the focal plane."""
+  camera = defocus.Camera(*jnp.moveaxis(jnp.asarray(camera, jnp.float32), -1, 0))
+  values = jnp.stack([defocus.blur_scale_px(camera), 1 / camera.focus_distance], -1)
+  return jnp.broadcast_to(values[:, None, None, :], (*shape[:3], CAMERA_CHANNELS))
 
 
 def check_input_shape(shape) -> None:

@@ -52,7 +52,9 @@ DEPTH_NAME = ('depth_sph_corr-', '.mat')
 
 @dataclasses.dataclass
 class Make3dDefocusConfig(common.DefocusConfig):
-  """Working image size, native depth grid size (both H, W) and the valid-depth cap in metres."""
+  """Working image size, native depth grid size (both H, W) and the valid-depth cap in metres.
+  Every layer renders on its own (no merging), as D3-Net."""
+  sigma_tolerance: float | None = 0.0
   image_size: tuple[int, int] = (384, 288)
   depth_size: tuple[int, int] = (55, 305)
   max_depth: float = 70.0
@@ -108,7 +110,8 @@ class Builder(common.DefocusBuilder):
     config = self.builder_config
     render = functools.partial(
         render_example, image_size=tuple(config.image_size), max_depth=config.max_depth,
-        camera=defocus.camera_preset('make3d'), mode=config.defocus_mode)
+        camera=defocus.camera_preset('make3d'), mode=config.defocus_mode,
+        sigma_tolerance=config.sigma_tolerance)
     items = ((index, f'{image_archive.name}:{name}', data, depths[name])
              for index, (name, data) in enumerate(archive_files(image_archive, *IMAGE_NAME)))
     yield from common.log_progress(common.map_in_order(render, items, self.num_workers),
@@ -125,7 +128,8 @@ class Builder(common.DefocusBuilder):
 
 
 def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tuple[int, int],
-                   max_depth: float, camera: defocus.Camera, mode: str) -> tuple[int, dict]:
+                   max_depth: float, camera: defocus.Camera, mode: str,
+                   sigma_tolerance: float | None) -> tuple[int, dict]:
   """(index, example) of an item (index, where, JPEG bytes, depth grid); runs in a worker."""
   index, where, data, depth = item
   aif = read_image(data, image_size, where)
@@ -133,9 +137,8 @@ def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tupl
   valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth)
   rendering_depth = resize_depth(np.where(valid, depth, max_depth), image_size)
   return index, common.encode_images({
-      # Every layer on its own (no merging), as D3-Net.
       'image': defocus.render_defocus(aif, rendering_depth, camera, mode=mode,
-                                      sigma_tolerance=0.0),
+                                      sigma_tolerance=sigma_tolerance),
       'aif': aif,
       'depth': np.where(valid, depth, 0).astype(np.float32),
       'camera': common.camera_features(camera),

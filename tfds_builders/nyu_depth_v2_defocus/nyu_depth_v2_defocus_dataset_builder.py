@@ -29,7 +29,9 @@ MANUAL_FILES = {
 
 @dataclasses.dataclass
 class NyuDefocusConfig(common.DefocusConfig):
-  """Focus distance of the rendering camera, and the frame size the features are declared with."""
+  """Focus distance of the rendering camera, and the frame size the features are declared with.
+  Every layer renders on its own (no merging), as D3-Net: ~1 s a 480x640 frame on one core."""
+  sigma_tolerance: float | None = 0.0
   focus_distance: float = 2.0
   height: int = 480
   width: int = 640
@@ -81,7 +83,8 @@ class Builder(common.DefocusBuilder):
   def _generate_examples(self, labeled_mat: epath.Path, indices: np.ndarray, split: str):
     config = self.builder_config
     camera = defocus.camera_preset('nyu', focus_distance=config.focus_distance)
-    render = functools.partial(render_example, camera=camera, mode=config.defocus_mode)
+    render = functools.partial(render_example, camera=camera, mode=config.defocus_mode,
+                               sigma_tolerance=config.sigma_tolerance)
     with h5py.File(labeled_mat, 'r') as mat:
       frames = ((int(index), *read_frame(mat, index, labeled_mat)) for index in indices)
       yield from common.log_progress(
@@ -90,13 +93,13 @@ class Builder(common.DefocusBuilder):
 
 
 def render_example(frame: tuple[int, np.ndarray, np.ndarray], *, camera: defocus.Camera,
-                   mode: str) -> tuple[int, dict]:
+                   mode: str, sigma_tolerance: float | None) -> tuple[int, dict]:
   """(index, example) of a frame (index, aif, depth); runs in a worker process."""
   index, aif, depth = frame
   return index, common.encode_images({
       # The labeled depths are in-painted: positive everywhere, as rendering needs.
-      # Every layer on its own (no merging), as D3-Net: ~1 s a 480x640 frame on one core.
-      'image': defocus.render_defocus(aif, depth, camera, mode=mode, sigma_tolerance=0.0),
+      'image': defocus.render_defocus(aif, depth, camera, mode=mode,
+                                      sigma_tolerance=sigma_tolerance),
       'aif': aif,
       'depth': depth,
       'camera': common.camera_features(camera),

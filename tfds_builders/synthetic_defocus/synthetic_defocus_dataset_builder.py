@@ -161,19 +161,21 @@ class Builder(common.DefocusBuilder):
   def _generate_examples(self, split, num_examples):
     config = self.builder_config
     make = functools.partial(make_example, seed=(config.seed, _SPLIT_SEEDS[split]),
-                             size=(config.height, config.width), mode=config.defocus_mode)
+                             size=(config.height, config.width), mode=config.defocus_mode,
+                             sigma_tolerance=config.sigma_tolerance)
     yield from common.log_progress(
         common.map_in_order(make, range(num_examples), self.num_workers), num_examples,
         f'{self.name}/{config.name} {split}')
 
 
 def make_example(index: int, *, seed: tuple[int, int], size: tuple[int, int],
-                 mode: str) -> tuple[int, dict]:
+                 mode: str, sigma_tolerance: float | None) -> tuple[int, dict]:
   """(index, example) for example ``index`` of the split with seed (seed, split seed)."""
   camera = defocus.CAMERAS[CAMERA]
   aif, depth = generate_scene(np.random.default_rng((*seed, index)), *size)
   return index, common.encode_images({
-      'image': defocus.render_defocus(aif, depth, camera, mode=mode),
+      'image': defocus.render_defocus(aif, depth, camera, mode=mode,
+                                      sigma_tolerance=sigma_tolerance),
       'aif': aif,
       'depth': depth,
       'camera': common.camera_features(camera),
