@@ -74,15 +74,24 @@ class UpConv(nnx.Module):
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-@jax.custom_vjp
 def upsampling_conv(x, kernel):
-  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``, as four 2x2 convs.
+  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``: one transposed conv on GPU
+  and TPU, four phase convs on CPU (``_phase_upsampling_conv``)."""
+  return jax.lax.platform_dependent(x, kernel, cpu=_phase_upsampling_conv,
+                                    default=_conv_transpose)
 
-  One conv per output phase computes the same function without the dilated input's zeros; XLA's
-  CPU backend runs forward and backward of the model's up-convs 20x faster that way than
-  ``conv_transpose`` (whose kernel gradient is 30-70x slower). The input gradient, the adjoint of
-  a stride-2 transposed conv, is one stride-2 conv instead of the four phases' (at 128x128 on
-  CPU, 113 against 159 ms; docs/performance.md).
+
+def _conv_transpose(x, kernel):
+  return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def _phase_upsampling_conv(x, kernel):
+  """The transposed conv as four 2x2 convs, one per output phase: the same function without
+  the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
+  20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower). The
+  input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead of the
+  four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md).
   """
   return _phase_convs(x, kernel)
 
@@ -111,7 +120,7 @@ def _upsampling_conv_bwd(residuals, g):
   return input_gradient, *kernel_vjp(g)
 
 
-upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+_phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 
 
 def batch_norm(num_features, *, dtype, rngs):
