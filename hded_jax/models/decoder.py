@@ -24,8 +24,8 @@ class DecoderBlock(nnx.Module):
     return self.dropout(x, rngs=rngs) if self.dropout is not None else x
 
   def __call__(self, x, rngs=None):
-    x = jax.nn.relu(self._dropout(self.bn1(self.conv1(x)), rngs))
-    return jax.nn.relu(self._dropout(self.bn2(self.conv2(x)), rngs))
+    x = jax.nn.relu(self._dropout(self.bn1(layers.conv_output(self.conv1(x))), rngs))
+    return jax.nn.relu(self._dropout(self.bn2(layers.conv_output(self.conv2(x))), rngs))
 
 
 class Decoder(nnx.Module):
@@ -37,7 +37,8 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, *, bottleneck_features: int, skip_features: Sequence[int],
-               out_channels: int, dropout_rate: float, remat: bool, dtype, rngs: nnx.Rngs):
+               out_channels: int, dropout_rate: float, remat: str | None, dtype,
+               rngs: nnx.Rngs):
     skips = list(skip_features)  # S0..S3
     widths = skips[::-1] + [skips[0]]  # d5: S3's width, d4: S2's, ..., d2 and d1: S0's.
     blocks = []

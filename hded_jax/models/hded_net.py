@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from hded_jax.models import layers
 from hded_jax.models.decoder import Decoder
 from hded_jax.models.densenet import DenseNetEncoder
 
@@ -40,6 +41,11 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # Recompute each dense layer's and decoder block's activations in the backward pass:
       # less memory per image (larger batches fit), more compute (docs/performance.md).
       remat=False,
+      # What remat keeps: 'nothing' or 'conv_outputs' (layers.REMAT_POLICIES).
+      remat_policy='nothing',
+      # 'unrolled' or 'scan': each dense block as one scanned layer, compiled once per block
+      # instead of once per layer (faster compile; docs/performance.md).
+      dense_block='unrolled',
   ))
 
 
@@ -53,15 +59,16 @@ class HDEDNet(nnx.Module):
     if config.dtype not in DTYPES:
       raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
     dtype = DTYPES[config.dtype]
-    # Configs saved in checkpoints from before the option have no 'remat'.
-    remat = bool(config.get('remat', False))
+    # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
+    remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
+    layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
     self.encoder = DenseNetEncoder(
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
-        remat=remat, dtype=dtype, rngs=rngs)
+        dense_block=config.get('dense_block', 'unrolled'), remat=remat, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
                         dropout_rate=config.dropout_rate, remat=remat, dtype=dtype,
