@@ -97,16 +97,21 @@ def test_entry_points_get_eigen_convolutions():
   assert _convolution_library('tuned') == 'eigen'
 
 
-# Tells where runtime thinks the computation runs and whether it applied the CPU settings, and
-# checks that deciding started no backend and loaded no plugin (a fake plugin's initialize()
-# would raise).
+# Tells where runtime thinks the computation runs (for JAX_PLATFORMS, then for each jax_platforms
+# value given) and whether it applied the CPU settings, and checks that deciding started no
+# backend and loaded no plugin (a fake plugin's initialize() would raise).
 _TUNE = '''
-import os
+import os, sys
+import jax
 from hded_jax import runtime
 from jax._src import xla_bridge
 platform, applied = runtime.computation_platform(), runtime.tune_for_cpu()
+flags = os.environ.get('XLA_FLAGS', '')
+for value in sys.argv[1:]:
+  jax.config.update('jax_platforms', value)
+  platform += ' ' + runtime.computation_platform()
 assert not xla_bridge.backends_are_initialized()
-print(platform, applied, os.environ.get('XLA_FLAGS', ''))
+print(applied, platform, '|', flags)
 '''
 
 _FAKE_PLUGIN = '''
@@ -115,9 +120,9 @@ def initialize():
 '''
 
 
-def _tune(tmp_path, jax_platforms, plugin=None):
-  """(platform, applied, XLA_FLAGS) in a fresh process; ``plugin`` installs a fake PJRT plugin
-  module of that name under the ``jax_plugins`` namespace package."""
+def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
+  """(applied, platforms, XLA_FLAGS) from a fresh process; ``plugin`` installs a fake PJRT
+  plugin module of that name under the ``jax_plugins`` namespace package."""
   path = [REPO]
   if plugin:
     os.makedirs(tmp_path / 'site' / 'jax_plugins' / plugin)
@@ -125,30 +130,31 @@ def _tune(tmp_path, jax_platforms, plugin=None):
     path.append(str(tmp_path / 'site'))
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
-  out = subprocess.run([sys.executable, '-c', _TUNE], cwd=REPO, check=True,
+  out = subprocess.run([sys.executable, '-c', _TUNE, *other_values], cwd=REPO, check=True,
                        capture_output=True, text=True, env=env)
-  platform, applied, *flags = out.stdout.split()
-  return platform, applied == 'True', flags
+  settings, flags = out.stdout.strip().split('|')
+  applied, *platforms = settings.split()
+  return applied == 'True', platforms, flags.split()
 
 
 def test_cpu_settings_apply_only_when_computing_on_the_cpu(tmp_path):
-  platform, applied, flags = _tune(tmp_path, 'cpu')
-  assert (platform, applied) == ('cpu', True)
+  applied, platforms, flags = _tune(tmp_path, 'cpu')
+  assert applied and platforms == ['cpu']
   if jaxlib.version.__version_info__[:2] == runtime._EIGEN_CONVOLUTIONS_JAXLIB:
     assert flags == [runtime._EIGEN_CONVOLUTIONS_FLAG]
   # As on a GPU or TPU VM: the CPU only drives the accelerator.
-  assert _tune(tmp_path, 'cuda') == ('gpu', False, [])
-  assert _tune(tmp_path, 'tpu,cpu') == ('tpu', False, [])
+  assert _tune(tmp_path, 'cuda', 'tpu,cpu', 'rocm', 'cpu,cuda') == (
+      False, ['gpu', 'tpu', 'gpu', 'cpu'], [])
   # No JAX_PLATFORMS: an installed PJRT plugin is what JAX computes on.
-  platform, applied, flags = _tune(tmp_path, '', plugin='fake_accelerator')
+  applied, platforms, flags = _tune(tmp_path, '', plugin='fake_accelerator')
   assert not applied and not flags
-  assert platform in ('fake_accelerator', 'gpu', 'tpu')  # A real accelerator comes first.
+  assert platforms[0] in ('fake_accelerator', 'gpu', 'tpu')  # A real accelerator comes first.
 
 
 @pytest.mark.skipif(runtime.computation_platform() != 'cpu' or bool(runtime._pjrt_plugins()),
                     reason='an accelerator or a PJRT plugin is installed')
 def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
-  assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == ('cpu', True)
+  assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == (True, ['cpu'])
 
 
 # The XLA options JAX compiles with after the set-up: GPU autotune cache directory, GPU kernel
