@@ -63,6 +63,21 @@ def test_train_step_on_gpu_and_tpu_has_one_conv_per_pass_and_no_cpu_paths():
   assert cpu['convolutions'] == expected + 6 * up_convs
 
 
+def test_up_conv_option_picks_one_formulation_on_every_backend():
+  """For measuring them against each other: 'phases' puts the phase convolutions in the GPU
+  and TPU programs, 'transpose' puts one conv_transpose in the CPU one."""
+  counts = {}
+  for mode in ('phases', 'transpose'):
+    mesh, step, state, batch, model = _train_step(up_conv=mode)
+    with jax.set_mesh(mesh):
+      counts[mode] = lowering.op_counts(step, state, batch, platforms=('cuda',))['cuda']
+      counts[mode]['cpu'] = lowering.count_ops(step.lower(state, batch).as_text())['convolutions']
+  up_convs = _count(model, layers.UpConv)
+  expected = 3 * (_count(model, nnx.Conv) + up_convs) - 1
+  assert counts['phases']['convolutions'] == counts['phases']['cpu'] == expected + 6 * up_convs
+  assert counts['transpose']['convolutions'] == counts['transpose']['cpu'] == expected
+
+
 def test_scanned_dense_blocks_lower_each_block_once():
   """Each dense block's two convolutions (and their gradients) appear once, not per layer."""
   counts = {}

@@ -326,3 +326,19 @@ def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_resi
   configs['none'].remat, configs['none'].remat_policy = True, 'everything'
   with pytest.raises(ValueError, match='model.remat_policy'):
     models.create_model(configs['none'])
+
+
+@pytest.mark.parametrize('mode', ['auto', 'phases'])
+def test_up_conv_modes_compute_the_transposed_conv(mode):
+  """Values and both gradients of every up-convolution mode against 'transpose'."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
+  outputs = {}
+  for m in (mode, 'transpose'):
+    up = layers.UpConv(5, 7, mode=m, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(up)
+    outputs[m] = jax.jit(jax.value_and_grad(
+        lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
+  for a, b in zip(*map(jax.tree.leaves, outputs.values())):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='model.up_conv'):
+    layers.UpConv(5, 7, mode='pixel_shuffle', dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -46,6 +46,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # 'unrolled' or 'scan': each dense block as one scanned layer, compiled once per block
       # instead of once per layer (faster compile; docs/performance.md).
       dense_block='unrolled',
+      # The decoders' up-convolutions: 'auto' (one conv_transpose on GPU and TPU, four phase
+      # convolutions on CPU, as measured), or 'transpose' or 'phases' on every backend.
+      up_conv='auto',
   ))
 
 
@@ -71,7 +74,8 @@ class HDEDNet(nnx.Module):
         dense_block=config.get('dense_block', 'unrolled'), remat=remat, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
-                        dropout_rate=config.dropout_rate, remat=remat, dtype=dtype,
+                        dropout_rate=config.dropout_rate,
+                        up_conv=config.get('up_conv', 'auto'), remat=remat, dtype=dtype,
                         rngs=rngs)
     self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
                           else None)

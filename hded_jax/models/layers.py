@@ -108,18 +108,21 @@ class UpConv(nnx.Module):
   ``kernel`` (4, 4, in, out) is the plain conv kernel that a transposed conv applies to the
   stride-dilated input padded by ``k - 1 - p`` = 2 (what ``nnx.ConvTranspose`` with that padding
   computes); importing PyTorch weights (in, out, kh, kw) means transposing to (kh, kw, in, out)
-  and flipping both spatial axes. Computed by ``upsampling_conv``.
+  and flipping both spatial axes. Computed as ``UP_CONVS[mode]``.
   """
 
-  def __init__(self, in_features, out_features, *, dtype, rngs):
+  def __init__(self, in_features, out_features, *, mode='auto', dtype, rngs):
+    if mode not in UP_CONVS:
+      raise ValueError(f'model.up_conv={mode!r}: choose one of {sorted(UP_CONVS)}.')
     self.kernel = nnx.Param(conv_init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
+    self.mode = mode
     self.dtype = dtype
 
   def __call__(self, x):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    return upsampling_conv(x, kernel) + self.bias[...].astype(self.dtype)
+    return UP_CONVS[self.mode](x, kernel) + self.bias[...].astype(self.dtype)
 
 
 def upsampling_conv(x, kernel):
@@ -169,6 +172,11 @@ def _upsampling_conv_bwd(residuals, g):
 
 
 _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+
+# The same function three ways: 'auto', the one chosen per backend (``upsampling_conv``);
+# 'transpose' and 'phases' everywhere, to measure them against each other on a backend.
+UP_CONVS = {'auto': upsampling_conv, 'transpose': _conv_transpose,
+            'phases': _phase_upsampling_conv}
 
 
 def batch_norm(num_features, *, dtype, rngs):
