@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu.sh            (on the lent GPU machine: . .device-kit/env.sh && bash ...)
 # Steps, most important first, each under its own time limit within BUDGET_S (default 470 s):
 #   bf16_b32   train/eval at bf16 batch 32 + PyTorch at batch 32 in all its CUDA modes
+#   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4, and what
 #              rendering the inputs in the step (config.dataset.camera) adds to it
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints
@@ -76,6 +77,8 @@ json.dump({'jax': jax.__version__, 'devices': [d.device_kind for d in jax.device
            'nvidia_smi': smi}, open('$work/platform.json', 'w'))"
 run bf16_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --torch \
   --output="$work/bf16_b32.json"
+run scan_b32 150 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.dense_block=scan --output="$work/scan_b32.json"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
   --torch_modes=float32 --rendering --output="$work/f32_b4.json"
 run smoke_train 90 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \

@@ -1,7 +1,7 @@
 r"""Times the full training and inference programs of a config: compile, step, memory, FLOPs.
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
-      [--output=results.json] [--torch] [--rendering]
+      [--output=results.json] [--torch] [--rendering] [--op_counts]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
@@ -28,6 +28,8 @@ flags.DEFINE_bool('rendering', False, 'Also time rendering the inputs from the A
                   'the depth, as config.dataset.camera does (focus drawn from '
                   f'{benchmark_lib.RENDERING_FOCUS_RANGE} m if the config sets no camera), and '
                   'report what it adds to the train step.')
+flags.DEFINE_bool('op_counts', False, 'Also lower the train and eval programs for GPU and TPU '
+                  '(on any machine, with jax.export) and record their op counts.')
 flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits in device '
                   'memory, with and without remat.')
 flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
@@ -48,7 +50,7 @@ def main(argv):
   results = benchmark_lib.run_benchmark(
       config, steps=FLAGS.steps, warmup=FLAGS.warmup, pipeline_batches=FLAGS.pipeline_batches,
       with_torch=FLAGS.torch, torch_modes=FLAGS.torch_modes, find_largest_batch=FLAGS.largest_batch,
-      rendering=FLAGS.rendering,
+      rendering=FLAGS.rendering, op_counts=FLAGS.op_counts,
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       output=FLAGS.output)
   print(benchmark_lib.format_table(results))

@@ -16,6 +16,8 @@ step reported.
 on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16 autocast, all
 channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
 `largest_batch` finds the largest batch whose train step fits in device memory.
+``op_counts`` lowers the train step and the eval forward for GPU and TPU on this machine and
+records their op counts (`lowering`): what an accelerator would be asked to compile.
 
 The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
 seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
@@ -37,6 +39,7 @@ import numpy as np
 
 from hded_jax import defocus
 from hded_jax import input_pipeline
+from hded_jax import lowering
 from hded_jax import sharding
 from hded_jax import train_lib
 
@@ -202,10 +205,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
           step_renders=bool(trainer.rendering), steps=steps, warmup=warmup,
           max_busy_cores=max_busy_cores, max_wait=max_wait)
 
-    eval_graphdef = trainer.eval_graphdef
-    forward = jax.jit(lambda params, batch_stats, images, camera: nnx.merge(
-        eval_graphdef, params, batch_stats)(images, camera=camera))
-    eval_args = (state.params, state.batch_stats, device_batch['image'], device_batch['camera'])
+    forward, eval_args = eval_program(trainer, state, device_batch)
     eval_forward, eval_compile = _compile('Eval forward', forward, *eval_args)
     run_eval = lambda: jax.block_until_ready(eval_forward(*eval_args))
     eval_load = wait_for_quiet(max_busy_cores, max_wait)
@@ -230,6 +230,27 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
       'peak_memory_bytes_per_image': peak_bytes / n,
   })
   return results
+
+
+def eval_program(trainer: train_lib.Trainer, state, batch) -> tuple[Callable, tuple]:
+  """The jitted eval forward of ``trainer``'s model and its arguments for ``batch``."""
+  graphdef = trainer.eval_graphdef
+  forward = jax.jit(lambda params, batch_stats, images, camera: nnx.merge(
+      graphdef, params, batch_stats)(images, camera=camera))
+  return forward, (state.params, state.batch_stats, batch['image'], batch['camera'])
+
+
+def lowered_op_counts(config: ml_collections.ConfigDict,
+                      platforms: Sequence[str] = lowering.PLATFORMS) -> dict[str, dict]:
+  """{'train' | 'eval': {platform: counts}}: the programs the benchmark times, lowered for
+  each platform on this machine (`lowering.op_counts`; no device of that platform needed)."""
+  trainer = train_lib.Trainer(config, train_size=config.batch_size)
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.initial_state
+    batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
+    forward, eval_args = eval_program(trainer, state, batch)
+    return {'train': lowering.op_counts(trainer.step_fn, state, batch, platforms=platforms),
+            'eval': lowering.op_counts(forward, *eval_args, platforms=platforms)}
 
 
 def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train_step_s: float,
@@ -369,8 +390,9 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 2,
                   pipeline_batches: int = 20, with_torch: bool = False,
                   torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False,
-                  rendering: bool = False, max_busy_cores: float = 0.5,
-                  max_wait: float = 180.0, output: str | None = None) -> dict:
+                  rendering: bool = False, op_counts: bool = False,
+                  max_busy_cores: float = 0.5, max_wait: float = 180.0,
+                  output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given."""
   h, w = config.dataset.image_size
@@ -382,6 +404,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   'device_kind': jax.devices()[0].device_kind,
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
+  if op_counts:
+    results['lowered'] = lowered_op_counts(config)
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering)
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
@@ -436,6 +460,11 @@ def format_table(results: Mapping) -> str:
                 f'{100 * render["overhead"]:.1f}% to the train step without it')
   pipe = results['pipeline']
   rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
+  for program, by_platform in results.get('lowered', {}).items():
+    rows.append(f'{program} lowered: ' + '; '.join(
+        f'{platform} {c["ops"]} ops, {c["convolutions"]} convolutions '
+        f'({c["distinct_convolutions"]} distinct), {sum(c["custom_calls"].values())} custom calls'
+        for platform, c in by_platform.items()))
   for name, r in results.get('largest_batch', {}).items():
     rows.append(f'largest batch ({name}): {r["batch_size"]} ({r.get("why", "ran one step")})')
   return '\n'.join(rows)

@@ -1,9 +1,13 @@
-"""Process set-up shared by the entry points: allocator, multi-host init, compilation cache."""
+"""Process set-up shared by the entry points: per-backend tuning, multi-host init, compilation
+cache."""
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import logging as python_logging
 import os
+import pkgutil
 import sys
 
 from absl import logging
@@ -32,11 +36,22 @@ def setup(workdir: str, *, distributed: bool = True) -> None:
                jax.device_count(), jax.devices()[0].platform, cache_dir)
 
 
+# XLA caches that JAX keeps inside the compilation cache directory; pure caches, no setting
+# that changes what is compiled. On a GPU the per-fusion autotune results let a program that
+# misses the compilation cache (another batch size, the eval program) skip autotuning the
+# fusions and convolutions it shares with one compiled before.
+_XLA_CACHES = 'xla_gpu_per_fusion_autotune_cache_dir'
+
+
 def enable_compilation_cache(cache_dir: str) -> None:
-  """Persists every compiled program in ``cache_dir``, however small or quick to compile."""
+  """Persists every compiled program in ``cache_dir``, however small or quick to compile, and
+  XLA's GPU autotune results beside them (unless JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES says
+  otherwise, e.g. ``all`` to add XLA's GPU kernel cache)."""
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  if 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in os.environ:
+    jax.config.update('jax_persistent_cache_enable_xla_caches', _XLA_CACHES)
 
 
 def _is_multihost_env() -> bool:
@@ -45,14 +60,71 @@ def _is_multihost_env() -> bool:
                                         'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
 
 
-def tune_for_cpu() -> None:
-  """Process-wide settings that make XLA's CPU backend fast; call before JAX computes anything.
+def tune_for_cpu() -> bool:
+  """Process-wide settings measured to make training on the CPU fast, applied only when the
+  computation runs there (``computation_platform``); call before JAX computes anything.
 
-  The entry points call it (``setup`` for train.py and eval.py; predict.py, the benchmark). On
-  an accelerator only the host's own work is affected.
+  The entry points call it (``setup`` for train.py and eval.py; predict.py, the benchmark).
+  Returns whether the settings were applied.
   """
+  platform = computation_platform()
+  if platform != 'cpu':
+    logging.info('Computing on %s: CPU settings (allocator, XLA CPU flags) left alone.',
+                 platform)
+    return False
   keep_freed_memory()
   use_eigen_convolutions()
+  return True
+
+
+def computation_platform() -> str:
+  """The platform JAX will compute on, decided without starting a backend (XLA reads
+  XLA_FLAGS once, when its backend starts, so CPU flags must be chosen before that).
+
+  JAX's own order: the first platform named in JAX_PLATFORMS (or the ``jax_platforms``
+  option); otherwise a TPU if libtpu is installed and TPU chips are attached; a GPU if a CUDA
+  (ROCm) PJRT plugin is installed and JAX's probe sees an NVIDIA (AMD) device; any other
+  installed PJRT plugin, whose device JAX would use; else the CPU. Returns 'cpu', 'gpu', 'tpu'
+  or the plugin module's name.
+  """
+  if platforms := jax.config.jax_platforms:
+    first = platforms.split(',')[0].strip()
+    return 'gpu' if first in ('cuda', 'rocm') else first
+  if (importlib.util.find_spec('libtpu') is not None
+      and _probe('num_available_tpu_chips_and_device_id', (1, None))[0] > 0):
+    return 'tpu'
+  for plugin in sorted(_pjrt_plugins()):
+    if 'cuda' in plugin:
+      if _probe('has_visible_nvidia_gpu', True):
+        return 'gpu'
+    elif 'rocm' in plugin:
+      if _probe('num_available_amd_gpus', 1, stop_at=1) > 0:
+        return 'gpu'
+    else:
+      return plugin.rsplit('.', 1)[-1]
+  return 'cpu'
+
+
+def _probe(name: str, unknown, **kwargs):
+  """JAX's own device probe ``name`` (private: ``jax._src.hardware_utils``); ``unknown``, the
+  accelerator's presence, where this JAX version lacks it."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return getattr(hardware_utils, name)(**kwargs)
+  except (ImportError, AttributeError):
+    return unknown
+
+
+def _pjrt_plugins() -> set[str]:
+  """Modules of the installed PJRT plugins, found as JAX finds them: the ``jax_plugins``
+  namespace package and the ``jax_plugins`` entry points. Nothing is imported or started."""
+  spec = importlib.util.find_spec('jax_plugins')
+  modules = set()
+  if spec is not None and spec.submodule_search_locations:
+    modules |= {f'jax_plugins.{m.name}'
+                for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+  modules |= {e.value for e in importlib.metadata.entry_points(group='jax_plugins')}
+  return modules
 
 
 # XLA flag and the jaxlib minor version it was measured on (docs/performance.md).

@@ -144,6 +144,17 @@ def test_init_follows_the_authors():
   np.testing.assert_array_equal(model.encoder.norm5.var[...], 1.0)
 
 
+def test_initial_weights_are_the_same_eagerly_under_jit_and_scanned():
+  """Drawn on the host: one set of initial weights whichever path creates the model."""
+  config = models.model_config('tiny')
+  eager = nnx.state(models.create_model(config, seed=1)).to_pure_dict()
+  jitted = jax.jit(lambda: nnx.state(models.create_model(config, seed=1)).to_pure_dict())()
+  config.dense_block = 'scan'
+  scanned = nnx.state(models.create_model(config, seed=1)).to_pure_dict()
+  jax.tree.map(np.testing.assert_array_equal, jitted, eager)
+  jax.tree.map(np.testing.assert_array_equal, scanned, eager)
+
+
 def test_train_mode_uses_batch_statistics_and_dropout(tiny):
   image = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
   model = nnx.clone(tiny)
@@ -255,3 +266,121 @@ def test_summary_command_prints_the_table():
                        cwd=REPO, capture_output=True, text=True, check=True).stdout
   assert out.splitlines()[-1] == 'total parameters: 41414400'
   assert 'encoder.denseblocks' in out
+
+
+def _outputs_grads_and_stats(config, image, *, train, part=None):
+  """Outputs, gradients (parameters and input) and BatchNorm statistics of the model or of one
+  of its parts (``part='encoder'``), dropout included in training mode."""
+  model = models.create_model(config)
+  model.train() if train else model.eval()
+  graphdef, params, rest = nnx.split(getattr(model, part) if part else model, nnx.Param, ...)
+
+  @jax.jit
+  def run(params, rest, image):
+    def loss(params, image):
+      module = nnx.merge(graphdef, params, rest, copy=True)
+      outputs = module(image) if part else module(image, rngs=nnx.Rngs(dropout=0))
+      value = sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(outputs))
+      return value, (outputs, nnx.state(module, nnx.BatchStat))
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, image)
+
+  return jax.tree.map(np.asarray, run(params, rest, image))
+
+
+def _assert_trees_close(actual, expected):
+  """Equal up to float32 summation order. Gradients of BatchNorm scales in training mode are
+  sums that nearly cancel (the stem's: ~1e-3 from terms ~1), hence the absolute tolerance."""
+  actual, expected = jax.tree.leaves(actual), jax.tree.leaves(expected)
+  assert len(actual) == len(expected) > 50
+  for a, b in zip(actual, expected):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize('train, remat', [(True, False), (False, False), (True, True)])
+def test_scanned_dense_blocks_compute_the_unrolled_function(train, remat):
+  """Same outputs, gradients and BatchNorm statistics. (At least 16 values per channel in the
+  last block's batch statistics: with fewer, training-mode gradients are ill-conditioned and
+  differ in the third digit from summation order alone.)"""
+  image = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
+  results = {}
+  for mode in ('unrolled', 'scan'):
+    config = models.model_config('tiny')
+    config.block_sizes, config.dense_block, config.remat = (3, 2, 2, 2), mode, remat
+    results[mode] = _outputs_grads_and_stats(config, image, train=train, part='encoder')
+  _assert_trees_close(results['scan'], results['unrolled'])
+
+
+def test_scanned_dense_blocks_keep_the_parameter_tree():
+  """Checkpoints and the PyTorch converter see the same names and shapes."""
+  def shapes(mode):
+    config = models.model_config('small')
+    config.dense_block = mode
+    state = nnx.state(nnx.eval_shape(lambda: models.create_model(config)))
+    return jax.tree.map(lambda x: (x.shape, x.dtype), state.to_pure_dict())
+
+  assert shapes('scan') == shapes('unrolled')
+  config = models.model_config('tiny')
+  config.dense_block = 'loop'
+  with pytest.raises(ValueError, match='model.dense_block'):
+    models.create_model(config)
+
+
+@pytest.mark.parametrize('kernel_size, padding', [(1, 0), (3, 1), (4, 1)])
+def test_loop_conv_gradients_are_xlas(kernel_size, padding):
+  """On CPU ``loop_conv`` writes its gradients as NHWC convolutions; the values are XLA's."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
+  kernel = jax.random.normal(jax.random.key(2), (kernel_size, kernel_size, 5, 7))
+  pad = layers.symmetric_padding(padding)
+  plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pad,
+                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = functools.partial(layers.loop_conv, window_strides=(1, 1), padding=pad,
+                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = plain(x, kernel)
+  weights = jax.random.normal(jax.random.key(3), y.shape)
+  results = [jax.jit(jax.value_and_grad(
+      lambda x, k: jnp.sum(weights * jnp.sin(f(x, k))), (0, 1)))(x, kernel) for f in (ours, plain)]
+  for a, b in zip(*map(jax.tree.leaves, results)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_residuals():
+  image = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  configs = {}
+  for name, overrides in (('none', {}), ('nothing', dict(remat=True)),
+                          ('conv_outputs', dict(remat=True, remat_policy='conv_outputs'))):
+    configs[name] = models.model_config('tiny')
+    configs[name].update(overrides)
+  _assert_trees_close(_outputs_grads_and_stats(configs['conv_outputs'], image, train=True),
+                      _outputs_grads_and_stats(configs['none'], image, train=True))
+
+  def saved_bytes(config):  # The VJP function's leaves are the residuals kept for backward.
+    graphdef, params, rest = nnx.split(models.create_model(config), nnx.Param, ...)
+    def backward(params):
+      def loss(params):
+        out = nnx.merge(graphdef, params, rest, copy=True)(image, rngs=nnx.Rngs(dropout=0))
+        return jnp.sum(out['depth']) + jnp.sum(out['aif'])
+      return jax.vjp(loss, params)[1]
+    return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(jax.eval_shape(backward, params)))
+
+  sizes = {name: saved_bytes(config) for name, config in configs.items()}
+  assert sizes['nothing'] < sizes['conv_outputs'] < 0.6 * sizes['none']
+  configs['none'].remat, configs['none'].remat_policy = True, 'everything'
+  with pytest.raises(ValueError, match='model.remat_policy'):
+    models.create_model(configs['none'])
+
+
+@pytest.mark.parametrize('mode', ['auto', 'phases'])
+def test_up_conv_modes_compute_the_transposed_conv(mode):
+  """Values and both gradients of every up-convolution mode against 'transpose'."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
+  outputs = {}
+  for m in (mode, 'transpose'):
+    up = layers.UpConv(5, 7, mode=m, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(up)
+    outputs[m] = jax.jit(jax.value_and_grad(
+        lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
+  for a, b in zip(*map(jax.tree.leaves, outputs.values())):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='model.up_conv'):
+    layers.UpConv(5, 7, mode='pixel_shuffle', dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -1,4 +1,5 @@
-"""Process set-up: the allocator setting, XLA's CPU convolutions and the compilation cache."""
+"""Process set-up: CPU settings only on the CPU, the allocator setting, XLA's CPU convolutions,
+the compilation cache and XLA's autotune cache."""
 
 import functools
 import os
@@ -45,6 +46,7 @@ def _faults(mode):
   return [int(v) for v in out.stdout.split()]
 
 
+@pytest.mark.environment
 def test_freed_memory_is_reused_without_page_faults():
   # 256 MiB is 65536 pages of 4 KiB. glibc's default unmaps the block on free, so the second
   # allocation faults every page in again (unless the kernel backs it with huge pages).
@@ -87,11 +89,100 @@ def _convolution_library(mode):
   return out.stdout.split()[-1]
 
 
+@pytest.mark.environment
 @pytest.mark.skipif(jaxlib.version.__version_info__[:2] != runtime._EIGEN_CONVOLUTIONS_JAXLIB,
                     reason='the flag is only set on the jaxlib version it was measured on')
 def test_entry_points_get_eigen_convolutions():
   assert _convolution_library('default') == 'ynnpack'  # XLA's default, which the flag changes.
   assert _convolution_library('tuned') == 'eigen'
+
+
+# Tells where runtime thinks the computation runs (for JAX_PLATFORMS, then for each jax_platforms
+# value given) and whether it applied the CPU settings, and checks that deciding started no
+# backend and loaded no plugin (a fake plugin's initialize() would raise).
+_TUNE = '''
+import os, sys
+import jax
+from hded_jax import runtime
+from jax._src import xla_bridge
+platform, applied = runtime.computation_platform(), runtime.tune_for_cpu()
+flags = os.environ.get('XLA_FLAGS', '')
+for value in sys.argv[1:]:
+  jax.config.update('jax_platforms', value)
+  platform += ' ' + runtime.computation_platform()
+assert not xla_bridge.backends_are_initialized()
+print(applied, platform, '|', flags)
+'''
+
+_FAKE_PLUGIN = '''
+def initialize():
+  raise AssertionError('plugin loaded')
+'''
+
+
+def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
+  """(applied, platforms, XLA_FLAGS) from a fresh process; ``plugin`` installs a fake PJRT
+  plugin module of that name under the ``jax_plugins`` namespace package."""
+  path = [REPO]
+  if plugin:
+    os.makedirs(tmp_path / 'site' / 'jax_plugins' / plugin)
+    (tmp_path / 'site' / 'jax_plugins' / plugin / '__init__.py').write_text(_FAKE_PLUGIN)
+    path.append(str(tmp_path / 'site'))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
+  out = subprocess.run([sys.executable, '-c', _TUNE, *other_values], cwd=REPO, check=True,
+                       capture_output=True, text=True, env=env)
+  settings, flags = out.stdout.strip().split('|')
+  applied, *platforms = settings.split()
+  return applied == 'True', platforms, flags.split()
+
+
+def test_cpu_settings_apply_only_when_computing_on_the_cpu(tmp_path):
+  applied, platforms, flags = _tune(tmp_path, 'cpu')
+  assert applied and platforms == ['cpu']
+  if jaxlib.version.__version_info__[:2] == runtime._EIGEN_CONVOLUTIONS_JAXLIB:
+    assert flags == [runtime._EIGEN_CONVOLUTIONS_FLAG]
+  # As on a GPU or TPU VM: the CPU only drives the accelerator.
+  assert _tune(tmp_path, 'cuda', 'tpu,cpu', 'rocm', 'cpu,cuda') == (
+      False, ['gpu', 'tpu', 'gpu', 'cpu'], [])
+  # No JAX_PLATFORMS: an installed PJRT plugin is what JAX computes on.
+  applied, platforms, flags = _tune(tmp_path, '', plugin='fake_accelerator')
+  assert not applied and not flags
+  assert platforms[0] in ('fake_accelerator', 'gpu', 'tpu')  # A real accelerator comes first.
+
+
+@pytest.mark.skipif(runtime.computation_platform() != 'cpu' or bool(runtime._pjrt_plugins()),
+                    reason='an accelerator or a PJRT plugin is installed')
+def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
+  assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == (True, ['cpu'])
+
+
+# The XLA options JAX compiles with after the set-up: GPU autotune cache directory, GPU kernel
+# cache file.
+_XLA_CACHE_OPTIONS = '''
+import sys
+import jax
+from hded_jax import runtime
+from jax._src import compiler
+runtime.enable_compilation_cache(sys.argv[1])
+compile_options = compiler.get_compile_options(1, 1, backend=jax.devices()[0].client)
+debug = compile_options.executable_build_options.debug_options  # Owned by compile_options.
+print(debug.xla_gpu_per_fusion_autotune_cache_dir or '-', debug.xla_gpu_kernel_cache_file or '-')
+'''
+
+
+def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
+  def xla_caches(**env):
+    base = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'}
+    out = subprocess.run([sys.executable, '-c', _XLA_CACHE_OPTIONS, str(tmp_path)], cwd=REPO,
+                         check=True, capture_output=True, text=True,
+                         env=dict(base, PYTHONPATH=REPO, **env))
+    return out.stdout.split()
+
+  assert xla_caches() == [str(tmp_path / 'xla_gpu_per_fusion_autotune_cache_dir'), '-']
+  # The user's choice stands.
+  assert xla_caches(JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES='xla_gpu_kernel_cache_file') == [
+      '-', str(tmp_path / 'xla_gpu_kernel_cache_file')]
 
 
 def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):

@@ -12,8 +12,8 @@ from hded_jax.models import layers
 class DecoderBlock(nnx.Module):
   """ConvT4x4/2 -> BN -> [Dropout] -> ReLU -> Conv3x3 -> BN -> [Dropout] -> ReLU."""
 
-  def __init__(self, in_features, out_features, *, dropout_rate, dtype, rngs):
-    self.conv1 = layers.UpConv(in_features, out_features, dtype=dtype, rngs=rngs)
+  def __init__(self, in_features, out_features, *, dropout_rate, up_conv, dtype, rngs):
+    self.conv1 = layers.UpConv(in_features, out_features, mode=up_conv, dtype=dtype, rngs=rngs)
     self.bn1 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(out_features, out_features, 3, padding=1, dtype=dtype, rngs=rngs)
     self.bn2 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
@@ -24,8 +24,8 @@ class DecoderBlock(nnx.Module):
     return self.dropout(x, rngs=rngs) if self.dropout is not None else x
 
   def __call__(self, x, rngs=None):
-    x = jax.nn.relu(self._dropout(self.bn1(self.conv1(x)), rngs))
-    return jax.nn.relu(self._dropout(self.bn2(self.conv2(x)), rngs))
+    x = jax.nn.relu(self._dropout(self.bn1(layers.conv_output(self.conv1(x))), rngs))
+    return jax.nn.relu(self._dropout(self.bn2(layers.conv_output(self.conv2(x))), rngs))
 
 
 class Decoder(nnx.Module):
@@ -37,7 +37,8 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, *, bottleneck_features: int, skip_features: Sequence[int],
-               out_channels: int, dropout_rate: float, remat: bool, dtype, rngs: nnx.Rngs):
+               out_channels: int, dropout_rate: float, up_conv: str, remat: str | None,
+               dtype, rngs: nnx.Rngs):
     skips = list(skip_features)  # S0..S3
     widths = skips[::-1] + [skips[0]]  # d5: S3's width, d4: S2's, ..., d2 and d1: S0's.
     blocks = []
@@ -45,7 +46,7 @@ class Decoder(nnx.Module):
     for i, width in enumerate(widths):
       blocks.append(DecoderBlock(in_features, width,
                                  dropout_rate=dropout_rate if i < 2 else 0.0,
-                                 dtype=dtype, rngs=rngs))
+                                 up_conv=up_conv, dtype=dtype, rngs=rngs))
       if i < len(skips):
         in_features = width + skips[len(skips) - 1 - i]
     self.blocks = nnx.List(blocks)

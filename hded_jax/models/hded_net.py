@@ -6,6 +6,7 @@ import ml_collections
 from flax import nnx
 
 from hded_jax import defocus
+from hded_jax.models import layers
 from hded_jax.models.decoder import Decoder
 from hded_jax.models.densenet import DenseNetEncoder
 
@@ -46,6 +47,14 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # Feed the camera to the network as constant input channels (`camera_channels`): with
       # cameras that vary (config.dataset.camera ranges) the same blur means other depths.
       camera_input=False,
+      # What remat keeps: 'nothing' or 'conv_outputs' (layers.REMAT_POLICIES).
+      remat_policy='nothing',
+      # 'unrolled' or 'scan': each dense block as one scanned layer, compiled once per block
+      # instead of once per layer (faster compile; docs/performance.md).
+      dense_block='unrolled',
+      # The decoders' up-convolutions: 'auto' (one conv_transpose on GPU and TPU, four phase
+      # convolutions on CPU, as measured), or 'transpose' or 'phases' on every backend.
+      up_conv='auto',
   ))
 
 
@@ -59,8 +68,9 @@ class HDEDNet(nnx.Module):
     if config.dtype not in DTYPES:
       raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
     dtype = DTYPES[config.dtype]
-    # Configs saved in checkpoints from before the option have no 'remat'.
-    remat = bool(config.get('remat', False))
+    # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
+    remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
+    layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
@@ -70,10 +80,11 @@ class HDEDNet(nnx.Module):
         in_features=3 + (CAMERA_CHANNELS if self.camera_input else 0),
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
-        remat=remat, dtype=dtype, rngs=rngs)
+        dense_block=config.get('dense_block', 'unrolled'), remat=remat, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
-                        dropout_rate=config.dropout_rate, remat=remat, dtype=dtype,
+                        dropout_rate=config.dropout_rate,
+                        up_conv=config.get('up_conv', 'auto'), remat=remat, dtype=dtype,
                         rngs=rngs)
     self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
                           else None)

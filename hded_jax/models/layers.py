@@ -8,6 +8,7 @@ network computes the same function as the PyTorch original.
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -50,12 +51,62 @@ def symmetric_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bias=False,
-         dtype, rngs):
+         conv_general_dilated=jax.lax.conv_general_dilated, dtype, rngs):
   """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC."""
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=symmetric_padding(padding), use_bias=use_bias, kernel_init=conv_init,
-      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+      conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=jnp.float32,
+      rngs=rngs)
+
+
+def loop_conv(lhs, rhs, window_strides, padding, *, dimension_numbers, lhs_dilation=None,
+              rhs_dilation=None, feature_group_count=1, **kwargs):
+  """``lax.conv_general_dilated`` for the stride-1 NHWC convs of a loop body (a scanned dense
+  block). XLA's CPU backend leaves gradient convs inside a loop in layouts that Eigen cannot
+  run (135x slower, docs/performance.md), so on CPU the gradients are written as NHWC convs
+  (``_nhwc_gradient_conv``); elsewhere this is ``lax.conv_general_dilated``."""
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  if (tuple(window_strides) != (1, 1) or feature_group_count != 1
+      or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
+    raise ValueError('loop_conv takes stride-1 NHWC/HWIO convs without dilation or groups.')
+  padding = tuple(map(tuple, padding))
+  return jax.lax.platform_dependent(
+      lhs, rhs, cpu=functools.partial(_nhwc_gradient_conv, padding=padding),
+      default=functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
+                                padding=padding, dimension_numbers=dimension_numbers, **kwargs))
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _nhwc_gradient_conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+def _nhwc_gradient_conv_fwd(x, kernel, padding):
+  return _nhwc_gradient_conv(x, kernel, padding), (x, kernel)
+
+
+def _nhwc_gradient_conv_bwd(padding, residuals, g):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  (top, bottom), (left, right) = padding
+  # The input gradient: the flipped kernel, in and out swapped, over the output gradient.
+  input_gradient = jax.lax.conv_general_dilated(
+      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1),
+      ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
+      dimension_numbers=_NHWC)
+  # The kernel gradient: input channels as the batch, images as the features.
+  kernel_gradient = jax.lax.conv_general_dilated(
+      x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), padding,
+      dimension_numbers=_NHWC)
+  return input_gradient, kernel_gradient.transpose(1, 2, 0, 3)
+
+
+_nhwc_gradient_conv.defvjp(_nhwc_gradient_conv_fwd, _nhwc_gradient_conv_bwd)
 
 
 class UpConv(nnx.Module):
@@ -64,32 +115,41 @@ class UpConv(nnx.Module):
   ``kernel`` (4, 4, in, out) is the plain conv kernel that a transposed conv applies to the
   stride-dilated input padded by ``k - 1 - p`` = 2 (what ``nnx.ConvTranspose`` with that padding
   computes); importing PyTorch weights (in, out, kh, kw) means transposing to (kh, kw, in, out)
-  and flipping both spatial axes. Computed by ``upsampling_conv``.
+  and flipping both spatial axes. Computed as ``UP_CONVS[mode]``.
   """
 
-  def __init__(self, in_features, out_features, *, dtype, rngs):
+  def __init__(self, in_features, out_features, *, mode='auto', dtype, rngs):
+    if mode not in UP_CONVS:
+      raise ValueError(f'model.up_conv={mode!r}: choose one of {sorted(UP_CONVS)}.')
     self.kernel = nnx.Param(conv_init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
+    self.mode = mode
     self.dtype = dtype
 
   def __call__(self, x):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    return upsampling_conv(x, kernel) + self.bias[...].astype(self.dtype)
+    return UP_CONVS[self.mode](x, kernel) + self.bias[...].astype(self.dtype)
 
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+def upsampling_conv(x, kernel):
+  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``: one transposed conv on GPU
+  and TPU, four phase convs on CPU (``_phase_upsampling_conv``)."""
+  return jax.lax.platform_dependent(x, kernel, cpu=_phase_upsampling_conv,
+                                    default=_conv_transpose)
+
+
+def _conv_transpose(x, kernel):
+  return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC)
 
 
 @jax.custom_vjp
-def upsampling_conv(x, kernel):
-  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``, as four 2x2 convs.
-
-  One conv per output phase computes the same function without the dilated input's zeros; XLA's
-  CPU backend runs forward and backward of the model's up-convs 20x faster that way than
-  ``conv_transpose`` (whose kernel gradient is 30-70x slower). The input gradient, the adjoint of
-  a stride-2 transposed conv, is one stride-2 conv instead of the four phases' (at 128x128 on
-  CPU, 113 against 159 ms; docs/performance.md).
+def _phase_upsampling_conv(x, kernel):
+  """The transposed conv as four 2x2 convs, one per output phase: the same function without
+  the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
+  20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower). The
+  input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead of the
+  four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md).
   """
   return _phase_convs(x, kernel)
 
@@ -118,7 +178,12 @@ def _upsampling_conv_bwd(residuals, g):
   return input_gradient, *kernel_vjp(g)
 
 
-upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+_phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+
+# The same function three ways: 'auto', the one chosen per backend (``upsampling_conv``);
+# 'transpose' and 'phases' everywhere, to measure them against each other on a backend.
+UP_CONVS = {'auto': upsampling_conv, 'transpose': _conv_transpose,
+            'phases': _phase_upsampling_conv}
 
 
 def batch_norm(num_features, *, dtype, rngs):
@@ -127,12 +192,33 @@ def batch_norm(num_features, *, dtype, rngs):
       dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def call(module, *args, remat: bool):
-  """``module(*args)``; with ``remat`` its activations are recomputed in the backward pass
-  instead of kept from the forward (full model: 13% less memory, 14% more FLOPs)."""
-  if not remat:
+# What a rematerialised layer keeps from its forward pass besides its inputs: 'nothing'
+# (recompute everything, convolutions included) or 'conv_outputs' (recompute only BatchNorm,
+# ReLU and dropout, which are elementwise). Residual sizes: docs/performance.md.
+REMAT_POLICIES = {
+    'nothing': jax.checkpoint_policies.nothing_saveable,
+    'conv_outputs': jax.checkpoint_policies.save_only_these_names('conv_output'),
+}
+
+
+def conv_output(x):
+  """Names a convolution's output for the 'conv_outputs' remat policy."""
+  return checkpoint_name(x, 'conv_output')
+
+
+def remat_policy(remat: str | None):
+  if remat not in (None, *REMAT_POLICIES):
+    raise ValueError(f'model.remat_policy={remat!r}: choose one of {sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES.get(remat)
+
+
+def call(module, *args, remat: str | None):
+  """``module(*args)``; with ``remat`` (a ``REMAT_POLICIES`` name) its activations are
+  recomputed in the backward pass instead of kept from the forward."""
+  if remat is None:
     return module(*args)
-  return nnx.remat(lambda module, *args: module(*args))(module, *args)
+  return nnx.remat(lambda module, *args: module(*args), policy=remat_policy(remat))(
+      module, *args)
 
 
 leaky_relu = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)

@@ -1,0 +1,61 @@
+"""What XLA is asked to compile on GPU and TPU, seen from any machine.
+
+``jax.export`` lowers a jitted function for a platform without its devices, so a CPU-only machine
+(CI) sees the StableHLO program that a GPU or TPU would compile. Counting its ops catches
+CPU-only code paths that leak into the accelerator program and growth in what the accelerator
+compiler must work through: XLA's GPU backend autotunes every distinct convolution.
+"""
+
+from collections import Counter
+from collections.abc import Sequence
+import re
+
+import jax
+
+PLATFORMS = ('cuda', 'tpu')
+
+# An op statement starts a line: optional results (`%0 = `, `%1:2 = `), then `dialect.name`
+# (generic form in quotes). Ops printed inside another op's pretty form (`applies stablehlo.add`)
+# are not statements and not counted.
+_OP = re.compile(r'^\s*(?:%[^=]*=\s*)?"?([a-z_]+\.[a-z_0-9.]+)', re.MULTILINE)
+_CUSTOM_CALL_TARGET = re.compile(r'stablehlo\.custom_call\s+@([\w.$-]+)')
+# Arrays baked into the program (e.g. host-computed weights) print as hex literals.
+_HEX_CONSTANT = re.compile(r'dense<"0x([0-9A-Fa-f]*)">')
+_SSA_NAME = re.compile(r'%[\w#:]+')
+_LOCATION = re.compile(r'\s*loc\(.*\)\s*$')
+
+
+def op_counts(jitted, *args, platforms: Sequence[str] = PLATFORMS, **kwargs) -> dict[str, dict]:
+  """{platform: counts} for ``jitted`` (a ``jax.jit`` function) lowered for each platform.
+
+  ``args`` and ``kwargs`` are example arguments or ``jax.ShapeDtypeStruct``s; nothing runs.
+  Call it inside the mesh context the function needs (``jax.set_mesh``), as for ``lower``.
+  """
+  return {platform: count_ops(jax.export.export(jitted, platforms=(platform,))(
+      *args, **kwargs).mlir_module()) for platform in platforms}
+
+
+def count_ops(module_text: str) -> dict:
+  """Op counts of a StableHLO module's text (as ``Exported.mlir_module()`` prints it).
+
+  ``convolutions`` counts convolution ops; ``distinct_convolutions`` the different ones among
+  them (operand and result types, window, dimension numbers: what XLA tunes and compiles
+  once); ``custom_calls`` by call target; ``ops`` every op statement, all dialects;
+  ``constant_bytes`` the size of the arrays written into the program as literals.
+  """
+  statements = [(match.group(1), line) for line in module_text.splitlines()
+                if (match := _OP.match(line))]
+  convolutions = [_signature(line) for name, line in statements
+                  if name == 'stablehlo.convolution']
+  return {
+      'ops': len(statements),
+      'convolutions': len(convolutions),
+      'distinct_convolutions': len(set(convolutions)),
+      'custom_calls': dict(sorted(Counter(_CUSTOM_CALL_TARGET.findall(module_text)).items())),
+      'constant_bytes': sum(len(digits) // 2 for digits in _HEX_CONSTANT.findall(module_text)),
+  }
+
+
+def _signature(line: str) -> str:
+  """An op's line without its value names and source location."""
+  return _SSA_NAME.sub('%', _LOCATION.sub('', line)).strip()

@@ -1,0 +1,82 @@
+"""The GPU and TPU programs, lowered on this machine: no CPU-only path leaks into them."""
+
+from flax import nnx
+
+from hded_jax import benchmark_lib
+from hded_jax import lowering
+from hded_jax import models
+from hded_jax.models import layers
+from tests.conftest import tiny_config
+
+_ALL = (*lowering.PLATFORMS, 'cpu')
+
+
+def _lowered(**model_overrides):
+  """The op counts of the tiny config's train step and eval forward, and its convolution and
+  up-convolution counts."""
+  config = tiny_config('unused')
+  config.model.update(model_overrides)
+  model = models.create_model(config.model)
+  count = lambda kind: sum(isinstance(node, kind) for _, node in nnx.iter_graph(model))
+  return benchmark_lib.lowered_op_counts(config, _ALL), count(nnx.Conv), count(layers.UpConv)
+
+
+def test_gpu_and_tpu_programs_have_one_conv_per_pass_and_no_cpu_paths():
+  counts, convs, up_convs = _lowered()
+  # Forward, kernel gradient and input gradient of every convolution; the first one's input
+  # (the image) needs no gradient. An up-convolution is one conv_transpose there.
+  train = 3 * (convs + up_convs) - 1
+  for platform in lowering.PLATFORMS:
+    for program, expected in (('train', train), ('eval', convs + up_convs)):
+      c = counts[program][platform]
+      assert c['convolutions'] == expected, (program, platform)
+      assert c['distinct_convolutions'] <= expected
+      assert c['custom_calls'] == {}, (program, platform)  # No host callbacks.
+      assert c['constant_bytes'] < 1024, (program, platform)  # No arrays baked in.
+    assert counts['train'][platform]['ops'] < 9_000, platform  # 7,860 with jax 0.10.
+  # The CPU program computes each up-convolution as four phase convolutions (and their kernel
+  # gradients) with a one-convolution input gradient: 9 instead of 3.
+  assert counts['train']['cpu']['convolutions'] == train + 6 * up_convs
+  assert counts['eval']['cpu']['convolutions'] == convs + 4 * up_convs
+
+
+def test_up_conv_option_picks_one_formulation_on_every_backend():
+  """For measuring them against each other: 'phases' puts the phase convolutions in the GPU
+  and TPU programs, 'transpose' puts one conv_transpose in the CPU one."""
+  for mode, extra in (('phases', 6), ('transpose', 0)):
+    counts, convs, up_convs = _lowered(up_conv=mode)
+    expected = 3 * (convs + up_convs) - 1 + extra * up_convs
+    assert {p: c['convolutions'] for p, c in counts['train'].items()} == dict.fromkeys(
+        _ALL, expected), mode
+
+
+def test_scanned_dense_blocks_lower_each_block_once():
+  """Each dense block's two convolutions (and their gradients) appear once, not per layer."""
+  counts = {mode: _lowered(block_sizes=(2, 3, 4, 3), dense_block=mode)[0]['train']['cuda']
+            for mode in ('unrolled', 'scan')}
+  per_layer_convs = 6 * (2 + 3 + 4 + 3)  # Two convolutions a layer, three passes each.
+  assert counts['unrolled']['convolutions'] - counts['scan']['convolutions'] == (
+      per_layer_convs - 6 * 4)
+  assert counts['scan']['distinct_convolutions'] < counts['unrolled']['distinct_convolutions']
+  assert counts['scan']['custom_calls'] == {}
+
+
+def test_count_ops_reads_stablehlo_text():
+  convolution = ('stablehlo.convolution({}, %arg1) dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->'
+                 '[b, 0, 1, f], window = {{pad = [[1, 1], [1, 1]]}} : (tensor<1x4x4x2xf32>, '
+                 'tensor<3x3x2x2xf32>) -> tensor<1x4x4x2xf32> loc(#loc{})')
+  text = f'''
+  func.func public @main(%arg0: tensor<1x4x4x2xf32>, %arg1: tensor<3x3x2x2xf32>) {{
+    %0 = {convolution.format('%arg0', 1)}
+    %1 = {convolution.format('%0', 2)}
+    %2 = stablehlo.reduce(%1 init: %cst) applies stablehlo.add across dimensions = [0]
+    %3 = stablehlo.custom_call @Sharding(%2) : (tensor<4x4x2xf32>) -> tensor<4x4x2xf32>
+    %cst = stablehlo.constant dense<"0x0000803F00000040"> : tensor<2xf32>
+    %4:2 = "stablehlo.case"(%c) ({{
+      stablehlo.return %3, %3 : tensor<4x4x2xf32>, tensor<4x4x2xf32>
+    }}) : (tensor<i32>) -> (tensor<4x4x2xf32>, tensor<4x4x2xf32>)
+    return %4#0 : tensor<4x4x2xf32>
+  }}'''
+  assert lowering.count_ops(text) == {
+      'ops': 8, 'convolutions': 2, 'distinct_convolutions': 1, 'custom_calls': {'Sharding': 1},
+      'constant_bytes': 8}
