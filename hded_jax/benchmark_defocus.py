@@ -73,8 +73,8 @@ def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_fra
   render = functools.partial(nyu.render_example, camera=camera, mode='d3net',
                              sigma_tolerance=0.0)
   frames = [(i, *synthetic_defocus.room_scene(*size, seed=i)) for i in range(num_frames)]
-  print(f'{num_frames} {size[0]}x{size[1]} NYU-like frames, mode d3net, {os.cpu_count()} CPUs, load '
-        f'average {os.getloadavg()[0]:.1f}')
+  print(f'{num_frames} {size[0]}x{size[1]} NYU-like frames, mode d3net, {os.cpu_count()} CPUs, '
+        f'load average {os.getloadavg()[0]:.1f}')
   steady = {}
   for workers in worker_counts:
     start = time.perf_counter()

@@ -299,7 +299,8 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
       heads=tuple(arch.heads)).to(device, memory_format=layout)
   opt = config.optimizer
   optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2))
-  batch = {k: torch.from_numpy(v).to(device) for k, v in input_pipeline.random_batch(config).items()}
+  batch = {k: torch.from_numpy(v).to(device)
+           for k, v in input_pipeline.random_batch(config).items()}
   image = batch['image'].permute(0, 3, 1, 2).contiguous(memory_format=layout)
   targets = {'depth': batch['depth'],
              'aif': batch['aif'].permute(0, 3, 1, 2).contiguous(memory_format=layout)}

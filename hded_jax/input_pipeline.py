@@ -77,7 +77,8 @@ def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                           config=config.dataset.get('builder_config') or None)
 
 
-def data_source(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, np.ndarray]]:
+def data_source(config: ml_collections.ConfigDict,
+                split: str) -> Sequence[Mapping[str, np.ndarray]]:
   return dataset_builder(config).as_data_source(split=split)
 
 

@@ -18,7 +18,8 @@ from tests.conftest import REPO
 from tests.fixtures.models import random_model, zeros_model
 
 torch = pytest.importorskip('torch')
-from hded_jax.pytorch import reference as torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from hded_jax.pytorch import reference as torch_reference
 
 ARCH_KEYS = ('block_sizes', 'growth_rate', 'num_init_features', 'bn_size')
 TINY = {k: tuple(v) if k == 'block_sizes' else v

@@ -67,7 +67,8 @@ def _imports(path: pathlib.Path, known: set[str]) -> set[str]:
 def test_every_module_has_a_level_and_imports_only_below_it():
   modules = _project_modules()
   unplaced = sorted(set(modules) - set(LEVELS) - PROGRAMS)
-  assert not unplaced, f'Give these modules a level in LEVELS (or list them as programs): {unplaced}'
+  assert not unplaced, ('Give these modules a level in LEVELS (or list them as programs): '
+                        f'{unplaced}')
   wrong = []
   for name, path in modules.items():
     level = LEVELS.get(name, float('inf'))

@@ -56,7 +56,8 @@ def test_blur_grows_towards_the_camera(tiny):
   kept, total = np.zeros(3), np.zeros(3)
   bands = np.array([0.5, 1.0, 1.5, 1.95])
   for example in tiny['train'] + tiny['test']:
-    detail = lambda x: ndimage.laplace(x.astype(np.float64).mean(-1))**2  # pylint: disable=cell-var-from-loop
+    # pylint: disable-next=cell-var-from-loop
+    detail = lambda x: ndimage.laplace(x.astype(np.float64).mean(-1))**2
     band = np.digitize(example['depth'], bands[1:-1])
     kept += np.bincount(band.ravel(), detail(example['image']).ravel(), 3)
     total += np.bincount(band.ravel(), detail(example['aif']).ravel(), 3)

@@ -108,7 +108,8 @@ class HDEDNet(nnx.Module):
       outputs['depth'] = depth * self.depth_scale if self.depth_scale != 1.0 else depth
     if self.aif_decoder is not None:
       # The AiF head predicts a residual onto the (defocused) input.
-      aif = self.aif_decoder(bottleneck, skips, rngs).astype(jnp.float32) + image.astype(jnp.float32)
+      aif = (self.aif_decoder(bottleneck, skips, rngs).astype(jnp.float32)
+             + image.astype(jnp.float32))
       outputs['aif'] = jnp.tanh(aif) if self.aif_tanh else aif
     return outputs
 
