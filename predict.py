@@ -28,6 +28,8 @@ flags.DEFINE_string('resize', '', 'HxW: resize inputs to this size (e.g. the tra
 flags.DEFINE_enum('pad_mode', 'reflect', predict_lib.PAD_MODES,
                   'How inputs are padded to a multiple of 32 (the outputs are cropped back).')
 flags.DEFINE_list('depth_range', None, 'MIN,MAX depth for the colour map; default: per image.')
+flags.DEFINE_list('camera', None, 'FOCAL_LENGTH,F_NUMBER,PIXEL_SIZE,FOCUS_DISTANCE (metres) of '
+                  'the photos: needed by models trained with model.camera_input=True.')
 flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
 
 
@@ -46,7 +48,8 @@ def main(argv):
   report = predict_lib.run(
       FLAGS.checkpoint, FLAGS.input, FLAGS.output_dir, batch_size=FLAGS.batch_size,
       resize=predict_lib.parse_resize(FLAGS.resize), pad_mode=FLAGS.pad_mode,
-      depth_range=depth_range)
+      depth_range=depth_range,
+      camera=None if FLAGS.camera is None else [float(v) for v in FLAGS.camera])
   logging.info('Wrote predictions for %d images to %s; skipped %d.', len(report.written),
                FLAGS.output_dir, len(report.skipped))
   if not report.written:

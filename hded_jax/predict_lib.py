@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from hded_jax import checkpoints, visualize
+from hded_jax import checkpoints, defocus, visualize
 from hded_jax import images
 from hded_jax.models.hded_net import INPUT_MULTIPLE
 
@@ -106,11 +106,24 @@ def pad_to_multiple(batch: np.ndarray, mode: str, multiple: int = INPUT_MULTIPLE
   return np.pad(batch, pad, mode=mode)
 
 
-def make_forward(model: nnx.Module) -> Forward:
-  """A jitted eval-mode forward pass (one compile per batch shape)."""
+def make_forward(model: nnx.Module, camera: Sequence[float] | None = None) -> Forward:
+  """A jitted eval-mode forward pass (one compile per batch shape). ``camera`` (focal length,
+  f-number, pixel size, focus distance: ``defocus.CAMERA_FIELDS``) is the photos' camera, which
+  a camera-aware model (``model.camera_input``) needs and other models do not read."""
+  if getattr(model, 'camera_input', False) and camera is None:
+    raise ValueError('This model was trained with model.camera_input=True: pass the photos\' '
+                     'camera, --camera=FOCAL_LENGTH,F_NUMBER,PIXEL_SIZE,FOCUS_DISTANCE (metres; '
+                     'the pixel size at the resolution the camera records, e.g. '
+                     '0.015,2.8,5.6e-6,2.0 for the NYU camera focused at 2 m).')
+  if camera is not None and len(camera) != len(defocus.CAMERA_FIELDS):
+    raise ValueError(f'camera={list(camera)}: expected {len(defocus.CAMERA_FIELDS)} values, '
+                     f'{", ".join(defocus.CAMERA_FIELDS)}.')
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(batch))
+  camera = np.zeros(len(defocus.CAMERA_FIELDS)) if camera is None else camera
+  camera = np.asarray(camera, np.float32)
+  forward = jax.jit(lambda state, batch: nnx.merge(graphdef, state)(
+      batch, camera=np.broadcast_to(camera, (batch.shape[0], camera.size))))
   return lambda batch: forward(state, batch)
 
 
@@ -244,15 +257,18 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
   return report
 
 
-def run(checkpoint: str, input_pattern: str, output_dir: str, **kwargs) -> PredictionReport:
+def run(checkpoint: str, input_pattern: str, output_dir: str, *,
+        camera: Sequence[float] | None = None, **kwargs) -> PredictionReport:
   """Loads the checkpoint ``checkpoint`` names (`checkpoints.locate`: a run's WORKDIR, a
   checkpoint directory, one step of one) and predicts every image ``input_pattern`` names (see
-  ``find_inputs``); kwargs go to ``predict_files``."""
+  ``find_inputs``) taken with ``camera`` (see ``make_forward``); kwargs go to
+  ``predict_files``."""
   paths, skipped = find_inputs(input_pattern)
   model, config, step = checkpoints.load_model(checkpoint)
   logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,
                tuple(config.model.heads), len(paths))
-  report = predict_files(make_forward(model), paths, output_dir, **kwargs)
+  forward = make_forward(model, camera)
+  report = predict_files(forward, paths, output_dir, **kwargs)
   for path, reason in skipped.items():
     logging.warning('Skipped %s: %s', path, reason)
   report.skipped.update(skipped)

@@ -282,3 +282,21 @@ def test_checkpoint_step_directory_and_bad_output_dir(tiny, tmp_path):
   (tmp_path / 'file').write_text('x')
   with pytest.raises(NotADirectoryError, match='--output_dir=.*file is a file'):
     predict_lib.run(str(directory), str(tmp_path / 'photo.png'), str(tmp_path / 'file'))
+
+
+def test_camera_aware_model_predicts_with_the_photos_camera(tmp_path):
+  config = models.model_config('tiny')
+  config.camera_input = True
+  model = random_model(config)
+  with pytest.raises(ValueError, match='--camera=FOCAL_LENGTH'):
+    predict_lib.make_forward(model)
+  with pytest.raises(ValueError, match='expected 4 values'):
+    predict_lib.make_forward(model, [0.015, 2.8])
+  photo = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  outputs = {}
+  for focus in (1.5, 3.0):
+    camera = [0.015, 2.8, 5.6e-6, focus]
+    outputs[focus] = predict_lib.make_forward(model, camera)(photo)
+    expected = nnx.jit(lambda m, x, c: m(x, camera=c))(model, photo, np.array([camera]))
+    np.testing.assert_allclose(outputs[focus]['depth'], expected['depth'], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(outputs[1.5]['depth'], outputs[3.0]['depth'])
