@@ -71,14 +71,20 @@ def _image_feature(shape: tuple[int, int]) -> tfds.features.Image:
   return tfds.features.Image(shape=(*shape, 3))
 
 
-def encode_images(example: dict[str, Any]) -> dict[str, Any]:
-  """``example`` with its `image` and `aif` arrays encoded as the features store them (PNG).
+def rendered_example(index: int, aif: np.ndarray, depth: np.ndarray, camera: defocus.Camera, *,
+                     mode: str, sigma_tolerance: float | None,
+                     rendering_depth: np.ndarray | None = None) -> tuple[int, dict[str, Any]]:
+  """(index, example): ``aif`` defocused with ``camera`` as seen at ``rendering_depth`` (default:
+  ``depth``, the stored ground truth), its images encoded as the features store them (PNG).
 
   Builders call it where they render, in the worker processes: the one process that writes
   every frame would otherwise, encoding them all, become the bottleneck at about 16 workers.
   """
-  encode = _image_feature(example['aif'].shape[:2]).encode_example
-  return {**example, 'image': encode(example['image']), 'aif': encode(example['aif'])}
+  image = defocus.render_defocus(aif, depth if rendering_depth is None else rendering_depth,
+                                 camera, mode=mode, sigma_tolerance=sigma_tolerance)
+  encode = _image_feature(aif.shape[:2]).encode_example
+  return index, {'image': encode(image), 'aif': encode(aif), 'depth': depth,
+                 'camera': camera_features(camera), 'index': index}
 
 
 def camera_features(camera: defocus.Camera) -> dict[str, np.float32]:

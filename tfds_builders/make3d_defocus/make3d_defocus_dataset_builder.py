@@ -135,15 +135,10 @@ def render_example(item: tuple[int, str, bytes, np.ndarray], *, image_size: tupl
   aif = read_image(data, image_size, where)
   # NaN or <= 0 means no laser return.
   valid = np.isfinite(depth) & (depth > 0) & (depth < max_depth)
-  rendering_depth = resize_depth(np.where(valid, depth, max_depth), image_size)
-  return index, common.encode_images({
-      'image': defocus.render_defocus(aif, rendering_depth, camera, mode=mode,
-                                      sigma_tolerance=sigma_tolerance),
-      'aif': aif,
-      'depth': np.where(valid, depth, 0).astype(np.float32),
-      'camera': common.camera_features(camera),
-      'index': index,
-  })
+  return common.rendered_example(
+      index, aif, np.where(valid, depth, 0).astype(np.float32), camera, mode=mode,
+      sigma_tolerance=sigma_tolerance,
+      rendering_depth=resize_depth(np.where(valid, depth, max_depth), image_size))
 
 
 def archive_files(

@@ -95,16 +95,8 @@ class Builder(common.DefocusBuilder):
 def render_example(frame: tuple[int, np.ndarray, np.ndarray], *, camera: defocus.Camera,
                    mode: str, sigma_tolerance: float | None) -> tuple[int, dict]:
   """(index, example) of a frame (index, aif, depth); runs in a worker process."""
-  index, aif, depth = frame
-  return index, common.encode_images({
-      # The labeled depths are in-painted: positive everywhere, as rendering needs.
-      'image': defocus.render_defocus(aif, depth, camera, mode=mode,
-                                      sigma_tolerance=sigma_tolerance),
-      'aif': aif,
-      'depth': depth,
-      'camera': common.camera_features(camera),
-      'index': index,
-  })
+  # The labeled depths are in-painted: positive everywhere, as rendering needs.
+  return common.rendered_example(*frame, camera, mode=mode, sigma_tolerance=sigma_tolerance)
 
 
 def _check_labeled_mat(path: epath.Path, frame_size: tuple[int, int]) -> int:

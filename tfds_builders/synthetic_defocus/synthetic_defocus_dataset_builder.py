@@ -173,11 +173,5 @@ def make_example(index: int, *, seed: tuple[int, int], size: tuple[int, int],
   """(index, example) for example ``index`` of the split with seed (seed, split seed)."""
   camera = defocus.CAMERAS[CAMERA]
   aif, depth = generate_scene(np.random.default_rng((*seed, index)), *size)
-  return index, common.encode_images({
-      'image': defocus.render_defocus(aif, depth, camera, mode=mode,
-                                      sigma_tolerance=sigma_tolerance),
-      'aif': aif,
-      'depth': depth,
-      'camera': common.camera_features(camera),
-      'index': index,
-  })
+  return common.rendered_example(index, aif, depth, camera, mode=mode,
+                                 sigma_tolerance=sigma_tolerance)
