@@ -9,6 +9,7 @@ import logging as python_logging
 import os
 import pkgutil
 import sys
+import traceback
 
 from absl import logging
 import jax
@@ -181,10 +182,21 @@ def keep_freed_memory() -> bool:
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
+def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:
+  """asyncio's report of an Orbax task whose exception nobody read (it comes when the task is
+  garbage-collected, so at a random later moment)."""
+  if record.name != 'asyncio' or not record.exc_info or not str(record.msg).startswith(
+      'Task exception was never retrieved'):
+    return False
+  frames = traceback.extract_tb(record.exc_info[2])
+  return any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
+
+
 def readable_logs() -> None:
   """Shows the project's own INFO logs (and clu's progress reports) but only the warnings and
-  errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops the
-  'Event loop is closed' reports Orbax's reader threads print after a failed restore or Ctrl-C.
+  errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops what
+  Orbax's reader tasks leave behind after a failed restore (already reported with its step and
+  path) or Ctrl-C: 'Event loop is closed' and asyncio's 'Task exception was never retrieved'.
   ``--verbosity=1`` (or more) shows everything. Call from a program's main, after flag parsing.
   """
   if logging.get_verbosity() > logging.INFO:
@@ -195,6 +207,8 @@ def readable_logs() -> None:
   progress = f'{os.sep}clu{os.sep}'
 
   def keep(record: python_logging.LogRecord) -> bool:
+    if _orbax_task_left_behind(record):
+      return False
     path = os.path.abspath(record.pathname)
     return (record.levelno >= python_logging.WARNING or path.startswith(ours)
             or progress in path)
