@@ -6,7 +6,7 @@ r"""Shows what a defocus dataset holds: one row per example, written as a PNG.
 
 Each row: the defocused input, the all-in-focus image, the depth (colour map with its range in
 metres), the blur map (sigma in the camera's pixels, blue in front of the focal plane, red
-behind; black where the depth is invalid) and |input - all-in-focus|, with the camera beneath.
+behind; grey where the depth is invalid) and |input - all-in-focus|, with the camera beneath.
 Examples are shown at the resolution the dataset stores. With camera flags the input is
 rendered with that camera, as training renders it with `config.dataset.camera`. The synthetic
 dataset builds itself on first use; the others say how to prepare them.
