@@ -236,10 +236,14 @@ def rendering(config: ml_collections.ConfigDict) -> Rendering | None:
   """How the steps render their inputs with ``config.dataset.camera``; None without it."""
   if CameraChoice.from_config(config.dataset.get('camera')) is None:
     return None
-  builder = _builder(config)
+  return builder_rendering(_builder(config), tuple(config.dataset.image_size))
+
+
+def builder_rendering(builder: tfds.core.DatasetBuilder,
+                      image_size: tuple[int, int]) -> Rendering:
+  """Rendering as ``builder`` rendered its stored images, at ``image_size`` (H, W)."""
   stored = builder.info.features['image'].shape[:2]
-  h, w = config.dataset.image_size
-  scale = (h / stored[0], w / stored[1])
+  scale = (image_size[0] / stored[0], image_size[1] / stored[1])
   return Rendering(mode=builder.builder_config.defocus_mode,
                    sigma_tolerance=builder.builder_config.sigma_tolerance, scale=scale,
                    dilation_radius=max(1, round(defocus.DILATION_RADIUS * math.sqrt(

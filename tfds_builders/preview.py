@@ -63,10 +63,7 @@ def preview_rows(builder, split: str, num: int, camera: dict[str, float] | None 
   preprocess = input_pipeline.Preprocess(
       size, native_depth=True, camera=choice,
       fill_depth=getattr(builder.builder_config, 'max_depth', None))
-  rendering = input_pipeline.Rendering(
-      mode=builder.builder_config.defocus_mode,
-      sigma_tolerance=builder.builder_config.sigma_tolerance, scale=(1.0, 1.0),
-      dilation_radius=defocus.DILATION_RADIUS)
+  rendering = input_pipeline.builder_rendering(builder, size)
   render = jax.jit(lambda example: rendering(jax.tree.map(lambda v: v[None], example))[
       'image'][0])
   zoom = max(1, -(-min_panel_size // min(size)))
