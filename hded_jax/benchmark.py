@@ -1,10 +1,12 @@
 r"""Times the full training and inference programs of a config: compile, step, memory, FLOPs.
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
-      [--output=results.json] [--torch] [--rendering] [--op_counts]
+      [--output=results.json] [--torch] [--rendering] [--op_counts] [--cache_dir=DIR]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
+
+import os
 
 from absl import app
 from absl import flags
@@ -35,6 +37,9 @@ flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits
 flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
 flags.DEFINE_float('max_wait', 180.0, 'Longest wait (s) for a quiet machine per measurement.')
 flags.DEFINE_string('output', None, 'Where to write the results as JSON.')
+flags.DEFINE_string('cache_dir', None, 'Keep compiled programs (and GPU autotune results) here, '
+                    'as train.py does in its workdir; a second run with the same directory '
+                    'times a restart. Default: no cache, every compile is cold.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -42,6 +47,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.tune_for_cpu()  # As train.py does (runtime.setup); PyTorch shares the allocator.
+  if FLAGS.cache_dir:
+    runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size

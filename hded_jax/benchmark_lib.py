@@ -108,18 +108,22 @@ def time_steps(step: Callable[[], object], *, steps: int, warmup: int) -> dict[s
 
 
 def _compile(name: str, jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]]:
-  """``jitted`` compiled for ``args``, and the seconds spent tracing/lowering and in XLA."""
+  """``jitted`` compiled for ``args``; the seconds spent tracing/lowering and in XLA, and the
+  program's FLOPs."""
   start = time.perf_counter()
   lowered = jitted.lower(*args)
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   logging.info('%s: lowered in %.1f s, compiled in %.1f s.', name, lower_s, compile_s)
-  return compiled, {'lower_s': lower_s, 'compile_s': compile_s}
+  return compiled, {'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(lowered)}
 
 
-def _flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
+def _flops(lowered: jax.stages.Lowered) -> float | None:
+  """FLOPs of the program as lowered, before the backend's rewrites: a GPU's compiled program
+  hands its convolutions to cuDNN as custom calls, which XLA's cost analysis leaves out (on an
+  H100 it counted 80 of the 4,800 GFLOPs of the bf16 batch-32 train step)."""
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
     analysis = analysis[0] if analysis else None
   return float(analysis['flops']) if analysis and 'flops' in analysis else None
@@ -215,10 +219,10 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   peak = peak * jax.device_count() if peak else None
 
   def figures(compiled, compile_times, times, load):
-    flops = _flops(compiled)
+    flops = compile_times['flops']
     per_s = flops / times['median_s'] if flops else None
     return {**compile_times, **times,
-            'images_per_s': n / times['median_s'], 'flops': flops, 'flops_per_s': per_s,
+            'images_per_s': n / times['median_s'], 'flops_per_s': per_s,
             'share_of_bf16_peak': per_s / peak if per_s and peak else None,
             'xla_buffer_bytes': _xla_buffer_bytes(compiled), 'load': load}
 
@@ -263,12 +267,12 @@ def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train
     config.dataset.camera.focus_distance = RENDERING_FOCUS_RANGE
   rendering = input_pipeline.rendering(config)
   batch = sharding.global_batch(input_pipeline.random_batch(config), batch_sharding)
-  render = jax.jit(lambda batch: rendering(batch)['image'])
-  jax.block_until_ready(render(batch))
+  render, compile_times = _compile('Rendering', jax.jit(lambda batch: rendering(batch)['image']),
+                                   batch)
   load = wait_for_quiet(max_busy_cores, max_wait)
   times = time_steps(lambda: jax.block_until_ready(render(batch)), steps=steps, warmup=warmup)
   plain_step_s = train_step_s - times['median_s'] if step_renders else train_step_s
-  return {**times, 'mode': rendering.mode, 'sigma_tolerance': rendering.sigma_tolerance,
+  return {**compile_times, **times, 'mode': rendering.mode, 'sigma_tolerance': rendering.sigma_tolerance,
           'scale': rendering.scale, 'camera': config.dataset.camera.to_dict(),
           'step_renders': step_renders, 'overhead': times['median_s'] / max(plain_step_s, 1e-9),
           'load': load}
@@ -395,7 +399,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   max_busy_cores: float = 0.5, max_wait: float = 180.0,
                   output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
-  also written to ``output`` as JSON if given."""
+  also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
+  is stopped (a time limit on a lent machine) keeps what it measured."""
   h, w = config.dataset.image_size
   results = {
       'config': {'model': config.model.to_dict(),
@@ -405,11 +410,20 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   'device_kind': jax.devices()[0].device_kind,
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
   }
+
+  def save():
+    if output:
+      with open(output, 'w') as f:
+        json.dump(results, f, indent=2, default=str)
+
   if op_counts:
     results['lowered'] = lowered_op_counts(config)
+    save()
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering)
+  save()
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
+  save()
   if with_torch:
     results['torch'] = benchmark_torch(config, **timing, modes=torch_modes)
     modes = {k: v for k, v in results['torch'].items() if isinstance(v, dict)}
@@ -425,9 +439,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
       config_remat = config.copy_and_resolve_references()
       config_remat.model.remat = remat
       results['largest_batch']['remat' if remat else 'plain'] = largest_batch(config_remat)
-  if output:
-    with open(output, 'w') as f:
-      json.dump(results, f, indent=2, default=str)
+      save()
+  save()
   return results
 
 
@@ -458,7 +471,8 @@ def format_table(results: Mapping) -> str:
   if render := jx.get('rendering'):
     rows.append(f'rendering the inputs ({render["mode"]}, sigma_tolerance '
                 f'{render["sigma_tolerance"]}): {render["median_s"]:.3f} s per batch, adds '
-                f'{100 * render["overhead"]:.1f}% to the train step without it')
+                f'{100 * render["overhead"]:.1f}% to the train step without it; compiled in '
+                f'{render["compile_s"]:.1f} s')
   pipe = results['pipeline']
   rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
   for program, by_platform in results.get('lowered', {}).items():

@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from absl import logging
+from clu import metric_writers
 import jax
 import jaxlib.version
 import tensorflow as tf
@@ -53,6 +54,19 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   if 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in os.environ:
     jax.config.update('jax_persistent_cache_enable_xla_caches', _XLA_CACHES)
+
+
+def metric_writer(logdir: str) -> metric_writers.MetricWriter:
+  """clu's writer: metrics to the log, and to TensorBoard event files in ``logdir`` from process
+  0. Where TensorFlow lacks its summary ops (a stand-in for TensorFlow, as on machines set up to
+  measure only) training goes on with the log alone."""
+  just_logging = jax.process_index() > 0
+  if not just_logging and not hasattr(tf, 'summary'):
+    logging.warning('This TensorFlow (%s) has no tf.summary: no TensorBoard event files, metrics '
+                    'go to the log only. Install tensorflow-cpu to get them.',
+                    getattr(tf, '__file__', tf))
+    just_logging = True
+  return metric_writers.create_default_writer(logdir, just_logging=just_logging)
 
 
 def _is_multihost_env() -> bool:

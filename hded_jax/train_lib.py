@@ -29,6 +29,7 @@ from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import losses
 from hded_jax import models
+from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax.train_state import TrainState
 
@@ -269,8 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
                              'missing).')
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = runtime.metric_writer(workdir)
   source = input_pipeline.data_source(config, config.dataset.train_split)
   trainer = Trainer(config, len(source))
   # Saved with every checkpoint: evaluation reads the run's length from it.

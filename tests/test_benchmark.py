@@ -63,6 +63,7 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
   assert render['mode'] == 'clean' and not render['step_renders']
   assert render['camera']['focus_distance'] == benchmark_lib.RENDERING_FOCUS_RANGE
   assert _positive(render['median_s']) and _positive(render['overhead'])
+  assert _positive(render['compile_s'])
   assert math.isclose(render['overhead'], render['median_s'] / jx['train']['median_s'])
   assert 'rendering the inputs (clean' in benchmark_lib.format_table(
       {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},

@@ -19,7 +19,7 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
   assert ran == {'platform', 'bf16_b4', 'smoke_train', 'smoke_eval'}, log[-3000:]
   assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
-      'bf16_b32', 'scan_b32', 'f32_b4', 'largest', 'autotune0'}
+      'bf16_b32', 'restart', 'scan_b32', 'f32_b4', 'rendering', 'largest', 'autotune'}
   assert results['bf16_b4']['config']['dtype'] == 'bfloat16'
   assert results['bf16_b4']['jax']['train']['images_per_s'] > 0
   assert results['smoke_eval']['step'] == 20 and 'depth/rmse' in results['smoke_eval']

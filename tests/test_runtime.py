@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jaxlib.version
 import pytest
@@ -71,6 +72,7 @@ def _huge_pages_always():
 # lone convolution in a YNNPACK fusion.
 _CONVOLUTION_LIBRARY = '''
 import sys
+import types
 import train
 from hded_jax import eval_lib, predict_lib, runtime
 if sys.argv[1] == 'tuned':
@@ -162,6 +164,7 @@ def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
 # cache file.
 _XLA_CACHE_OPTIONS = '''
 import sys
+import types
 import jax
 from hded_jax import runtime
 from jax._src import compiler
@@ -243,3 +246,21 @@ def test_readable_logs_drop_only_orbax_tasks_that_nobody_awaited():
   assert not runtime._orbax_task_left_behind(record('asyncio', '/site-packages/ours/io.py'))
   assert not runtime._orbax_task_left_behind(record('asyncio', orbax, msg='Unclosed client'))
   assert not runtime._orbax_task_left_behind(record('absl', orbax))
+
+
+def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, monkeypatch,
+                                                                    caplog):
+  """A TensorFlow stand-in without tf.summary (as on a machine set up to measure) costs the
+  event files only; real TensorFlow writes them."""
+  writer = runtime.metric_writer(str(tmp_path / 'real'))
+  writer.write_scalars(1, {'loss': 1.0})
+  writer.close()
+  assert any(name.startswith('events.out') for name in os.listdir(tmp_path / 'real'))
+
+  monkeypatch.setattr(runtime, 'tf', types.SimpleNamespace(__file__='stub/tensorflow'))
+  with caplog.at_level(logging.WARNING):
+    writer = runtime.metric_writer(str(tmp_path / 'stub'))
+  writer.write_scalars(1, {'loss': 1.0})
+  writer.close()
+  assert not (tmp_path / 'stub').exists()
+  assert 'no tf.summary' in caplog.text and 'tensorflow-cpu' in caplog.text
