@@ -155,6 +155,45 @@ def test_initial_weights_are_the_same_eagerly_under_jit_and_scanned():
   jax.tree.map(np.testing.assert_array_equal, scanned, eager)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_is_flaxs_bit_for_bit(dtype):
+  """Same initial weights, outputs, gradients and running statistics as ``nnx.BatchNorm``, in
+  train and eval mode, and the same random stream for the layers that follow."""
+  ours = layers.BatchNorm(16, dtype=dtype, rngs=nnx.Rngs(3))
+  flax = nnx.BatchNorm(16, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
+                       scale_init=layers.bn_scale_init, dtype=dtype, rngs=nnx.Rngs(3))
+  def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(leaf_a, np.float32),
+                                    np.asarray(leaf_b, np.float32))
+
+  assert_same(nnx.to_pure_dict(nnx.state(ours)), nnx.to_pure_dict(nnx.state(flax)))
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16)) * 3 + 1
+
+  @nnx.jit
+  def step(module, x):
+    def loss(module):
+      y = module(x)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+    (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+    return y, grads
+
+  for mode in ('train', 'eval'):
+    results = []
+    for module in (ours, flax):
+      getattr(module, mode)()
+      y, grads = step(module, x)
+      results.append((y, nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(module))))
+    assert results[0][0].dtype == dtype
+    assert_same(*results)
+  ours_rngs, flax_rngs = nnx.Rngs(3), nnx.Rngs(3)
+  layers.BatchNorm(16, dtype=dtype, rngs=ours_rngs)
+  nnx.BatchNorm(16, rngs=flax_rngs)
+  assert jnp.array_equal(jax.random.key_data(ours_rngs.params()),
+                         jax.random.key_data(flax_rngs.params()))
+
+
 def test_train_mode_uses_batch_statistics_and_dropout(tiny):
   image = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
   model = nnx.clone(tiny)

@@ -14,9 +14,9 @@ class DecoderBlock(nnx.Module):
 
   def __init__(self, in_features, out_features, *, dropout_rate, up_conv, dtype, rngs):
     self.conv1 = layers.UpConv(in_features, out_features, mode=up_conv, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
+    self.bn1 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(out_features, out_features, 3, padding=1, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(out_features, dtype=dtype, rngs=rngs)
+    self.bn2 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)
     # Dropout keys come with each call (see HDEDNet.__call__), so the state holds no RNG.
     self.dropout = nnx.Dropout(dropout_rate) if dropout_rate else None
 

@@ -16,9 +16,9 @@ class DenseLayer(nnx.Module):
                conv_general_dilated=jax.lax.conv_general_dilated, dtype, rngs):
     width = bn_size * growth_rate
     conv_args = dict(conv_general_dilated=conv_general_dilated, dtype=dtype, rngs=rngs)
-    self.norm1 = layers.batch_norm(in_features, dtype=dtype, rngs=rngs)
+    self.norm1 = layers.BatchNorm(in_features, dtype=dtype, rngs=rngs)
     self.conv1 = layers.conv(in_features, width, 1, **conv_args)
-    self.norm2 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    self.norm2 = layers.BatchNorm(width, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(width, growth_rate, 3, padding=1, **conv_args)
 
   def __call__(self, x):
@@ -109,7 +109,7 @@ class Transition(nnx.Module):
   """BN-ReLU-Conv1x1 halving the channels; pooling is left to the caller (skips are pre-pool)."""
 
   def __init__(self, in_features, out_features, *, dtype, rngs):
-    self.norm = layers.batch_norm(in_features, dtype=dtype, rngs=rngs)
+    self.norm = layers.BatchNorm(in_features, dtype=dtype, rngs=rngs)
     self.conv = layers.conv(in_features, out_features, 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
@@ -124,9 +124,9 @@ class DenseNetEncoder(nnx.Module):
                in_features: int = 3):
     f = num_init_features
     self.conv0 = layers.conv(in_features, f, 3, stride=2, padding=1, dtype=dtype, rngs=rngs)
-    self.norm0 = layers.batch_norm(f, dtype=dtype, rngs=rngs)
+    self.norm0 = layers.BatchNorm(f, dtype=dtype, rngs=rngs)
     self.downconv0 = layers.conv(f, f, 4, stride=2, padding=1, dtype=dtype, rngs=rngs)
-    self.norm1 = layers.batch_norm(f, dtype=dtype, rngs=rngs)
+    self.norm1 = layers.BatchNorm(f, dtype=dtype, rngs=rngs)
     self.skip_features = [f]
     blocks, transitions = [], []
     for i, num_layers in enumerate(block_sizes):
@@ -140,7 +140,7 @@ class DenseNetEncoder(nnx.Module):
         self.skip_features.append(f)
     self.denseblocks = nnx.List(blocks)
     self.transitions = nnx.List(transitions)
-    self.norm5 = layers.batch_norm(f, dtype=dtype, rngs=rngs)
+    self.norm5 = layers.BatchNorm(f, dtype=dtype, rngs=rngs)
     self.out_features = f
 
   def __call__(self, x):
