@@ -32,8 +32,13 @@ def _normal(key, shape, dtype, mean: float, stddev: float) -> jax.Array:
   key_data = jax.random.key_data(key)
   if isinstance(key_data, jax.core.Tracer):
     return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), key_data)
-  # Cast on the host: a device-side cast would compile once per shape.
-  return jnp.asarray(draw(key_data))
+  return host_array(draw(key_data))
+
+
+def host_array(x: np.ndarray) -> jax.Array:
+  """``x`` on the default device, made on the host. jnp.asarray (jax 0.10) and jnp.zeros or a
+  device-side cast compile a program per shape, ~100 of them for the full model."""
+  return jax.device_put(x)
 
 
 def conv_init(key, shape, dtype=jnp.float32):
@@ -200,9 +205,10 @@ class BatchNorm(nnx.Module):
   def __init__(self, num_features: int, *, dtype, rngs: nnx.Rngs):
     shape = (num_features,)
     self.scale = nnx.Param(bn_scale_init(rngs.params(), shape))
-    self.bias = nnx.Param(nnx.initializers.zeros(rngs.params(), shape))
-    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    rngs.params()  # nnx.BatchNorm draws a key for the bias too; the next layers' keys follow.
+    self.bias = nnx.Param(host_array(np.zeros(shape, np.float32)))
+    self.mean = nnx.BatchStat(host_array(np.zeros(shape, np.float32)))
+    self.var = nnx.BatchStat(host_array(np.ones(shape, np.float32)))
     self.dtype = dtype
     self.use_running_average = False  # Set by Module.train() / Module.eval().
 
