@@ -198,7 +198,7 @@ class BatchNorm(nnx.Module):
   Flax's in-place assignment compares the new value's sharding with the old one's; under
   ``jit`` both are tracers, and the AttributeError JAX raises for a tracer's sharding first walks
   the whole program traced so far to say where the value came from. Four walks per layer made
-  tracing the full train step 2.9x slower (13.2 against 4.6 s; docs/performance.md), which
+  tracing the full train step 2.7x slower (13.2 against 4.9 s; docs/performance.md), which
   every backend pays before each compile and each restart.
   """
 
