@@ -2,7 +2,7 @@
 # The GPU check in one call, from the repository root of a machine with a CUDA GPU:
 #   bash benchmarks/gpu.sh            (on the lent GPU machine: . .device-kit/env.sh && bash ...)
 # Steps, most important first, each under its own time limit within BUDGET_S (default 540 s;
-# on an H100 every step takes about 10 minutes, so the last ones are then skipped):
+# on an H100 all of them take about 10 minutes, so the last ones are then skipped):
 #   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache), + PyTorch at batch
 #              32 in its fastest CUDA mode (TORCH_B32_MODES, default bf16 autocast)
 #   restart    the same program again with bf16_b32's compilation cache: a restart's compile
