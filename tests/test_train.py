@@ -81,19 +81,22 @@ def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkey
 
 
 def test_sigterm_and_ctrl_c_set_the_stop_flag_and_handlers_are_restored():
-  # raise_signal delivers to this thread before it returns; os.kill may reach another thread
-  # (JAX's, grain's) whose C handler trips Python's flag only after the next line has run.
-  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  for signum, name in ((signal.SIGTERM, 'SIGTERM'), (signal.SIGINT, 'SIGINT')):
-    handler = train_lib.PreemptionHandler()
-    assert not handler.should_stop(1)
-    signal.raise_signal(signum)
-    assert handler.should_stop(2) and handler.received == name
-    if signum == signal.SIGINT:  # A second Ctrl-C stops at once.
-      with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
-    handler.close()
-    assert {s: signal.getsignal(s) for s in previous} == previous
+  # With Python's own Ctrl-C handler before, whatever this process (a pytest-xdist worker) had.
+  worker_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for signum, name in ((signal.SIGTERM, 'SIGTERM'), (signal.SIGINT, 'SIGINT')):
+      handler = train_lib.PreemptionHandler()
+      assert not handler.should_stop(1)
+      signal.raise_signal(signum)
+      assert handler.should_stop(2) and handler.received == name
+      if signum == signal.SIGINT:  # A second Ctrl-C stops at once.
+        with pytest.raises(KeyboardInterrupt):
+          signal.raise_signal(signal.SIGINT)
+      handler.close()
+      assert {s: signal.getsignal(s) for s in previous} == previous
+  finally:
+    signal.signal(signal.SIGINT, worker_handler)
 
 
 def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, compilation_cache,
