@@ -298,9 +298,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if config.profile_steps and jax.process_index() == 0:
       hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                             logdir=workdir))
-    preemption = PreemptionHandler()
     metrics_buffer = MetricsBuffer(check_finite)
     camera_log = CameraLog() if trainer.rendering else None
+    preemption = PreemptionHandler()  # Its signal handlers stay only until the finally below.
     try:
       with jax.set_mesh(trainer.mesh):
         for step in range(first_step + 1, trainer.num_steps + 1):
