@@ -273,9 +273,9 @@ def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train
   times = time_steps(lambda: jax.block_until_ready(render(batch)), steps=steps, warmup=warmup)
   plain_step_s = train_step_s - times['median_s'] if step_renders else train_step_s
   return {**compile_times, **times, 'mode': rendering.mode,
-          'sigma_tolerance': rendering.sigma_tolerance, 'scale': rendering.scale, 'camera': config.dataset.camera.to_dict(),
-          'step_renders': step_renders, 'overhead': times['median_s'] / max(plain_step_s, 1e-9),
-          'load': load}
+          'sigma_tolerance': rendering.sigma_tolerance, 'scale': rendering.scale,
+          'camera': config.dataset.camera.to_dict(), 'step_renders': step_renders,
+          'overhead': times['median_s'] / max(plain_step_s, 1e-9), 'load': load}
 
 
 # PyTorch precision modes timed per device: float32 is the authors' setting; on CUDA also TF32

@@ -162,6 +162,7 @@ def test_batch_norm_is_flaxs_bit_for_bit(dtype):
   ours = layers.BatchNorm(16, dtype=dtype, rngs=nnx.Rngs(3))
   flax = nnx.BatchNorm(16, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
                        scale_init=layers.bn_scale_init, dtype=dtype, rngs=nnx.Rngs(3))
+
   def assert_same(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -72,7 +72,6 @@ def _huge_pages_always():
 # lone convolution in a YNNPACK fusion.
 _CONVOLUTION_LIBRARY = '''
 import sys
-import types
 import train
 from hded_jax import eval_lib, predict_lib, runtime
 if sys.argv[1] == 'tuned':
@@ -164,7 +163,6 @@ def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
 # cache file.
 _XLA_CACHE_OPTIONS = '''
 import sys
-import types
 import jax
 from hded_jax import runtime
 from jax._src import compiler
