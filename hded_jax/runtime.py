@@ -172,18 +172,19 @@ def use_eigen_convolutions() -> bool:
 
 
 # glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def keep_freed_memory() -> bool:
   """Makes glibc keep freed memory mapped for reuse instead of returning it to the OS.
 
-  XLA allocates a program's temporaries afresh on every run (3.3 GiB for the full train step on
-  CPU). glibc serves blocks that large with mmap and unmaps them on free, so each step faulted
-  all of it in again: ~1M page faults and 3-6 s of kernel time per step on the 2-core benchmark
-  machine (docs/performance.md). One arena (threads' own arenas mmap large blocks regardless),
-  no mmap and no trimming fix that; the cost is that the process's RSS stays at its peak.
-  Call before the JAX backend starts its threads. Returns False where libc is not glibc.
+  XLA allocates a program's temporaries afresh on every run (3 GiB for the full train step on
+  CPU). glibc's default maps blocks that large on malloc and unmaps them on free: ~1M page
+  faults per step. No mmap and no trimming keep them in the main arena. Threads' own arenas
+  still map blocks over 64 MiB (glibc's fallback there), but confining every thread to one arena
+  serialises XLA's compiler and the step's threads on its lock, which costs far more (figures
+  for both in docs/performance.md). The main arena's RSS stays at its peak. Call before the JAX
+  backend starts its threads. Returns False where libc is not glibc.
   """
   libc_name = ctypes.util.find_library('c')
   try:
@@ -193,7 +194,7 @@ def keep_freed_memory() -> bool:
     return False
   # mallopt returns 1 on success; -1 as the trim threshold is SIZE_MAX, i.e. never trim.
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+      (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
 def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:

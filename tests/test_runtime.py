@@ -17,10 +17,10 @@ from tests.train_worker import finish
 from tests.train_worker import launch
 from tests.train_worker import REPO
 
-# Allocates, writes and frees 256 MiB twice in a thread with malloc (as XLA does with its
-# temporaries; numpy would ask for huge pages) and prints the page faults each round took.
+# Allocates, writes and frees 256 MiB twice with malloc (as XLA does with its temporaries; numpy
+# would ask for huge pages) and prints the page faults each round took.
 _ALLOCATE_TWICE = '''
-import ctypes, ctypes.util, resource, sys, threading
+import ctypes, ctypes.util, resource, sys
 libc = ctypes.CDLL(ctypes.util.find_library('c'))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -28,16 +28,12 @@ if sys.argv[1] == 'keep':
   from hded_jax import runtime
   assert runtime.keep_freed_memory()
 faults = []
-def work():
-  for _ in range(2):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(256 << 20)
-    ctypes.memset(block, 1, 256 << 20)
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-thread = threading.Thread(target=work)
-thread.start()
-thread.join()
+for _ in range(2):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(256 << 20)
+  ctypes.memset(block, 1, 256 << 20)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(*faults)
 '''
 
@@ -57,6 +53,29 @@ def test_freed_memory_is_reused_without_page_faults():
     assert second > 50_000
   _, second = _faults('keep')
   assert second < 5_000
+
+
+# Mallocs a small block in a new thread and tells whether it came from the main arena (below the
+# program break) or from an arena of the thread's own (mapped far above it).
+_THREAD_ARENA = """
+import ctypes, ctypes.util, threading
+libc = ctypes.CDLL(ctypes.util.find_library('c'))
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+from hded_jax import runtime
+assert runtime.keep_freed_memory()
+blocks = []
+thread = threading.Thread(target=lambda: blocks.append(libc.malloc(1024)))
+thread.start()
+thread.join()
+print('own' if blocks[0] > libc.sbrk(0) else 'main')
+"""
+
+
+def test_threads_keep_arenas_of_their_own():
+  # One arena for all threads serialised XLA's compiler threads on its lock.
+  out = subprocess.run([sys.executable, '-c', _THREAD_ARENA], cwd=REPO, check=True,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.stdout.split() == ['own']
 
 
 def _huge_pages_always():
