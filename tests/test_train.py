@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorflow as tf
 from clu import periodic_actions
@@ -78,6 +79,13 @@ def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkey
                                       profile_steps=2), workdir)
   assert int(state.step) == 6 and steps_in(workdir) == [3, 6]
   assert profilers == [{'num_profile_steps': 2, 'logdir': workdir}]
+
+
+def test_global_norm_is_optax_s_in_one_reduction():
+  tree = {'kernel': np.full((3, 3, 4, 8), 0.5, np.float32),
+          'scale': np.arange(8.0, dtype=np.float32), 'bias': [np.ones(5, np.float32)]}
+  np.testing.assert_allclose(train_lib.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
+  assert jax.jit(train_lib.global_norm).lower(tree).as_text().count('stablehlo.reduce') == 1
 
 
 def test_sigterm_and_ctrl_c_set_the_stop_flag_and_handlers_are_restored():
