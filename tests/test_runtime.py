@@ -4,6 +4,7 @@ the compilation cache and XLA's autotune cache."""
 import functools
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,7 @@ print('own' if blocks[0] > libc.sbrk(0) else 'main')
 """
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc arenas')
 def test_threads_keep_arenas_of_their_own():
   # One arena for all threads serialised XLA's compiler threads on its lock.
   out = subprocess.run([sys.executable, '-c', _THREAD_ARENA], cwd=REPO, check=True,
