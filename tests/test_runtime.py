@@ -39,10 +39,17 @@ print(*faults)
 '''
 
 
+def _child_stdout(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+  """What ``script`` prints, run by a fresh Python in the repository with ``env`` (default:
+  this process's environment); PYTHONPATH is the repository unless ``env`` sets it."""
+  env = dict(os.environ if env is None else env)
+  env.setdefault('PYTHONPATH', REPO)
+  return subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, check=True,
+                        capture_output=True, text=True, env=env).stdout
+
+
 def _faults(mode):
-  out = subprocess.run([sys.executable, '-c', _ALLOCATE_TWICE, mode], cwd=REPO, check=True,
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
-  return [int(v) for v in out.stdout.split()]
+  return [int(v) for v in _child_stdout(_ALLOCATE_TWICE, mode).split()]
 
 
 @pytest.mark.environment
@@ -75,9 +82,7 @@ print('own' if blocks[0] > libc.sbrk(0) else 'main')
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc arenas')
 def test_threads_keep_arenas_of_their_own():
   # One arena for all threads serialised XLA's compiler threads on its lock.
-  out = subprocess.run([sys.executable, '-c', _THREAD_ARENA], cwd=REPO, check=True,
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
-  assert out.stdout.split() == ['own']
+  assert _child_stdout(_THREAD_ARENA).split() == ['own']
 
 
 def _huge_pages_always():
@@ -107,9 +112,7 @@ print('ynnpack' if '__ynn_fusion' in text else 'eigen')
 
 def _convolution_library(mode):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, '-c', _CONVOLUTION_LIBRARY, mode], cwd=REPO, check=True,
-                       capture_output=True, text=True, env=dict(env, PYTHONPATH=REPO))
-  return out.stdout.split()[-1]
+  return _child_stdout(_CONVOLUTION_LIBRARY, mode, env=env).split()[-1]
 
 
 @pytest.mark.environment
@@ -153,9 +156,7 @@ def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
     path.append(str(tmp_path / 'site'))
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
-  out = subprocess.run([sys.executable, '-c', _TUNE, *other_values], cwd=REPO, check=True,
-                       capture_output=True, text=True, env=env)
-  settings, flags = out.stdout.strip().split('|')
+  settings, flags = _child_stdout(_TUNE, *other_values, env=env).strip().split('|')
   applied, *platforms = settings.split()
   return applied == 'True', platforms, flags.split()
 
@@ -197,10 +198,7 @@ print(debug.xla_gpu_per_fusion_autotune_cache_dir or '-', debug.xla_gpu_kernel_c
 def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
   def xla_caches(**env):
     base = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'}
-    out = subprocess.run([sys.executable, '-c', _XLA_CACHE_OPTIONS, str(tmp_path)], cwd=REPO,
-                         check=True, capture_output=True, text=True,
-                         env=dict(base, PYTHONPATH=REPO, **env))
-    return out.stdout.split()
+    return _child_stdout(_XLA_CACHE_OPTIONS, str(tmp_path), env=dict(base, **env)).split()
 
   assert xla_caches() == [str(tmp_path / 'xla_gpu_per_fusion_autotune_cache_dir'), '-']
   # The user's choice stands.
