@@ -191,9 +191,64 @@ UP_CONVS = {'auto': upsampling_conv, 'transpose': _conv_transpose,
             'phases': _phase_upsampling_conv}
 
 
+def _batch_statistics(x):
+  """Per-channel mean and variance over all other axes, in float32 at least, as
+  E[x^2] - E[x]^2 (one pass over x), as ``nnx.BatchNorm`` computes them."""
+  stats_x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean = stats_x.mean(axes)
+  var = jnp.maximum(0.0, jax.lax.square(stats_x).mean(axes) - jax.lax.square(mean))
+  return mean, var
+
+
+def _normalize(x, mean, inv_std, scale, bias):
+  """``nnx.BatchNorm``'s output: per-channel terms shaped (1, 1, 1, C), as flax shapes them."""
+  mean, inv_std, scale, bias = (v.reshape((1,) * (x.ndim - 1) + v.shape)
+                                for v in (mean, inv_std, scale, bias))
+  return jnp.asarray((x - mean) * (inv_std * scale) + bias, x.dtype)
+
+
+@jax.custom_vjp
+def batch_norm_train(x, scale, bias):
+  """Training-mode BatchNorm: ``(y, batch mean, batch variance)``.
+
+  The forward pass is ``nnx.BatchNorm``'s, bit for bit. The backward pass is the closed form
+  (two reductions and one elementwise pass, as cuDNN and PyTorch compute it) rather than the
+  derivative of the statistics traced through. For the full train step XLA's CPU compiler then
+  builds 1,169 kernels instead of 1,537 (30 s instead of 40 s), and the step is ~6% faster
+  (docs/performance.md).
+  """
+  return _batch_norm_train_fwd(x, scale, bias)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias):
+  mean, var = _batch_statistics(x)
+  inv_std = jax.lax.rsqrt(var + BN_EPSILON)
+  return (_normalize(x, mean, inv_std, scale, bias), mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_train_bwd(residuals, cotangents):
+  # The statistics' cotangents are dropped: they only feed the running averages.
+  x, mean, inv_std, scale = residuals
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  g = jnp.asarray(cotangents[0], dtype)
+  x_hat = (jnp.asarray(x, dtype) - mean) * inv_std
+  d_bias = g.sum(axes)
+  d_scale = (g * x_hat).sum(axes)
+  count = x.size // x.shape[-1]
+  dx = (jnp.asarray(scale, dtype) * inv_std) * (g - (d_bias + x_hat * d_scale) / count)
+  return (jnp.asarray(dx, x.dtype), jnp.asarray(d_scale, scale.dtype),
+          jnp.asarray(d_bias, scale.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nnx.Module):
-  """``nnx.BatchNorm`` (momentum ``BN_MOMENTUM``, the authors' scale init) computed the same way,
-  bit for bit, with the running statistics replaced rather than assigned in place.
+  """``nnx.BatchNorm`` (momentum ``BN_MOMENTUM``, the authors' scale init): the same outputs and
+  running statistics bit for bit, with the running statistics replaced rather than assigned in
+  place, and the closed-form gradient of `batch_norm_train`.
 
   Flax's in-place assignment compares the new value's sharding with the old one's; under
   ``jit`` both are tracers, and the AttributeError JAX raises for a tracer's sharding first walks
@@ -213,21 +268,14 @@ class BatchNorm(nnx.Module):
     self.use_running_average = False  # Set by Module.train() / Module.eval().
 
   def __call__(self, x):
-    x, mean, var, scale, bias = (jnp.asarray(v, self.dtype) for v in (
-        x, self.mean.value, self.var.value, self.scale.value, self.bias.value))
-    if not self.use_running_average:
-      # Statistics in float32 at least, as E[x^2] - E[x]^2 (one pass over x).
-      stats_x = jnp.asarray(x, jnp.promote_types(self.dtype, jnp.float32))
-      axes = tuple(range(x.ndim - 1))
-      mean = stats_x.mean(axes)
-      var = jnp.maximum(0.0, jax.lax.square(stats_x).mean(axes) - jax.lax.square(mean))
-      self.mean.value = BN_MOMENTUM * self.mean.value + (1 - BN_MOMENTUM) * mean
-      self.var.value = BN_MOMENTUM * self.var.value + (1 - BN_MOMENTUM) * var
-    # Per-channel terms shaped (1, 1, 1, C) as flax shapes them: the same sums in the gradient.
-    mean, var, scale, bias = (v.reshape((1,) * (x.ndim - 1) + v.shape)
-                              for v in (mean, var, scale, bias))
-    y = (x - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
-    return jnp.asarray(y, self.dtype)
+    x, scale, bias = (jnp.asarray(v, self.dtype) for v in (x, self.scale.value, self.bias.value))
+    if self.use_running_average:
+      mean, var = (jnp.asarray(v, self.dtype) for v in (self.mean.value, self.var.value))
+      return _normalize(x, mean, jax.lax.rsqrt(var + BN_EPSILON), scale, bias)
+    y, mean, var = batch_norm_train(x, scale, bias)
+    self.mean.value = BN_MOMENTUM * self.mean.value + (1 - BN_MOMENTUM) * mean
+    self.var.value = BN_MOMENTUM * self.var.value + (1 - BN_MOMENTUM) * var
+    return y
 
 
 # What a rematerialised layer keeps from its forward pass besides its inputs: 'nothing'
