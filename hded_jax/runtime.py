@@ -88,6 +88,7 @@ def tune_for_cpu() -> bool:
                  platform)
     return False
   keep_freed_memory()
+  run_programs_on_the_calling_thread()
   use_eigen_convolutions()
   return True
 
@@ -195,6 +196,30 @@ def keep_freed_memory() -> bool:
   # mallopt returns 1 on success; -1 as the trim threshold is SIZE_MAX, i.e. never trim.
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
+_ASYNC_DISPATCH_ENV = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
+
+
+def run_programs_on_the_calling_thread() -> bool:
+  """Has JAX's CPU client run each single-device program on the thread that calls it, the main
+  thread, instead of dispatching it to a worker thread.
+
+  glibc gives each thread an arena of its own and maps any block over 64 MiB outside the main
+  arena afresh, whatever ``keep_freed_memory`` sets: a worker thread running the full train step
+  faults its 3 GiB of temporaries in again on every step (~680 K page faults, ~1.1 s of system
+  time, 10% of the step; docs/performance.md). The main thread's arena keeps them. Programs over
+  several devices are still dispatched (JAX's option only covers single-device ones). Never
+  over the user's own ``JAX_CPU_ENABLE_ASYNC_DISPATCH``; read when the CPU backend starts, so
+  call it before that. Returns whether programs run on the calling thread.
+  """
+  option = _ASYNC_DISPATCH_ENV.lower()
+  if option not in jax.config.values:
+    logging.info('This JAX has no %s: CPU programs dispatched as JAX does.', option)
+    return False
+  if _ASYNC_DISPATCH_ENV not in os.environ:
+    jax.config.update(option, False)
+  return not jax.config.values[option]
 
 
 def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:
