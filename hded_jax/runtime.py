@@ -182,9 +182,10 @@ def keep_freed_memory() -> bool:
   XLA allocates a program's temporaries afresh on every run (3 GiB for the full train step on
   CPU). glibc's default maps blocks that large on malloc and unmaps them on free: ~1M page
   faults per step. No mmap and no trimming keep them in the main arena. Threads' own arenas
-  still map blocks over 64 MiB (glibc's fallback there), but confining every thread to one arena
-  serialises XLA's compiler and the step's threads on its lock, which costs far more (figures
-  for both in docs/performance.md). The main arena's RSS stays at its peak. Call before the JAX
+  still map blocks over 64 MiB (glibc's fallback there; hence
+  ``run_programs_on_the_calling_thread``), but confining every thread to one arena serialises
+  XLA's compiler and the step's threads on its lock, which costs far more (figures for both in
+  docs/performance.md). The main arena's RSS stays at its peak. Call before the JAX
   backend starts its threads. Returns False where libc is not glibc.
   """
   libc_name = ctypes.util.find_library('c')
