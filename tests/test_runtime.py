@@ -85,14 +85,13 @@ def test_threads_keep_arenas_of_their_own():
   assert _child_stdout(_THREAD_ARENA).split() == ['own']
 
 
-# Runs a program with a 128 MiB temporary four times after the allocator setting (and, with
-# 'inline', the dispatch setting), and prints whether programs ran on the calling thread and the
-# page faults of the last run.
+# Runs a program with a 128 MiB temporary four times after the allocator and dispatch settings,
+# and prints whether programs ran on the calling thread and the page faults of the last run.
 _TEMPORARY_FAULTS = """
-import resource, sys
+import resource
 from hded_jax import runtime
 assert runtime.keep_freed_memory()
-inline = sys.argv[1] == 'inline' and runtime.run_programs_on_the_calling_thread()
+inline = runtime.run_programs_on_the_calling_thread()
 import jax, jax.numpy as jnp
 program = jax.jit(lambda x, w: jnp.sum((x @ w) * jnp.cos(x)))
 x, w = jnp.ones((16384, 2048)), jnp.ones((2048, 2048))
@@ -103,9 +102,9 @@ print(inline, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _temporary_faults(mode, **env):
+def _temporary_faults(**env):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | env
-  inline, faults = _child_stdout(_TEMPORARY_FAULTS, mode, env=env).split()
+  inline, faults = _child_stdout(_TEMPORARY_FAULTS, env=env).split()
   return inline == 'True', int(faults)
 
 
@@ -114,10 +113,10 @@ def test_programs_on_the_calling_thread_reuse_their_temporaries():
   # A worker thread's arena maps blocks over 64 MiB afresh: ~37 K faults per run for these
   # 128 MiB (unless the worker happens to share the main arena); the main thread's arena
   # keeps them.
-  inline, faults = _temporary_faults('inline')
+  inline, faults = _temporary_faults()
   assert inline and faults < 3_000
   # The user's own choice stands.
-  assert _temporary_faults('inline', JAX_CPU_ENABLE_ASYNC_DISPATCH='1')[0] is False
+  assert _temporary_faults(JAX_CPU_ENABLE_ASYNC_DISPATCH='1')[0] is False
 
 
 def _huge_pages_always():
