@@ -86,7 +86,8 @@ def test_threads_keep_arenas_of_their_own():
 
 
 # Runs a program with a 128 MiB temporary four times after the allocator and dispatch settings,
-# and prints whether programs ran on the calling thread and the page faults of the last run.
+# and prints whether programs ran on the calling thread and the fewest page faults of the last
+# two runs.
 _TEMPORARY_FAULTS = """
 import resource
 from hded_jax import runtime
@@ -95,10 +96,12 @@ inline = runtime.run_programs_on_the_calling_thread()
 import jax, jax.numpy as jnp
 program = jax.jit(lambda x, w: jnp.sum((x @ w) * jnp.cos(x)))
 x, w = jnp.ones((16384, 2048)), jnp.ones((2048, 2048))
+faults = []
 for _ in range(4):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   program(x, w).block_until_ready()
-print(inline, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(inline, min(faults[2:]))
 """
 
 
@@ -111,10 +114,10 @@ def _temporary_faults(**env):
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc arenas')
 def test_programs_on_the_calling_thread_reuse_their_temporaries():
   # A worker thread's arena maps blocks over 64 MiB afresh: ~37 K faults per run for these
-  # 128 MiB (unless the worker happens to share the main arena); the main thread's arena
-  # keeps them.
+  # 128 MiB (32 K pages; unless the worker happens to share the main arena). The main thread's
+  # arena keeps them: 0 on a quiet machine, 4 K once under CI's load (other allocations).
   inline, faults = _temporary_faults()
-  assert inline and faults < 3_000
+  assert inline and faults < 16_000
   # The user's own choice stands.
   assert _temporary_faults(JAX_CPU_ENABLE_ASYNC_DISPATCH='1')[0] is False
 
