@@ -48,6 +48,12 @@ def _child_stdout(script: str, *args: str, env: dict[str, str] | None = None) ->
                         capture_output=True, text=True, env=env).stdout
 
 
+def _env_without_xla_flags(**overrides: str) -> dict[str, str]:
+  """This process's environment less XLA_FLAGS (XLA then starts from its defaults), with
+  ``overrides``."""
+  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | overrides
+
+
 def _faults(mode):
   return [int(v) for v in _child_stdout(_ALLOCATE_TWICE, mode).split()]
 
@@ -106,8 +112,7 @@ print(inline, min(faults[2:]))
 
 
 def _temporary_faults(**env):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | env
-  inline, faults = _child_stdout(_TEMPORARY_FAULTS, env=env).split()
+  inline, faults = _child_stdout(_TEMPORARY_FAULTS, env=_env_without_xla_flags(**env)).split()
   return inline == 'True', int(faults)
 
 
@@ -148,8 +153,7 @@ print('ynnpack' if '__ynn_fusion' in text else 'eigen')
 
 
 def _convolution_library(mode):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return _child_stdout(_CONVOLUTION_LIBRARY, mode, env=env).split()[-1]
+  return _child_stdout(_CONVOLUTION_LIBRARY, mode, env=_env_without_xla_flags()).split()[-1]
 
 
 @pytest.mark.environment
@@ -191,8 +195,7 @@ def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
     os.makedirs(tmp_path / 'site' / 'jax_plugins' / plugin)
     (tmp_path / 'site' / 'jax_plugins' / plugin / '__init__.py').write_text(_FAKE_PLUGIN)
     path.append(str(tmp_path / 'site'))
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
+  env = _env_without_xla_flags(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
   settings, flags = _child_stdout(_TUNE, *other_values, env=env).strip().split('|')
   applied, *platforms = settings.split()
   return applied == 'True', platforms, flags.split()
