@@ -2,6 +2,7 @@
 train/eval modes."""
 
 import functools
+import re
 import subprocess
 import sys
 
@@ -372,15 +373,18 @@ def test_scanned_dense_blocks_keep_the_parameter_tree():
     models.create_model(config)
 
 
+@pytest.mark.parametrize('in_features, out_features', [(5, 7), (7, 5)])
 @pytest.mark.parametrize('kernel_size, padding', [(1, 0), (3, 1), (4, 1)])
-def test_loop_conv_gradients_are_xlas(kernel_size, padding):
-  """On CPU ``loop_conv`` writes its gradients as NHWC convolutions; the values are XLA's."""
-  x = jax.random.normal(jax.random.key(1), (2, 6, 8, 5))
-  kernel = jax.random.normal(jax.random.key(2), (kernel_size, kernel_size, 5, 7))
+def test_conv_gradients_are_xlas(kernel_size, padding, in_features, out_features):
+  """On CPU ``layers.conv_general_dilated`` writes its gradients as NHWC convolutions, the
+  kernel gradient in either orientation; the values are XLA's."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8, in_features))
+  kernel = jax.random.normal(jax.random.key(2),
+                             (kernel_size, kernel_size, in_features, out_features))
   pad = layers.symmetric_padding(padding)
   plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pad,
                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  ours = functools.partial(layers.loop_conv, window_strides=(1, 1), padding=pad,
+  ours = functools.partial(layers.conv_general_dilated, window_strides=(1, 1), padding=pad,
                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   y = plain(x, kernel)
   weights = jax.random.normal(jax.random.key(3), y.shape)
@@ -388,6 +392,20 @@ def test_loop_conv_gradients_are_xlas(kernel_size, padding):
       lambda x, k: jnp.sum(weights * jnp.sin(f(x, k))), (0, 1)))(x, kernel) for f in (ours, plain)]
   for a, b in zip(*map(jax.tree.leaves, results)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_kernel_gradient_moves_the_fewer_channels():
+  """The kernel gradient of a 16 -> 2 conv on CPU moves the output gradient's 2 channels in
+  front of the images, not the input's 16 (XLA's own gradient does, a copy 8x larger)."""
+  x = jnp.ones((3, 8, 8, 16))
+  kernel = jnp.ones((3, 3, 16, 2))
+
+  loss = lambda k: jnp.sum(jnp.sin(layers.conv_general_dilated(
+      jax.nn.relu(2 * x), k, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
+  program = jax.jit(jax.grad(loss)).lower(kernel).compile().as_text()
+  # Channels in front of (8, 8) positions and 3 images: the operand moved.
+  assert set(re.findall(r'f32\[(\d+),8,8,3\]', program)) == {'2'}
 
 
 def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_residuals():

@@ -10,21 +10,17 @@ from hded_jax.models import layers
 
 
 class DenseLayer(nnx.Module):
-  """BN-ReLU-Conv1x1(bn_size*growth)-BN-ReLU-Conv3x3(growth), concatenated to its input."""
+  """BN-ReLU-Conv1x1(bn_size*growth)-BN-ReLU-Conv3x3(growth): the ``growth`` new features that
+  the block concatenates to the layer's input."""
 
-  def __init__(self, in_features, growth_rate, bn_size, *,
-               conv_general_dilated=jax.lax.conv_general_dilated, dtype, rngs):
+  def __init__(self, in_features, growth_rate, bn_size, *, dtype, rngs):
     width = bn_size * growth_rate
-    conv_args = dict(conv_general_dilated=conv_general_dilated, dtype=dtype, rngs=rngs)
     self.norm1 = layers.BatchNorm(in_features, dtype=dtype, rngs=rngs)
-    self.conv1 = layers.conv(in_features, width, 1, **conv_args)
+    self.conv1 = layers.conv(in_features, width, 1, dtype=dtype, rngs=rngs)
     self.norm2 = layers.BatchNorm(width, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(width, growth_rate, 3, padding=1, **conv_args)
+    self.conv2 = layers.conv(width, growth_rate, 3, padding=1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return jnp.concatenate([x, self.new_features(x)], axis=-1)
-
-  def new_features(self, x):
     y = layers.conv_output(self.conv1(jax.nn.relu(self.norm1(x))))
     return layers.conv_output(self.conv2(jax.nn.relu(self.norm2(y))))
 
@@ -43,10 +39,8 @@ class DenseBlock(nnx.Module):
                rngs):
     if mode not in DENSE_BLOCK_MODES:
       raise ValueError(f'model.dense_block={mode!r}: choose one of {DENSE_BLOCK_MODES}.')
-    conv = layers.loop_conv if mode == 'scan' else jax.lax.conv_general_dilated
     self.layers = nnx.List([
-        DenseLayer(in_features + i * growth_rate, growth_rate, bn_size,
-                   conv_general_dilated=conv, dtype=dtype, rngs=rngs)
+        DenseLayer(in_features + i * growth_rate, growth_rate, bn_size, dtype=dtype, rngs=rngs)
         for i in range(num_layers)])
     self.in_features = in_features
     self.growth_rate = growth_rate
@@ -57,9 +51,13 @@ class DenseBlock(nnx.Module):
   def __call__(self, x):
     if self.mode == 'scan':
       return self._scan(x)
+    # Each layer reads the block input and all earlier outputs concatenated afresh, not the
+    # previous layer's concatenation: the gradient of each output is then one sum over the later
+    # layers, which XLA's CPU backend computes with fewer transposing copies (docs/performance.md).
+    features = [x]
     for layer in self.layers:
-      x = layers.call(layer, x, remat=self.remat)
-    return x
+      features.append(layers.call(layer, jnp.concatenate(features, axis=-1), remat=self.remat))
+    return jnp.concatenate(features, axis=-1)
 
   def _scan(self, x):
     """The layers as one scanned step over a buffer of the block's output width.
@@ -81,7 +79,7 @@ class DenseBlock(nnx.Module):
     def step(buffer, state_and_offset):
       state, offset = state_and_offset
       layer = nnx.merge(graphdef, state)
-      new = layer.new_features(buffer[..., :read_width]).astype(buffer.dtype)
+      new = layer(buffer[..., :read_width]).astype(buffer.dtype)
       buffer = jax.lax.dynamic_update_slice_in_dim(buffer, new, offset, axis=3)
       return buffer, nnx.state(layer, nnx.BatchStat)
 

@@ -56,7 +56,7 @@ def symmetric_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bias=False,
-         conv_general_dilated=jax.lax.conv_general_dilated, dtype, rngs):
+         dtype, rngs):
   """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC."""
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
@@ -65,29 +65,37 @@ def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bia
       rngs=rngs)
 
 
-def loop_conv(lhs, rhs, window_strides, padding, *, dimension_numbers, lhs_dilation=None,
-              rhs_dilation=None, feature_group_count=1, **kwargs):
-  """``lax.conv_general_dilated`` for the stride-1 NHWC convs of a loop body (a scanned dense
-  block). XLA's CPU backend leaves gradient convs inside a loop in layouts that Eigen cannot
-  run (135x slower, docs/performance.md), so on CPU the gradients are written as NHWC convs
-  (``_nhwc_gradient_conv``); elsewhere this is ``lax.conv_general_dilated``."""
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  if (tuple(window_strides) != (1, 1) or feature_group_count != 1
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, *, dimension_numbers,
+                         lhs_dilation=None, rhs_dilation=None, feature_group_count=1, **kwargs):
+  """``lax.conv_general_dilated``; on CPU, the stride-1 NHWC convs (all but the stem's two)
+  take their gradients from ``_nhwc_gradient_conv``, elsewhere JAX's own."""
+  plain = functools.partial(
+      jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      dimension_numbers=dimension_numbers, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, feature_group_count=feature_group_count, **kwargs)
+  if (isinstance(padding, str) or tuple(window_strides) != (1, 1) or feature_group_count != 1
       or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
-    raise ValueError('loop_conv takes stride-1 NHWC/HWIO convs without dilation or groups.')
+      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    return plain(lhs, rhs)
   padding = tuple(map(tuple, padding))
   return jax.lax.platform_dependent(
-      lhs, rhs, cpu=functools.partial(_nhwc_gradient_conv, padding=padding),
-      default=functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
-                                padding=padding, dimension_numbers=dimension_numbers, **kwargs))
-
-
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+      lhs, rhs, cpu=functools.partial(_nhwc_gradient_conv, padding=padding), default=plain)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _nhwc_gradient_conv(x, kernel, padding):
+  """A stride-1 NHWC conv whose gradients are NHWC convs too, for XLA's CPU backend.
+
+  XLA's CPU backend runs the kernel gradient as a conv over the images with one operand's
+  channels moved in front of its positions, a transposing copy, and its own choice of operand
+  varies with the program around the conv; here it is always the one with fewer channels (a
+  64 -> 3 conv at 256x256: 89 against 16 ms; docs/performance.md). Inside a loop (a scanned
+  dense block), XLA's own gradients keep layouts that Eigen runs 135x slower; these do not.
+  """
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
@@ -97,14 +105,20 @@ def _nhwc_gradient_conv_fwd(x, kernel, padding):
 
 def _nhwc_gradient_conv_bwd(padding, residuals, g):
   x, kernel = residuals
-  kh, kw = kernel.shape[:2]
+  kh, kw, in_features, out_features = kernel.shape
   (top, bottom), (left, right) = padding
+  adjoint_padding = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
   # The input gradient: the flipped kernel, in and out swapped, over the output gradient.
   input_gradient = jax.lax.conv_general_dilated(
-      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1),
-      ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
+      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1), adjoint_padding,
       dimension_numbers=_NHWC)
-  # The kernel gradient: input channels as the batch, images as the features.
+  if out_features < in_features:
+    # Output channels as the batch, images as the features, the input as a flipped kernel.
+    kernel_gradient = jax.lax.conv_general_dilated(
+        g.transpose(3, 1, 2, 0), x.transpose(1, 2, 0, 3), (1, 1), adjoint_padding,
+        dimension_numbers=_NHWC)
+    return input_gradient, jnp.flip(kernel_gradient, (1, 2)).transpose(1, 2, 3, 0)
+  # Input channels as the batch, images as the features, the output gradient as the kernel.
   kernel_gradient = jax.lax.conv_general_dilated(
       x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), padding,
       dimension_numbers=_NHWC)
