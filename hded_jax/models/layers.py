@@ -70,8 +70,8 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, dimension_numbers,
                          lhs_dilation=None, rhs_dilation=None, feature_group_count=1, **kwargs):
-  """``lax.conv_general_dilated``; on CPU, the stride-1 NHWC convs (all but the stem's two)
-  take their gradients from ``_nhwc_gradient_conv``, elsewhere JAX's own."""
+  """``lax.conv_general_dilated`` for ``conv``: on CPU, stride-1 NHWC convs (all of the model's
+  but the stem's two) take their gradients from ``_nhwc_gradient_conv``, elsewhere JAX's own."""
   plain = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
       dimension_numbers=dimension_numbers, lhs_dilation=lhs_dilation,
