@@ -247,14 +247,19 @@ def eval_program(trainer: train_lib.Trainer, state, batch) -> tuple[Callable, tu
 def lowered_op_counts(config: ml_collections.ConfigDict,
                       platforms: Sequence[str] = lowering.PLATFORMS) -> dict[str, dict]:
   """{'train' | 'eval': {platform: counts}}: the programs the benchmark times, lowered for
-  each platform on this machine (`lowering.op_counts`; no device of that platform needed)."""
-  trainer = train_lib.Trainer(config, train_size=config.batch_size)
-  with jax.set_mesh(trainer.mesh):
-    state = trainer.initial_state
-    batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
-    forward, eval_args = eval_program(trainer, state, batch)
-    return {'train': lowering.op_counts(trainer.step_fn, state, batch, platforms=platforms),
-            'eval': lowering.op_counts(forward, *eval_args, platforms=platforms)}
+  each platform on this machine (`lowering.op_counts`; no device of that platform needed),
+  each with the model built for that platform."""
+  counts = {'train': {}, 'eval': {}}
+  for platform in platforms:
+    trainer = train_lib.Trainer(config, train_size=config.batch_size, platform=platform)
+    with jax.set_mesh(trainer.mesh):
+      state = trainer.initial_state
+      batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
+      forward, eval_args = eval_program(trainer, state, batch)
+      counts['train'].update(lowering.op_counts(trainer.step_fn, state, batch,
+                                                platforms=(platform,)))
+      counts['eval'].update(lowering.op_counts(forward, *eval_args, platforms=(platform,)))
+  return counts
 
 
 def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train_step_s: float,

@@ -132,13 +132,17 @@ def same_state_layout(config: ml_collections.ConfigDict, state: TrainState) -> b
 class Trainer:
   """What a run computes with: the mesh, the initial state placed on it and the jitted step."""
 
-  def __init__(self, config: ml_collections.ConfigDict, train_size: int):
+  def __init__(self, config: ml_collections.ConfigDict, train_size: int,
+               platform: str | None = None):
+    """``platform``: the one the model's formulations are chosen for (``models.HDEDNet``);
+    default the mesh's. Another one only to lower the step for it (``jax.export``)."""
     self.mesh = sharding.make_mesh(config.mesh)
     self.num_steps = num_train_steps(config, train_size)
     self.schedule = learning_rate_schedule(config, train_size / config.batch_size)
     self.tx = make_optimizer(config, self.schedule)
 
-    model = models.create_model(config.model, seed=config.seed)
+    model = models.create_model(config.model, seed=config.seed,
+                                platform=platform or self.mesh.devices.flat[0].platform)
     if loaded := checkpoints.init_from(model, config.init_from):
       logging.info('init_from=%s loaded %d tensors: %s', config.init_from, len(loaded),
                    ', '.join(loaded))

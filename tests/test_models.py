@@ -103,7 +103,7 @@ def test_aif_head_is_a_residual_onto_the_input(tiny):
 
 def test_upconv_is_pytorchs_transposed_conv():
   """UpConv computes lax.conv_transpose with PyTorch's padding (k=4, s=2, p=1 -> 2x size)."""
-  up = layers.UpConv(5, 7, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  up = layers.UpConv(5, 7, mode='transpose', dtype=jnp.float32, rngs=nnx.Rngs(0))
   up.bias[...] = jax.random.normal(jax.random.key(2), (7,))
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
   expected = jax.lax.conv_transpose(x, up.kernel[...], (2, 2), ((2, 2), (2, 2)),
@@ -112,21 +112,23 @@ def test_upconv_is_pytorchs_transposed_conv():
   assert up(x).shape == (2, 12, 20, 7)
 
 
-def test_upsampling_conv_gradients_are_conv_transposes():
+def test_phase_upsampling_conv_gradients_are_conv_transposes():
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
   kernel = jax.random.normal(jax.random.key(2), (4, 4, 5, 7))
   weights = jax.random.normal(jax.random.key(3), (2, 12, 20, 7))
   transpose = functools.partial(jax.lax.conv_transpose, strides=(2, 2), padding=((2, 2), (2, 2)),
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   grads = [jax.jit(jax.grad(lambda x, k: jnp.sum(weights * jnp.sin(f(x, k))), (0, 1)))(x, kernel)
-           for f in (layers.upsampling_conv, transpose)]
+           for f in (layers.UP_CONVS['phases'], transpose)]
   for ours, expected in zip(*grads):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_stride_two_convs_pad_like_pytorch():
+@pytest.mark.parametrize('gradients', sorted(layers.CONV_GRADIENTS))
+def test_stride_two_convs_pad_like_pytorch(gradients):
   """PyTorch pads 1 on every side; XLA's SAME would pad (0, 1) and shift the output."""
-  conv = layers.conv(1, 1, 3, stride=2, padding=1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  conv = layers.conv(1, 1, 3, stride=2, padding=1, gradients=gradients, dtype=jnp.float32,
+                     rngs=nnx.Rngs(0))
   conv.kernel[...] = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)  # picks the top-left tap
   x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
   # Output (i, j) reads input (2i - 1, 2j - 1): zero padding for i or j = 0.
@@ -376,15 +378,15 @@ def test_scanned_dense_blocks_keep_the_parameter_tree():
 @pytest.mark.parametrize('in_features, out_features', [(5, 7), (7, 5)])
 @pytest.mark.parametrize('kernel_size, padding', [(1, 0), (3, 1), (4, 1)])
 def test_conv_gradients_are_xlas(kernel_size, padding, in_features, out_features):
-  """On CPU ``layers.conv_general_dilated`` writes its gradients as NHWC convolutions, the
-  kernel gradient in either orientation; the values are XLA's."""
+  """``layers.conv_with_nhwc_gradients`` writes its gradients as NHWC convolutions, the kernel
+  gradient in either orientation; the values are XLA's."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 8, in_features))
   kernel = jax.random.normal(jax.random.key(2),
                              (kernel_size, kernel_size, in_features, out_features))
   pad = layers.symmetric_padding(padding)
   plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pad,
                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  ours = functools.partial(layers.conv_general_dilated, window_strides=(1, 1), padding=pad,
+  ours = functools.partial(layers.conv_with_nhwc_gradients, window_strides=(1, 1), padding=pad,
                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   y = plain(x, kernel)
   weights = jax.random.normal(jax.random.key(3), y.shape)
@@ -395,12 +397,13 @@ def test_conv_gradients_are_xlas(kernel_size, padding, in_features, out_features
 
 
 def test_conv_kernel_gradient_moves_the_fewer_channels():
-  """The kernel gradient of a 16 -> 2 conv on CPU moves the output gradient's 2 channels in
-  front of the images, not the input's 16 (XLA's own gradient does, a copy 8x larger)."""
+  """The kernel gradient of a 16 -> 2 conv with NHWC gradients moves the output gradient's 2
+  channels in front of the images, not the input's 16 (XLA's CPU backend does, a copy 8x
+  larger)."""
   x = jnp.ones((3, 8, 8, 16))
   kernel = jnp.ones((3, 3, 16, 2))
 
-  loss = lambda k: jnp.sum(jnp.sin(layers.conv_general_dilated(
+  loss = lambda k: jnp.sum(jnp.sin(layers.conv_with_nhwc_gradients(
       jax.nn.relu(2 * x), k, (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
   program = jax.jit(jax.grad(loss)).lower(kernel).compile().as_text()
@@ -434,17 +437,46 @@ def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_resi
     models.create_model(configs['none'])
 
 
-@pytest.mark.parametrize('mode', ['auto', 'phases'])
-def test_up_conv_modes_compute_the_transposed_conv(mode):
-  """Values and both gradients of every up-convolution mode against 'transpose'."""
+def test_phase_up_conv_computes_the_transposed_conv():
+  """Values and both gradients of the 'phases' up-convolution against 'transpose'."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
   outputs = {}
-  for m in (mode, 'transpose'):
+  for m in ('phases', 'transpose'):
     up = layers.UpConv(5, 7, mode=m, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(up)
     outputs[m] = jax.jit(jax.value_and_grad(
         lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
   for a, b in zip(*map(jax.tree.leaves, outputs.values())):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match='model.up_conv'):
-    layers.UpConv(5, 7, mode='pixel_shuffle', dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def _formulations(model):
+  """(the convolutions' conv_general_dilated functions, the up-convolutions' modes)."""
+  nodes = [node for _, node in nnx.iter_graph(model)]
+  return ({node.conv_general_dilated for node in nodes if isinstance(node, nnx.Conv)},
+          {node.mode for node in nodes if isinstance(node, layers.UpConv)})
+
+
+def test_auto_formulations_are_the_platforms():
+  """'auto' builds the CPU formulations for the CPU (the default backend here) and XLA's own
+  for GPU and TPU; a named formulation is built for every platform."""
+  config = models.model_config('tiny')
+  cpu = ({layers.conv_with_nhwc_gradients}, {'phases'})
+  xla = ({jax.lax.conv_general_dilated}, {'transpose'})
+  assert _formulations(models.create_model(config)) == cpu
+  assert _formulations(models.create_model(config, platform='cpu')) == cpu
+  for platform in ('gpu', 'cuda', 'rocm', 'tpu'):
+    assert _formulations(models.create_model(config, platform=platform)) == xla, platform
+  config.update(conv_gradients='xla', up_conv='transpose')
+  assert _formulations(models.create_model(config, platform='cpu')) == xla
+  config.update(conv_gradients='nhwc', up_conv='phases')
+  assert _formulations(models.create_model(config, platform='tpu')) == cpu
+
+
+@pytest.mark.parametrize('option, mode', [('up_conv', 'pixel_shuffle'),
+                                          ('conv_gradients', 'fast')])
+def test_unknown_formulation_is_a_clear_error(option, mode):
+  config = models.model_config('tiny')
+  config[option] = mode
+  with pytest.raises(ValueError, match=f'model.{option}=.*choose "auto" or one of'):
+    models.create_model(config)

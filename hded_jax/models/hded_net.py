@@ -52,16 +52,22 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # 'unrolled' or 'scan': each dense block as one scanned layer, compiled once per block
       # instead of once per layer (faster compile; docs/performance.md).
       dense_block='unrolled',
-      # The decoders' up-convolutions: 'auto' (one conv_transpose on GPU and TPU, four phase
-      # convolutions on CPU, as measured), or 'transpose' or 'phases' on every backend.
+      # How the same function is computed (layers.formulation), chosen when the model is built
+      # for the platform it runs on. The decoders' up-convolutions: 'auto' (one conv_transpose
+      # on GPU and TPU, four phase convolutions on CPU, as measured), 'transpose' or 'phases'.
       up_conv='auto',
+      # The gradients of the stride-1 convolutions: 'auto' (XLA's own on GPU and TPU, NHWC
+      # convolutions moving the fewer channels on CPU, as measured), 'xla' or 'nhwc'.
+      conv_gradients='auto',
   ))
 
 
 class HDEDNet(nnx.Module):
   """Maps a defocused image in [-1, 1] (NHWC) to {'depth': (N,H,W), 'aif': (N,H,W,3)}."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict, *, platform: str, rngs: nnx.Rngs):
+    """``platform``: where the model will run ('cpu', 'gpu', 'tpu', or a ``jax.export``
+    platform such as 'cuda'), which decides what the 'auto' options compute with."""
     heads = tuple(config.heads)
     if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
       raise ValueError(f'model.heads={heads!r}: choose "depth" and/or "aif" from {HEADS}.')
@@ -71,6 +77,9 @@ class HDEDNet(nnx.Module):
     # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
     remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
     layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
+    # Configs saved in checkpoints from before the options have neither.
+    up_conv, conv_gradients = (layers.formulation(option, config.get(option, 'auto'), platform)
+                               for option in ('up_conv', 'conv_gradients'))
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
@@ -80,12 +89,13 @@ class HDEDNet(nnx.Module):
         in_features=3 + (CAMERA_CHANNELS if self.camera_input else 0),
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
-        dense_block=config.get('dense_block', 'unrolled'), remat=remat, dtype=dtype, rngs=rngs)
+        dense_block=config.get('dense_block', 'unrolled'), remat=remat,
+        conv_gradients=conv_gradients, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
                         dropout_rate=config.dropout_rate,
-                        up_conv=config.get('up_conv', 'auto'), remat=remat, dtype=dtype,
-                        rngs=rngs)
+                        up_conv=up_conv, conv_gradients=conv_gradients, remat=remat,
+                        dtype=dtype, rngs=rngs)
     self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
                           else None)
     self.aif_decoder = Decoder(out_channels=3, **decoder_args) if 'aif' in heads else None
@@ -134,13 +144,15 @@ def check_input_shape(shape) -> None:
         f'{-(-w // INPUT_MULTIPLE) * INPUT_MULTIPLE}).')
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> HDEDNet:
+def abstract_model(config: ml_collections.ConfigDict, platform: str | None = None) -> HDEDNet:
   """The network with shapes and dtypes but no values: a restore target, or for counting."""
-  return nnx.eval_shape(lambda: create_model(config))
+  return nnx.eval_shape(lambda: create_model(config, platform=platform))
 
 
-def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> HDEDNet:
-  return HDEDNet(config, rngs=nnx.Rngs(seed))
+def create_model(config: ml_collections.ConfigDict, seed: int = 0,
+                 platform: str | None = None) -> HDEDNet:
+  """The network for ``platform`` (default: JAX's default backend), see ``HDEDNet``."""
+  return HDEDNet(config, platform=platform or jax.default_backend(), rngs=nnx.Rngs(seed))
 
 
 def split_model(model: nnx.Module):

@@ -56,34 +56,33 @@ def symmetric_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bias=False,
-         dtype, rngs):
-  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC."""
+         gradients, dtype, rngs):
+  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC; ``gradients``: a
+  ``CONV_GRADIENTS`` name."""
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=symmetric_padding(padding), use_bias=use_bias, kernel_init=conv_init,
-      conv_general_dilated=conv_general_dilated, dtype=dtype, param_dtype=jnp.float32,
+      conv_general_dilated=CONV_GRADIENTS[gradients], dtype=dtype, param_dtype=jnp.float32,
       rngs=rngs)
 
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, *, dimension_numbers,
-                         lhs_dilation=None, rhs_dilation=None, feature_group_count=1, **kwargs):
-  """``lax.conv_general_dilated`` for ``conv``: on CPU, stride-1 NHWC convs (all of the model's
-  but the stem's two) take their gradients from ``_nhwc_gradient_conv``, elsewhere JAX's own."""
-  plain = functools.partial(
-      jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      dimension_numbers=dimension_numbers, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, feature_group_count=feature_group_count, **kwargs)
+def conv_with_nhwc_gradients(lhs, rhs, window_strides, padding, *, dimension_numbers,
+                             lhs_dilation=None, rhs_dilation=None, feature_group_count=1,
+                             **kwargs):
+  """``lax.conv_general_dilated`` whose stride-1 NHWC convs (all of the model's but the stem's
+  two) take their gradients from ``_nhwc_gradient_conv``."""
   if (isinstance(padding, str) or tuple(window_strides) != (1, 1) or feature_group_count != 1
       or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
       or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-    return plain(lhs, rhs)
-  padding = tuple(map(tuple, padding))
-  return jax.lax.platform_dependent(
-      lhs, rhs, cpu=functools.partial(_nhwc_gradient_conv, padding=padding), default=plain)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        feature_group_count=feature_group_count, **kwargs)
+  return _nhwc_gradient_conv(lhs, rhs, tuple(map(tuple, padding)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -137,9 +136,7 @@ class UpConv(nnx.Module):
   and flipping both spatial axes. Computed as ``UP_CONVS[mode]``.
   """
 
-  def __init__(self, in_features, out_features, *, mode='auto', dtype, rngs):
-    if mode not in UP_CONVS:
-      raise ValueError(f'model.up_conv={mode!r}: choose one of {sorted(UP_CONVS)}.')
+  def __init__(self, in_features, out_features, *, mode, dtype, rngs):
     self.kernel = nnx.Param(conv_init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
     self.mode = mode
@@ -149,13 +146,6 @@ class UpConv(nnx.Module):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
     return UP_CONVS[self.mode](x, kernel) + self.bias[...].astype(self.dtype)
-
-
-def upsampling_conv(x, kernel):
-  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``: one transposed conv on GPU
-  and TPU, four phase convs on CPU (``_phase_upsampling_conv``)."""
-  return jax.lax.platform_dependent(x, kernel, cpu=_phase_upsampling_conv,
-                                    default=_conv_transpose)
 
 
 def _conv_transpose(x, kernel):
@@ -199,10 +189,30 @@ def _upsampling_conv_bwd(residuals, g):
 
 _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 
-# The same function three ways: 'auto', the one chosen per backend (``upsampling_conv``);
-# 'transpose' and 'phases' everywhere, to measure them against each other on a backend.
-UP_CONVS = {'auto': upsampling_conv, 'transpose': _conv_transpose,
-            'phases': _phase_upsampling_conv}
+
+# Each the same function computed two ways: XLA's own, and one that XLA's CPU backend runs
+# faster (docs/performance.md). ``formulation`` says which one 'auto' picks on a platform.
+CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
+UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv}
+_FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS}
+_CPU_FORMULATIONS = {'conv_gradients': 'nhwc', 'up_conv': 'phases'}
+_ACCELERATOR_FORMULATIONS = {'conv_gradients': 'xla', 'up_conv': 'transpose'}
+
+
+def formulation(option: str, mode: str, platform: str) -> str:
+  """What ``model.<option>=mode`` computes with on ``platform`` (a JAX platform name: 'cpu',
+  'gpu', 'cuda', 'tpu', ...): 'auto' is the CPU formulation on the CPU and XLA's own elsewhere.
+
+  Chosen when the model is built rather than inside the program by ``lax.platform_dependent``,
+  which traces both formulations of every convolution: 2 s more tracing and lowering of the
+  full train step (docs/performance.md).
+  """
+  if mode == 'auto':
+    return (_CPU_FORMULATIONS if platform == 'cpu' else _ACCELERATOR_FORMULATIONS)[option]
+  if mode not in _FORMULATIONS[option]:
+    raise ValueError(f'model.{option}={mode!r}: choose "auto" or one of '
+                     f'{sorted(_FORMULATIONS[option])}.')
+  return mode
 
 
 def _batch_statistics(x):
