@@ -190,7 +190,7 @@ def _upsampling_conv_bwd(residuals, g):
 _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 
 
-# Each the same function computed two ways: XLA's own, and one that XLA's CPU backend runs
+# Two ways to compute each of these functions: XLA's own, and one that XLA's CPU backend runs
 # faster (docs/performance.md). ``formulation`` says which one 'auto' picks on a platform.
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
 UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv}
