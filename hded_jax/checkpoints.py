@@ -207,10 +207,10 @@ def restore_train_state(
   return restore_newest(mngr, restore, set_aside_damaged=True)
 
 
-def config_mismatch(directory: str, saved: ml_collections.ConfigDict,
-                    config: ml_collections.ConfigDict) -> ConfigMismatchError:
-  """The error for resuming with a model or optimizer other than the saved one: the fields that
-  differ and the ways out."""
+def differing_settings(saved: ml_collections.ConfigDict,
+                       config: ml_collections.ConfigDict) -> list[str]:
+  """The model and optimizer fields (what the train state's layout follows from) whose values
+  differ, one 'section.field: saved X, now Y' line each."""
   def fields(c, section):
     part = c.get(section)
     return traverse_util.flatten_dict(part.to_dict(), sep='.') if part is not None else {}
@@ -220,6 +220,14 @@ def config_mismatch(directory: str, saved: ml_collections.ConfigDict,
     old, new = fields(saved, section), fields(config, section)
     differing += [f'{section}.{k}: saved {old.get(k, "(none)")!r}, now {new.get(k, "(none)")!r}'
                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  return differing
+
+
+def config_mismatch(directory: str, saved: ml_collections.ConfigDict,
+                    config: ml_collections.ConfigDict) -> ConfigMismatchError:
+  """The error for resuming with a model or optimizer other than the saved one: the fields that
+  differ and the ways out."""
+  differing = differing_settings(saved, config)
   model_same = not any(d.startswith('model.') for d in differing)
   start_from = (f' and add --config.init_from=checkpoint:{directory} to start from its weights'
                 if model_same else '')

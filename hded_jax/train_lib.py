@@ -264,13 +264,9 @@ def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict
   if ckpt.latest_step() is None:
     return trainer.initial_state
 
-  def settings(c):  # As dicts: ConfigDict equality also compares the configs' locks.
-    return c.model.to_dict(), c.optimizer.to_dict()
-
   def check_config_fits(saved):
-    # The state's layout follows from the model and optimizer settings: rebuilding it from the
-    # saved ones (2.3 s for the full model) is needed only where they differ.
-    if settings(saved) == settings(config):
+    # Rebuilding the saved layout (2.3 s for the full model) is needed only where it may differ.
+    if not checkpoints.differing_settings(saved, config):
       return
     if not same_state_layout(saved, trainer.initial_state):
       raise checkpoints.config_mismatch(str(ckpt.directory), saved, config)
