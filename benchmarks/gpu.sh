@@ -2,18 +2,24 @@
 # The GPU check in one call, from the repository root of a machine with a CUDA GPU:
 #   bash benchmarks/gpu.sh            (on the lent GPU machine: . .device-kit/env.sh && bash ...)
 # Steps, most important first, each under its own time limit within BUDGET_S (default 540 s;
-# on an H100 all of them take about 10 minutes, so the last ones are then skipped):
-#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache), + PyTorch at batch
-#              32 in its fastest CUDA mode (TORCH_B32_MODES, default bf16 autocast)
-#   restart    the same program again with bf16_b32's compilation cache: a restart's compile
-#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
+# on an H100 all of them take well over 10 minutes, so the last ones are then skipped):
+#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache); XLA's autotuning
+#              log (every candidate algorithm of every convolution and GEMM) kept
+#   restart    the same program again on bf16_b32's compilation cache (a restart: seconds from
+#              process start to the first step), a profile of three train steps (time per
+#              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
+#              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
+#   dot_b32    bf16 batch 32, cold, with the 1x1 convolutions as matrix products
+#              (model.pointwise_convs=dot): fewer convolutions for XLA to autotune
+#   dot_cublas_b32  the same with XLA's Triton GEMMs off (cuBLAS for every matrix product)
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints
-#   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
-#   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
-#              the config's dataset does, beside a small model: its compile and time per batch
+#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
 #   autotune   bf16 batch 32 at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
 #              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
+#   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
 #   bf16_b4    bf16 batch 4
+#   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
+#              the config's dataset does, beside a small model: its compile and time per batch
 #   largest    the largest bf16 batch that fits, with and without remat
 # Results go to $OUT (the device tool's folder) or benchmark_results/gpu: results.json (every
 # step's figures and exit status, rewritten after each step, so a cut-off run keeps what it got)
@@ -80,26 +86,50 @@ smi = shutil.which('nvidia-smi') and subprocess.run(
     capture_output=True, text=True).stdout.strip()
 json.dump({'jax': jax.__version__, 'devices': [d.device_kind for d in jax.devices()],
            'nvidia_smi': smi}, open('$work/platform.json', 'w'))"
-run bf16_b32 300 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --torch \
-  --torch_modes="${TORCH_B32_MODES:-bfloat16}" --cache_dir="$work/cache" \
+# XLA's autotuning log of a cold compile, moved to $out after its step. XLA flags are part of
+# the compilation cache's key, so the restart sets the same ones (and, on its cache hit, has
+# nothing to log).
+autotune_log() { echo "${XLA_FLAGS:-} --xla_gpu_dump_autotune_logs_to=$work/autotune_log_$1.txt"; }
+if ! env XLA_FLAGS="$(autotune_log check)" \
+    python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' >> "$out/log.txt" 2>&1; then
+  echo "== this XLA has no --xla_gpu_dump_autotune_logs_to: no autotuning logs" >> "$out/log.txt"
+  autotune_log() { echo "${XLA_FLAGS:-}"; }
+fi
+keep_autotune_log() { mv -f "$work/autotune_log_$1.txt" "$out/" 2>/dev/null; }
+run bf16_b32 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --cache_dir="$work/cache" \
   --output="$work/bf16_b32.json"
-run restart 60 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 \
-  --cache_dir="$work/cache" --output="$work/restart.json"
-run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
-  --torch_modes=float32 --output="$work/f32_b4.json"
+keep_autotune_log bf16_b32
+run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --cache_dir="$work/cache" --profile_dir="$work/profile" --torch \
+  --torch_modes="${TORCH_B32_MODES:-bfloat16}" --output="$work/restart.json"
+# The trace and the compiled program come back where they are small enough.
+find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
+  -exec cp {} "$out" \; 2>/dev/null
+run dot_b32 150 env XLA_FLAGS="$(autotune_log dot_b32)" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.pointwise_convs=dot --output="$work/dot_b32.json"
+keep_autotune_log dot_b32
+run dot_cublas_b32 150 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.pointwise_convs=dot --output="$work/dot_cublas_b32.json"
 run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
   cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
+run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
+  --torch_modes=float32 --output="$work/f32_b4.json"
+run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --output="$work/autotune.json"
 run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   --config.model.dense_block=scan --output="$work/scan_b32.json"
+run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
+  --output="$work/bf16_b4.json"
 run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \
   --config.model.block_sizes="(1, 1, 1, 1)" --config.model.growth_rate=8 \
   --config.model.num_init_features=16 --output="$work/rendering.json"
-run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --output="$work/autotune.json"
-run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
-  --output="$work/bf16_b4.json"
 run largest 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
   --output="$work/largest.json"
+gzip -f "$out"/autotune_log_*.txt 2>/dev/null
 echo "results in $out: $(ls "$out" | tr '\n' ' ')"

@@ -16,6 +16,8 @@ step reported.
 on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16 autocast, all
 channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
 `largest_batch` finds the largest batch whose train step fits in device memory.
+``profile_dir`` keeps a JAX profiler trace of a few train steps and the compiled train program,
+and sums the trace's device time per op.
 ``op_counts`` lowers the train step and the eval forward for GPU and TPU on this machine and
 records their op counts (`lowering`): what an accelerator would be asked to compile.
 
@@ -25,6 +27,9 @@ figure and the 1-minute load average beside each result.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+import collections
+import glob
+import gzip
 import json
 import os
 import resource
@@ -176,10 +181,70 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
           'num_threads': config.dataset.num_threads, 'num_workers': config.dataset.num_workers}
 
 
+def process_age_s() -> float | None:
+  """Seconds since this process started (Linux), e.g. to the end of its first train step."""
+  try:
+    with open('/proc/self/stat') as f:
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as f:
+      uptime = float(f.read().split()[0])
+  except (OSError, IndexError, ValueError):
+    return None
+  return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
+
+
+def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, profile_dir: str,
+                  steps: int = 3) -> dict:
+  """Traces ``steps`` calls of ``run`` with the JAX profiler into ``profile_dir`` (TensorBoard's
+  profile tab and Perfetto read it), writes ``compiled``'s optimised HLO beside it, and sums the
+  trace's time per device op (`device_op_times`)."""
+  os.makedirs(profile_dir, exist_ok=True)
+  with gzip.open(os.path.join(profile_dir, 'train_step.hlo.txt.gz'), 'wt') as f:
+    f.write(compiled.as_text())
+  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      run()
+  traces = glob.glob(os.path.join(profile_dir, 'plugins', 'profile', '*',
+                                  'perfetto_trace.json.gz'))
+  trace = max(traces, key=os.path.getmtime)
+  return {'trace': trace, **device_op_times(trace, steps)}
+
+
+def device_op_times(trace: str, steps: int, top: int = 60) -> dict:
+  """Per step, from a Perfetto trace: the busy time of each line (thread) of the device and the
+  ``top`` ops by time. The device is the trace's '/device:...' processes (a GPU: its streams,
+  and lines such as 'XLA Ops' that summarise the same time), else the host threads that XLA's
+  CPU backend computes on."""
+  with gzip.open(trace, 'rt') as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  processes = {e['pid']: e['args'].get('name', '') for e in events
+               if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  threads = {(e['pid'], e['tid']): e['args'].get('name', '') for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  device = {pid for pid, name in processes.items() if name.startswith('/device:')}
+  total_us, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    line = threads.get((e.get('pid'), e.get('tid')), '')
+    if e.get('ph') == 'X' and (e['pid'] in device if device else line.startswith('tf_XLA')):
+      key = (f'{processes[e["pid"]]} {line}' if device else 'XLA CPU threads', e['name'])
+      total_us[key] += e.get('dur', 0)
+      calls[key] += 1
+  busy_us = collections.Counter()
+  for (line, _), us in total_us.items():
+    busy_us[line] += us
+  return {'busy_ms_per_step': {line: us / 1e3 / steps for line, us in busy_us.most_common()},
+          'top_ops': [{'line': line, 'name': name, 'ms_per_step': us / 1e3 / steps,
+                       'calls_per_step': calls[line, name] / steps}
+                      for (line, name), us in total_us.most_common(top)]}
+
+
 def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
-                  max_busy_cores: float, max_wait: float, rendering: bool = False) -> dict:
+                  max_busy_cores: float, max_wait: float, rendering: bool = False,
+                  profile_dir: str | None = None) -> dict:
   """Compiles and times the train step and the eval forward of ``config`` (and, with
-  ``rendering`` or a camera in the config, rendering the inputs)."""
+  ``rendering`` or a camera in the config, rendering the inputs; with ``profile_dir``, traces a
+  few train steps there: `profile_steps`)."""
   n = config.batch_size
   if n % jax.device_count():
     raise ValueError(f'batch_size={n} must be a multiple of the {jax.device_count()} devices '
@@ -188,10 +253,13 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   batch = input_pipeline.random_batch(config)
   results = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
              'num_devices': jax.device_count()}
+  start = time.perf_counter()
   trainer = train_lib.Trainer(config, train_size=n)
   with jax.set_mesh(trainer.mesh):
     state = trainer.initial_state
     device_batch = sharding.global_batch(batch, trainer.batch_sharding)
+    # Building the model and its initial state: part of every start and restart.
+    results['setup_s'] = time.perf_counter() - start
 
     train_step, train_compile = _compile('Train step', trainer.step_fn, state, device_batch)
 
@@ -200,9 +268,20 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
       state, metrics = train_step(state, device_batch)
       jax.block_until_ready((state, metrics))
 
+    run_train()
+    # What a (re)start costs to its first step: imports, setup, tracing, compiling (or reading
+    # the compilation cache), the step.
+    results['first_step_after_process_start_s'] = process_age_s()
     train_load = wait_for_quiet(max_busy_cores, max_wait)
     train_times = time_steps(run_train, steps=steps, warmup=warmup)
     logging.info('Train step: %s (load %s).', train_times, train_load)
+    if profile_dir:
+      try:
+        results['profile'] = profile_steps(run_train, train_step, profile_dir)
+      except Exception as e:  # pylint: disable=broad-except
+        # The profiler needs parts (CUPTI on a GPU) a machine may lack; the timings stand.
+        logging.exception('Profiling failed.')
+        results['profile'] = {'error': f'{type(e).__name__}: {e}'}
     if trainer.rendering or rendering:
       results['rendering'] = benchmark_rendering(
           config, trainer.batch_sharding, train_times['median_s'],
@@ -401,8 +480,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   pipeline_batches: int = 20, with_torch: bool = False,
                   torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False,
                   rendering: bool = False, op_counts: bool = False,
-                  max_busy_cores: float = 0.5, max_wait: float = 180.0,
-                  output: str | None = None) -> dict:
+                  profile_dir: str | None = None, max_busy_cores: float = 0.5,
+                  max_wait: float = 180.0, output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
   is stopped (a time limit on a lent machine) keeps what it measured."""
@@ -425,7 +504,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
     results['lowered'] = lowered_op_counts(config)
     save()
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
-  results['jax'] = benchmark_jax(config, **timing, rendering=rendering)
+  results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir)
   save()
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
   save()

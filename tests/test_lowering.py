@@ -50,6 +50,20 @@ def test_up_conv_option_picks_one_formulation_on_every_backend():
         _ALL, expected), mode
 
 
+def test_pointwise_convs_as_dots_leave_the_programs_convolutions():
+  """With ``pointwise_convs='dot'`` each 1x1 convolution's three passes are matrix products on
+  every backend, and nothing else changes."""
+  config = tiny_config('unused')
+  pointwise = sum(isinstance(node, nnx.Conv) and node.kernel_size == (1, 1)
+                  for _, node in nnx.iter_graph(models.create_model(config.model)))
+  assert pointwise > 0
+  convs = {mode: _lowered(pointwise_convs=mode)[0]['train'] for mode in ('conv', 'dot')}
+  for platform in _ALL:
+    assert convs['conv'][platform]['convolutions'] - convs['dot'][platform]['convolutions'] == (
+        3 * pointwise), platform
+    assert convs['dot'][platform]['custom_calls'] == {}, platform
+
+
 def test_scanned_dense_blocks_lower_each_block_once():
   """Each dense block's two convolutions (and their gradients) appear once, not per layer."""
   counts = {mode: _lowered(block_sizes=(2, 3, 4, 3), dense_block=mode)[0]['train']['cuda']

@@ -348,16 +348,22 @@ def _assert_trees_close(actual, expected):
 
 
 def test_models_built_for_cpu_and_for_accelerators_compute_the_same_function():
-  """Same initial weights, outputs and gradients (both run here) whichever platform's
-  formulations the model is built with. In eval mode: the tiny model's training-mode gradients
-  move by 6% when the image moves by 1e-7, too ill-conditioned to compare."""
+  """Same initial weights, outputs and gradients (all run here) whichever platform's
+  formulations the model is built with, and with the 1x1 convolutions as matrix products. In
+  eval mode: the tiny model's training-mode gradients move by 6% when the image moves by 1e-7,
+  too ill-conditioned to compare."""
   config = models.model_config('tiny')
-  weights = {platform: nnx.state(models.create_model(config, platform=platform)).to_pure_dict()
-             for platform in ('cpu', 'gpu')}
-  jax.tree.map(np.testing.assert_array_equal, weights['gpu'], weights['cpu'])
+  dots = config.copy_and_resolve_references()
+  dots.pointwise_convs = 'dot'
+  builds = {'cpu': (config, 'cpu'), 'gpu': (config, 'gpu'), 'gpu, dots': (dots, 'gpu')}
+  weights = {name: nnx.state(models.create_model(c, platform=p)).to_pure_dict()
+             for name, (c, p) in builds.items()}
   image = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
-  _assert_trees_close(_outputs_grads_and_stats(config, image, train=False, platform='gpu'),
-                      _outputs_grads_and_stats(config, image, train=False, platform='cpu'))
+  expected = _outputs_grads_and_stats(config, image, train=False, platform='cpu')
+  for name in ('gpu', 'gpu, dots'):
+    jax.tree.map(np.testing.assert_array_equal, weights[name], weights['cpu'])
+    c, p = builds[name]
+    _assert_trees_close(_outputs_grads_and_stats(c, image, train=False, platform=p), expected)
 
 
 @pytest.mark.parametrize('train, remat', [(True, False), (False, False), (True, True)])
@@ -485,10 +491,15 @@ def test_auto_formulations_are_the_platforms():
   assert _formulations(models.create_model(config, platform='cpu')) == xla
   config.update(conv_gradients='nhwc', up_conv='phases')
   assert _formulations(models.create_model(config, platform='tpu')) == cpu
+  config.pointwise_convs = 'dot'  # The 1x1 convolutions as matrix products, the rest as before.
+  for platform in ('cpu', 'gpu'):
+    assert _formulations(models.create_model(config, platform=platform)) == (
+        {layers.conv_with_nhwc_gradients, layers.pointwise_conv_as_dot}, {'phases'})
 
 
 @pytest.mark.parametrize('option, mode', [('up_conv', 'pixel_shuffle'),
-                                          ('conv_gradients', 'fast')])
+                                          ('conv_gradients', 'fast'),
+                                          ('pointwise_convs', 'matmul')])
 def test_unknown_formulation_is_a_clear_error(option, mode):
   config = models.model_config('tiny')
   config[option] = mode

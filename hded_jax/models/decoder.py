@@ -12,11 +12,12 @@ from hded_jax.models import layers
 class DecoderBlock(nnx.Module):
   """ConvT4x4/2 -> BN -> [Dropout] -> ReLU -> Conv3x3 -> BN -> [Dropout] -> ReLU."""
 
-  def __init__(self, in_features, out_features, *, dropout_rate, up_conv, conv_gradients, dtype,
+  def __init__(self, in_features, out_features, *, dropout_rate, formulations, dtype,
                rngs):
-    self.conv1 = layers.UpConv(in_features, out_features, mode=up_conv, dtype=dtype, rngs=rngs)
+    self.conv1 = layers.UpConv(in_features, out_features, mode=formulations.up_conv,
+                               dtype=dtype, rngs=rngs)
     self.bn1 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(out_features, out_features, 3, padding=1, gradients=conv_gradients,
+    self.conv2 = layers.conv(out_features, out_features, 3, padding=1, formulations=formulations,
                              dtype=dtype, rngs=rngs)
     self.bn2 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)
     # Dropout keys come with each call (see HDEDNet.__call__), so the state holds no RNG.
@@ -39,7 +40,7 @@ class Decoder(nnx.Module):
   """
 
   def __init__(self, *, bottleneck_features: int, skip_features: Sequence[int],
-               out_channels: int, dropout_rate: float, up_conv: str, conv_gradients: str,
+               out_channels: int, dropout_rate: float, formulations: layers.Formulations,
                remat: str | None, dtype, rngs: nnx.Rngs):
     skips = list(skip_features)  # S0..S3
     widths = skips[::-1] + [skips[0]]  # d5: S3's width, d4: S2's, ..., d2 and d1: S0's.
@@ -48,13 +49,13 @@ class Decoder(nnx.Module):
     for i, width in enumerate(widths):
       blocks.append(DecoderBlock(in_features, width,
                                  dropout_rate=dropout_rate if i < 2 else 0.0,
-                                 up_conv=up_conv, conv_gradients=conv_gradients, dtype=dtype,
+                                 formulations=formulations, dtype=dtype,
                                  rngs=rngs))
       if i < len(skips):
         in_features = width + skips[len(skips) - 1 - i]
     self.blocks = nnx.List(blocks)
     self.last_conv = layers.conv(widths[-1], out_channels, 3, padding=1,
-                                 gradients=conv_gradients, dtype=dtype, rngs=rngs)
+                                 formulations=formulations, dtype=dtype, rngs=rngs)
     self.remat = remat
 
   def __call__(self, bottleneck, skips, rngs=None):

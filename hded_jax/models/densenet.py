@@ -13,13 +13,13 @@ class DenseLayer(nnx.Module):
   """BN-ReLU-Conv1x1(bn_size*growth)-BN-ReLU-Conv3x3(growth): the ``growth`` new features that
   the block concatenates to the layer's input."""
 
-  def __init__(self, in_features, growth_rate, bn_size, *, conv_gradients, dtype, rngs):
+  def __init__(self, in_features, growth_rate, bn_size, *, formulations, dtype, rngs):
     width = bn_size * growth_rate
     self.norm1 = layers.BatchNorm(in_features, dtype=dtype, rngs=rngs)
-    self.conv1 = layers.conv(in_features, width, 1, gradients=conv_gradients, dtype=dtype,
+    self.conv1 = layers.conv(in_features, width, 1, formulations=formulations, dtype=dtype,
                              rngs=rngs)
     self.norm2 = layers.BatchNorm(width, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(width, growth_rate, 3, padding=1, gradients=conv_gradients,
+    self.conv2 = layers.conv(width, growth_rate, 3, padding=1, formulations=formulations,
                              dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
@@ -38,12 +38,12 @@ class DenseBlock(nnx.Module):
   """
 
   def __init__(self, num_layers, in_features, growth_rate, bn_size, *, mode, remat,
-               conv_gradients, dtype, rngs):
+               formulations, dtype, rngs):
     if mode not in DENSE_BLOCK_MODES:
       raise ValueError(f'model.dense_block={mode!r}: choose one of {DENSE_BLOCK_MODES}.')
     self.layers = nnx.List([
         DenseLayer(in_features + i * growth_rate, growth_rate, bn_size,
-                   conv_gradients=conv_gradients, dtype=dtype, rngs=rngs)
+                   formulations=formulations, dtype=dtype, rngs=rngs)
         for i in range(num_layers)])
     self.in_features = in_features
     self.growth_rate = growth_rate
@@ -109,10 +109,10 @@ def _pad_to(state: nnx.State, template: nnx.State) -> nnx.State:
 class Transition(nnx.Module):
   """BN-ReLU-Conv1x1 halving the channels; pooling is left to the caller (skips are pre-pool)."""
 
-  def __init__(self, in_features, out_features, *, conv_gradients, dtype, rngs):
+  def __init__(self, in_features, out_features, *, formulations, dtype, rngs):
     self.norm = layers.BatchNorm(in_features, dtype=dtype, rngs=rngs)
-    self.conv = layers.conv(in_features, out_features, 1, gradients=conv_gradients, dtype=dtype,
-                            rngs=rngs)
+    self.conv = layers.conv(in_features, out_features, 1, formulations=formulations,
+                            dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.conv(jax.nn.relu(self.norm(x)))
@@ -122,24 +122,25 @@ class DenseNetEncoder(nnx.Module):
   """Returns the bottleneck (1/32 resolution) and the skips S0..S3 (1/2 .. 1/16)."""
 
   def __init__(self, *, block_sizes: Sequence[int], growth_rate: int, num_init_features: int,
-               bn_size: int, dense_block: str, remat: str | None, conv_gradients: str, dtype,
+               bn_size: int, dense_block: str, remat: str | None,
+               formulations: layers.Formulations, dtype,
                rngs: nnx.Rngs, in_features: int = 3):
     f = num_init_features
-    self.conv0 = layers.conv(in_features, f, 3, stride=2, padding=1, gradients=conv_gradients,
+    self.conv0 = layers.conv(in_features, f, 3, stride=2, padding=1, formulations=formulations,
                              dtype=dtype, rngs=rngs)
     self.norm0 = layers.BatchNorm(f, dtype=dtype, rngs=rngs)
-    self.downconv0 = layers.conv(f, f, 4, stride=2, padding=1, gradients=conv_gradients,
+    self.downconv0 = layers.conv(f, f, 4, stride=2, padding=1, formulations=formulations,
                                  dtype=dtype, rngs=rngs)
     self.norm1 = layers.BatchNorm(f, dtype=dtype, rngs=rngs)
     self.skip_features = [f]
     blocks, transitions = [], []
     for i, num_layers in enumerate(block_sizes):
       block = DenseBlock(num_layers, f, growth_rate, bn_size, mode=dense_block, remat=remat,
-                         conv_gradients=conv_gradients, dtype=dtype, rngs=rngs)
+                         formulations=formulations, dtype=dtype, rngs=rngs)
       blocks.append(block)
       f = block.out_features
       if i < len(block_sizes) - 1:
-        transitions.append(Transition(f, f // 2, conv_gradients=conv_gradients, dtype=dtype,
+        transitions.append(Transition(f, f // 2, formulations=formulations, dtype=dtype,
                                       rngs=rngs))
         f //= 2
         self.skip_features.append(f)

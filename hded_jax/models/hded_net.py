@@ -59,6 +59,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # The gradients of the stride-1 convolutions: 'auto' (XLA's own on GPU and TPU, NHWC
       # convolutions moving the fewer channels on CPU, as measured), 'xla' or 'nhwc'.
       conv_gradients='auto',
+      # The 1x1 convolutions (dense layers, transitions): 'auto' (convolutions everywhere, as
+      # measured), 'conv' or 'dot' (matrix products over the channels).
+      pointwise_convs='auto',
   ))
 
 
@@ -77,9 +80,7 @@ class HDEDNet(nnx.Module):
     # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
     remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
     layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
-    # Configs saved in checkpoints from before the options have neither.
-    up_conv, conv_gradients = (layers.formulation(option, config.get(option, 'auto'), platform)
-                               for option in ('up_conv', 'conv_gradients'))
+    formulations = layers.formulations(config, platform)
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
     self.depth_scale = float(config.depth_scale)
@@ -90,11 +91,11 @@ class HDEDNet(nnx.Module):
         block_sizes=tuple(config.block_sizes), growth_rate=config.growth_rate,
         num_init_features=config.num_init_features, bn_size=config.bn_size,
         dense_block=config.get('dense_block', 'unrolled'), remat=remat,
-        conv_gradients=conv_gradients, dtype=dtype, rngs=rngs)
+        formulations=formulations, dtype=dtype, rngs=rngs)
     decoder_args = dict(bottleneck_features=self.encoder.out_features,
                         skip_features=self.encoder.skip_features,
                         dropout_rate=config.dropout_rate,
-                        up_conv=up_conv, conv_gradients=conv_gradients, remat=remat,
+                        formulations=formulations, remat=remat,
                         dtype=dtype, rngs=rngs)
     self.depth_decoder = (Decoder(out_channels=1, **decoder_args) if 'depth' in heads
                           else None)

@@ -5,6 +5,7 @@ even kernels or even inputs, so every padding here is spelled out: given the sam
 network computes the same function as the PyTorch original.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -56,14 +57,17 @@ def symmetric_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bias=False,
-         gradients, dtype, rngs):
-  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC; ``gradients``: a
-  ``CONV_GRADIENTS`` name."""
+         formulations: 'Formulations', dtype, rngs):
+  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC, computed as ``formulations``
+  say."""
+  function = CONV_GRADIENTS[formulations.conv_gradients]
+  if (formulations.pointwise_convs == 'dot' and kernel_size == 1 and stride == 1
+      and padding == 0):
+    function = pointwise_conv_as_dot
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=symmetric_padding(padding), use_bias=use_bias, kernel_init=conv_init,
-      conv_general_dilated=CONV_GRADIENTS[gradients], dtype=dtype, param_dtype=jnp.float32,
-      rngs=rngs)
+      conv_general_dilated=function, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -125,6 +129,21 @@ def _nhwc_gradient_conv_bwd(padding, residuals, g):
 
 
 _nhwc_gradient_conv.defvjp(_nhwc_gradient_conv_fwd, _nhwc_gradient_conv_bwd)
+
+
+def pointwise_conv_as_dot(lhs, rhs, window_strides, padding, *, dimension_numbers,
+                          lhs_dilation=None, rhs_dilation=None, feature_group_count=1, **kwargs):
+  """A 1x1, stride-1, unpadded NHWC convolution as the matrix product over the channels that it
+  is: a GEMM on a GPU (cuBLAS or XLA's own kernels) instead of a cuDNN convolution, which XLA
+  autotunes once per distinct shape when it compiles (docs/performance.md)."""
+  if (tuple(rhs.shape[:2]) != (1, 1) or tuple(window_strides) != (1, 1)
+      or feature_group_count != 1 or any(tuple(p) != (0, 0) for p in padding)
+      or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    raise ValueError('pointwise_conv_as_dot computes 1x1, stride-1, unpadded NHWC convolutions '
+                     f'only; got kernel {rhs.shape}, strides {window_strides}, padding {padding}.')
+  return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), **kwargs)
 
 
 class UpConv(nnx.Module):
@@ -194,25 +213,41 @@ _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 # faster (docs/performance.md). ``formulation`` says which one 'auto' picks on a platform.
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
 UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv}
-_FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS}
-_CPU_FORMULATIONS = {'conv_gradients': 'nhwc', 'up_conv': 'phases'}
-_ACCELERATOR_FORMULATIONS = {'conv_gradients': 'xla', 'up_conv': 'transpose'}
+# The 1x1 convolutions (dense layers, transitions) as convolutions or as matrix products.
+POINTWISE_CONVS = ('conv', 'dot')
+_FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS,
+                 'pointwise_convs': POINTWISE_CONVS}
+_CPU_FORMULATIONS = {'conv_gradients': 'nhwc', 'up_conv': 'phases', 'pointwise_convs': 'conv'}
+_ACCELERATOR_FORMULATIONS = {'conv_gradients': 'xla', 'up_conv': 'transpose',
+                             'pointwise_convs': 'conv'}
 
 
-def formulation(option: str, mode: str, platform: str) -> str:
-  """What ``model.<option>=mode`` computes with on ``platform`` (a JAX platform name: 'cpu',
-  'gpu', 'cuda', 'tpu', ...): 'auto' is the CPU formulation on the CPU and XLA's own elsewhere.
+@dataclasses.dataclass(frozen=True)
+class Formulations:
+  """How the model computes its convolutions, one ``_FORMULATIONS`` mode per option."""
+  up_conv: str
+  conv_gradients: str
+  pointwise_convs: str
+
+
+def formulations(config, platform: str) -> Formulations:
+  """The formulations that the model config ``config`` asks for on ``platform`` (a JAX platform
+  name: 'cpu', 'gpu', 'cuda', 'tpu', ...): 'auto' (also where a config saved before the option
+  lacks it) is the CPU formulation on the CPU and XLA's own elsewhere.
 
   Chosen when the model is built rather than inside the program by ``lax.platform_dependent``,
   which traces both formulations of every convolution: 2 s more tracing and lowering of the
   full train step (docs/performance.md).
   """
-  if mode == 'auto':
-    return (_CPU_FORMULATIONS if platform == 'cpu' else _ACCELERATOR_FORMULATIONS)[option]
-  if mode not in _FORMULATIONS[option]:
-    raise ValueError(f'model.{option}={mode!r}: choose "auto" or one of '
-                     f'{sorted(_FORMULATIONS[option])}.')
-  return mode
+  def resolve(option):
+    mode = config.get(option, 'auto')
+    if mode == 'auto':
+      return (_CPU_FORMULATIONS if platform == 'cpu' else _ACCELERATOR_FORMULATIONS)[option]
+    if mode not in _FORMULATIONS[option]:
+      raise ValueError(f'model.{option}={mode!r}: choose "auto" or one of '
+                       f'{sorted(_FORMULATIONS[option])}.')
+    return mode
+  return Formulations(**{option: resolve(option) for option in _FORMULATIONS})
 
 
 def _batch_statistics(x):
