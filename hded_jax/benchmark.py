@@ -50,7 +50,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  runtime.tune_for_cpu()  # As train.py does (runtime.setup); PyTorch shares the allocator.
+  runtime.tune_for_platform()  # As train.py does (runtime.setup); PyTorch shares the allocator.
   if FLAGS.cache_dir:
     runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))
   config = FLAGS.config

@@ -349,21 +349,18 @@ def _assert_trees_close(actual, expected):
 
 def test_models_built_for_cpu_and_for_accelerators_compute_the_same_function():
   """Same initial weights, outputs and gradients (all run here) whichever platform's
-  formulations the model is built with, and with the 1x1 convolutions as matrix products. In
+  formulations the model is built with (a GPU's: the 1x1 convolutions as matrix products). In
   eval mode: the tiny model's training-mode gradients move by 6% when the image moves by 1e-7,
   too ill-conditioned to compare."""
   config = models.model_config('tiny')
-  dots = config.copy_and_resolve_references()
-  dots.pointwise_convs = 'dot'
-  builds = {'cpu': (config, 'cpu'), 'gpu': (config, 'gpu'), 'gpu, dots': (dots, 'gpu')}
-  weights = {name: nnx.state(models.create_model(c, platform=p)).to_pure_dict()
-             for name, (c, p) in builds.items()}
+  weights = {platform: nnx.state(models.create_model(config, platform=platform)).to_pure_dict()
+             for platform in ('cpu', 'gpu', 'tpu')}
   image = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
   expected = _outputs_grads_and_stats(config, image, train=False, platform='cpu')
-  for name in ('gpu', 'gpu, dots'):
-    jax.tree.map(np.testing.assert_array_equal, weights[name], weights['cpu'])
-    c, p = builds[name]
-    _assert_trees_close(_outputs_grads_and_stats(c, image, train=False, platform=p), expected)
+  for platform in ('gpu', 'tpu'):
+    jax.tree.map(np.testing.assert_array_equal, weights[platform], weights['cpu'])
+    _assert_trees_close(_outputs_grads_and_stats(config, image, train=False, platform=platform),
+                        expected)
 
 
 @pytest.mark.parametrize('train, remat', [(True, False), (False, False), (True, True)])
@@ -478,23 +475,25 @@ def _formulations(model):
 
 
 def test_auto_formulations_are_the_platforms():
-  """'auto' builds the CPU formulations for the CPU (the default backend here) and XLA's own
-  for GPU and TPU; a named formulation is built for every platform."""
+  """'auto' builds the CPU formulations for the CPU (the default backend here), XLA's own with
+  the 1x1 convolutions as matrix products for GPUs, XLA's own for TPUs; a named formulation is
+  built for every platform."""
   config = models.model_config('tiny')
   cpu = ({layers.conv_with_nhwc_gradients}, {'phases'})
+  gpu = ({jax.lax.conv_general_dilated, layers.pointwise_conv_as_dot}, {'transpose'})
   xla = ({jax.lax.conv_general_dilated}, {'transpose'})
   assert _formulations(models.create_model(config)) == cpu
   assert _formulations(models.create_model(config, platform='cpu')) == cpu
-  for platform in ('gpu', 'cuda', 'rocm', 'tpu'):
-    assert _formulations(models.create_model(config, platform=platform)) == xla, platform
-  config.update(conv_gradients='xla', up_conv='transpose')
-  assert _formulations(models.create_model(config, platform='cpu')) == xla
-  config.update(conv_gradients='nhwc', up_conv='phases')
-  assert _formulations(models.create_model(config, platform='tpu')) == cpu
-  config.pointwise_convs = 'dot'  # The 1x1 convolutions as matrix products, the rest as before.
+  for platform in ('gpu', 'cuda', 'rocm'):
+    assert _formulations(models.create_model(config, platform=platform)) == gpu, platform
+  assert _formulations(models.create_model(config, platform='tpu')) == xla
+  config.update(conv_gradients='xla', up_conv='transpose', pointwise_convs='conv')
   for platform in ('cpu', 'gpu'):
+    assert _formulations(models.create_model(config, platform=platform)) == xla, platform
+  config.update(conv_gradients='nhwc', up_conv='phases', pointwise_convs='dot')
+  for platform in ('cpu', 'tpu'):
     assert _formulations(models.create_model(config, platform=platform)) == (
-        {layers.conv_with_nhwc_gradients, layers.pointwise_conv_as_dot}, {'phases'})
+        {layers.conv_with_nhwc_gradients, layers.pointwise_conv_as_dot}, {'phases'}), platform
 
 
 @pytest.mark.parametrize('option, mode', [('up_conv', 'pixel_shuffle'),

@@ -143,7 +143,7 @@ import sys
 import train
 from hded_jax import eval_lib, predict_lib, runtime
 if sys.argv[1] == 'tuned':
-  runtime.tune_for_cpu()
+  runtime.tune_for_platform()
 import jax, jax.numpy as jnp
 conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
     x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
@@ -165,14 +165,14 @@ def test_entry_points_get_eigen_convolutions():
 
 
 # Tells where runtime thinks the computation runs (for JAX_PLATFORMS, then for each jax_platforms
-# value given) and whether it applied the CPU settings, and checks that deciding started no
-# backend and loaded no plugin (a fake plugin's initialize() would raise).
+# value given) and whose settings it applied, and checks that deciding started no backend and
+# loaded no plugin (a fake plugin's initialize() would raise).
 _TUNE = '''
 import os, sys
 import jax
 from hded_jax import runtime
 from jax._src import xla_bridge
-platform, applied = runtime.computation_platform(), runtime.tune_for_cpu()
+platform, applied = runtime.computation_platform(), runtime.tune_for_platform()
 flags = os.environ.get('XLA_FLAGS', '')
 for value in sys.argv[1:]:
   jax.config.update('jax_platforms', value)
@@ -188,8 +188,8 @@ def initialize():
 
 
 def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
-  """(applied, platforms, XLA_FLAGS) from a fresh process; ``plugin`` installs a fake PJRT
-  plugin module of that name under the ``jax_plugins`` namespace package."""
+  """(the platform tuned for or 'None', platforms, XLA_FLAGS) from a fresh process; ``plugin``
+  installs a fake PJRT plugin module of that name under the ``jax_plugins`` namespace package."""
   path = [REPO]
   if plugin:
     os.makedirs(tmp_path / 'site' / 'jax_plugins' / plugin)
@@ -198,27 +198,29 @@ def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
   env = _env_without_xla_flags(JAX_PLATFORMS=jax_platforms, PYTHONPATH=os.pathsep.join(path))
   settings, flags = _child_stdout(_TUNE, *other_values, env=env).strip().split('|')
   applied, *platforms = settings.split()
-  return applied == 'True', platforms, flags.split()
+  return applied, platforms, flags.split()
 
 
-def test_cpu_settings_apply_only_when_computing_on_the_cpu(tmp_path):
+def test_platform_settings_apply_only_where_they_were_measured(tmp_path):
   applied, platforms, flags = _tune(tmp_path, 'cpu')
-  assert applied and platforms == ['cpu']
+  assert applied == 'cpu' and platforms == ['cpu']
   if jaxlib.version.__version_info__[:2] == runtime._EIGEN_CONVOLUTIONS_JAXLIB:
     assert flags == [runtime._EIGEN_CONVOLUTIONS_FLAG]
-  # As on a GPU or TPU VM: the CPU only drives the accelerator.
+  # As on a GPU or TPU VM: the CPU only drives the accelerator; GPU settings on a GPU only.
   assert _tune(tmp_path, 'cuda', 'tpu,cpu', 'rocm', 'cpu,cuda') == (
-      False, ['gpu', 'tpu', 'gpu', 'cpu'], [])
+      'gpu', ['gpu', 'tpu', 'gpu', 'cpu'], [runtime._CUBLAS_GEMMS_FLAG])
+  assert _tune(tmp_path, 'tpu') == ('None', ['tpu'], [])
   # No JAX_PLATFORMS: an installed PJRT plugin is what JAX computes on.
   applied, platforms, flags = _tune(tmp_path, '', plugin='fake_accelerator')
-  assert not applied and not flags
   assert platforms[0] in ('fake_accelerator', 'gpu', 'tpu')  # A real accelerator comes first.
+  assert applied == ('gpu' if platforms[0] == 'gpu' else 'None')
+  assert not flags or platforms[0] == 'gpu'
 
 
 @pytest.mark.skipif(runtime.computation_platform() != 'cpu' or bool(runtime._pjrt_plugins()),
                     reason='an accelerator or a PJRT plugin is installed')
 def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
-  assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == (True, ['cpu'])
+  assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == ('cpu', ['cpu'])
 
 
 # The XLA options JAX compiles with after the set-up: GPU autotune cache directory, GPU kernel
@@ -244,6 +246,21 @@ def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
   # The user's choice stands.
   assert xla_caches(JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES='xla_gpu_kernel_cache_file') == [
       '-', str(tmp_path / 'xla_gpu_kernel_cache_file')]
+
+
+def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
+  devices = '--xla_force_host_platform_device_count=2'
+  monkeypatch.setenv('XLA_FLAGS', devices)
+  assert runtime.use_cublas_gemms()
+  assert runtime.use_cublas_gemms()  # Idempotent.
+  assert os.environ['XLA_FLAGS'] == f'{devices} {runtime._CUBLAS_GEMMS_FLAG}'
+  # XLA, which aborts on flags it does not know, knows it (CPU builds parse GPU flags too).
+  assert _child_stdout('import jax; print(jax.numpy.ones(2).sum())', env=dict(
+      _env_without_xla_flags(), XLA_FLAGS=os.environ['XLA_FLAGS'])).split()[-1] == '2.0'
+  users = '--xla_gpu_enable_triton_gemm=true'
+  monkeypatch.setenv('XLA_FLAGS', users)
+  assert not runtime.use_cublas_gemms()
+  assert os.environ['XLA_FLAGS'] == users
 
 
 def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):

@@ -209,17 +209,25 @@ def _upsampling_conv_bwd(residuals, g):
 _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 
 
-# Two ways to compute each of these functions: XLA's own, and one that XLA's CPU backend runs
-# faster (docs/performance.md). ``formulation`` says which one 'auto' picks on a platform.
+# Ways to compute the same functions: XLA's own, one that XLA's CPU backend runs faster, and
+# one that XLA's GPU backend compiles faster (docs/performance.md). ``formulations`` says which
+# one 'auto' picks on a platform.
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
 UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv}
 # The 1x1 convolutions (dense layers, transitions) as convolutions or as matrix products.
 POINTWISE_CONVS = ('conv', 'dot')
 _FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS,
                  'pointwise_convs': POINTWISE_CONVS}
-_CPU_FORMULATIONS = {'conv_gradients': 'nhwc', 'up_conv': 'phases', 'pointwise_convs': 'conv'}
-_ACCELERATOR_FORMULATIONS = {'conv_gradients': 'xla', 'up_conv': 'transpose',
-                             'pointwise_convs': 'conv'}
+# What 'auto' is, as measured: on the CPU (2-core Intel and AMD VMs) and on a GPU (H100: the
+# 1x1 convolutions as matrix products compile in 67 instead of 170 s, runtime.use_cublas_gemms).
+# Other platforms (TPU) compute with XLA's own.
+_AUTO_FORMULATIONS = {
+    'cpu': {'conv_gradients': 'nhwc', 'up_conv': 'phases', 'pointwise_convs': 'conv'},
+    'gpu': {'conv_gradients': 'xla', 'up_conv': 'transpose', 'pointwise_convs': 'dot'},
+    'other': {'conv_gradients': 'xla', 'up_conv': 'transpose', 'pointwise_convs': 'conv'},
+}
+# JAX's names for GPU platforms: the backend's and jax.export's.
+_GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +241,7 @@ class Formulations:
 def formulations(config, platform: str) -> Formulations:
   """The formulations that the model config ``config`` asks for on ``platform`` (a JAX platform
   name: 'cpu', 'gpu', 'cuda', 'tpu', ...): 'auto' (also where a config saved before the option
-  lacks it) is the CPU formulation on the CPU and XLA's own elsewhere.
+  lacks it) is the one measured fastest there (``_AUTO_FORMULATIONS``).
 
   Chosen when the model is built rather than inside the program by ``lax.platform_dependent``,
   which traces both formulations of every convolution: 2 s more tracing and lowering of the
@@ -242,7 +250,8 @@ def formulations(config, platform: str) -> Formulations:
   def resolve(option):
     mode = config.get(option, 'auto')
     if mode == 'auto':
-      return (_CPU_FORMULATIONS if platform == 'cpu' else _ACCELERATOR_FORMULATIONS)[option]
+      kind = ('cpu' if platform == 'cpu' else 'gpu' if platform in _GPU_PLATFORMS else 'other')
+      return _AUTO_FORMULATIONS[kind][option]
     if mode not in _FORMULATIONS[option]:
       raise ValueError(f'model.{option}={mode!r}: choose "auto" or one of '
                        f'{sorted(_FORMULATIONS[option])}.')
