@@ -9,10 +9,12 @@
 #              process start to the first step), a profile of three train steps (time per
 #              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
 #              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
-#   dot_b32    bf16 batch 32, cold, with the 1x1 convolutions as matrix products
-#              (model.pointwise_convs=dot): fewer convolutions for XLA to autotune
-#   dot_cublas_b32  the same with XLA's Triton GEMMs off (cuBLAS for every matrix product)
-#   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints
+#   phases_b32 bf16 batch 32, cold, with the up-convolutions as four phase convolutions
+#              (model.up_conv=phases): their kernel gradients as small stride-1 convolutions
+#              instead of one conv_transpose's (a 128x128-window convolution on cuDNN)
+#   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
+#              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
+#              and point TFDS_DATA_DIR at it)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
 #   autotune   bf16 batch 32 at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
 #              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
@@ -107,13 +109,8 @@ run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
 # The trace and the compiled program come back where they are small enough.
 find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
   -exec cp {} "$out" \; 2>/dev/null
-run dot_b32 150 env XLA_FLAGS="$(autotune_log dot_b32)" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.pointwise_convs=dot --output="$work/dot_b32.json"
-keep_autotune_log dot_b32
-run dot_cublas_b32 150 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.pointwise_convs=dot --output="$work/dot_cublas_b32.json"
+run phases_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.up_conv=phases --output="$work/phases_b32.json"
 run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&

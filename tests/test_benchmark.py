@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
@@ -78,3 +79,12 @@ def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_
   # The estimate ran one step without running out of memory.
   assert result['batch_size'] == result['estimate'] > 4
   assert result['batch_size'] % jax.device_count() == 0
+
+
+def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):
+  """As on a GPU behind JAX's CUDA plugin, whose lowered programs have no cost analysis."""
+  lowered = jax.jit(lambda x: jnp.sum(x @ x)).lower(jnp.ones((64, 64)))
+  flops = benchmark_lib._flops(lowered)
+  assert flops > 2 * 64**3
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
+  assert benchmark_lib._flops(lowered) == flops
