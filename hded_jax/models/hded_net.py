@@ -52,7 +52,7 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # 'unrolled' or 'scan': each dense block as one scanned layer, compiled once per block
       # instead of once per layer (faster compile; docs/performance.md).
       dense_block='unrolled',
-      # How the same function is computed (layers.formulation), chosen when the model is built
+      # How the same function is computed (layers.formulations), chosen when the model is built
       # for the platform it runs on. The decoders' up-convolutions: 'auto' (one conv_transpose
       # on GPU and TPU, four phase convolutions on CPU, as measured), 'transpose' or 'phases'.
       up_conv='auto',
