@@ -127,12 +127,26 @@ def test_phase_upsampling_conv_gradients_are_conv_transposes():
 @pytest.mark.parametrize('gradients', sorted(layers.CONV_GRADIENTS))
 def test_stride_two_convs_pad_like_pytorch(gradients):
   """PyTorch pads 1 on every side; XLA's SAME would pad (0, 1) and shift the output."""
-  conv = layers.conv(1, 1, 3, stride=2, padding=1, gradients=gradients, dtype=jnp.float32,
-                     rngs=nnx.Rngs(0))
+  formulations = layers.Formulations(up_conv='transpose', conv_gradients=gradients,
+                                     pointwise_convs='dot')  # Not a 1x1 conv: no matrix product.
+  conv = layers.conv(1, 1, 3, stride=2, padding=1, formulations=formulations,
+                     dtype=jnp.float32, rngs=nnx.Rngs(0))
   conv.kernel[...] = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)  # picks the top-left tap
   x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
   # Output (i, j) reads input (2i - 1, 2j - 1): zero padding for i or j = 0.
   np.testing.assert_array_equal(conv(x)[0, ..., 0], [[0, 0], [0, 6]])
+
+
+def test_pointwise_conv_as_dot_computes_only_pointwise_convs():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 6, 4))
+  kernel = jax.random.normal(jax.random.key(2), (1, 1, 4, 3))
+  nhwc = ('NHWC', 'HWIO', 'NHWC')
+  np.testing.assert_allclose(
+      layers.pointwise_conv_as_dot(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=nhwc),
+      jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=nhwc),
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='1x1, stride-1, unpadded NHWC'):
+    layers.pointwise_conv_as_dot(x, kernel, (2, 2), ((0, 0), (0, 0)), dimension_numbers=nhwc)
 
 
 def test_init_follows_the_authors():
