@@ -51,8 +51,9 @@ def test_gpu_and_tpu_programs_have_one_conv_per_pass_and_no_cpu_paths():
 
 def test_up_conv_option_picks_one_formulation_on_every_backend():
   """For measuring them against each other: 'phases' puts the phase convolutions in the GPU
-  and TPU programs, 'transpose' puts one conv_transpose in the CPU one."""
-  for mode, extra in (('phases', 6), ('transpose', 0)):
+  and TPU programs, 'transpose' (and 'transpose_strided_grads') one conv_transpose in the CPU
+  one."""
+  for mode, extra in (('phases', 6), ('transpose', 0), ('transpose_strided_grads', 0)):
     counts, convs, up_convs = _lowered(up_conv=mode, pointwise_convs='conv')
     expected = 3 * (convs + up_convs) - 1 + extra * up_convs
     assert {p: c['convolutions'] for p, c in counts['train'].items()} == dict.fromkeys(

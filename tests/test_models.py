@@ -468,17 +468,37 @@ def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_resi
     models.create_model(configs['none'])
 
 
-def test_phase_up_conv_computes_the_transposed_conv():
-  """Values and both gradients of the 'phases' up-convolution against 'transpose'."""
+@pytest.mark.parametrize('mode', ['phases', 'transpose_strided_grads'])
+def test_up_conv_formulations_compute_the_transposed_conv(mode):
+  """Values and both gradients of each up-convolution formulation against 'transpose'."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
   outputs = {}
-  for m in ('phases', 'transpose'):
+  for m in (mode, 'transpose'):
     up = layers.UpConv(5, 7, mode=m, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(up)
     outputs[m] = jax.jit(jax.value_and_grad(
         lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
   for a, b in zip(*map(jax.tree.leaves, outputs.values())):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_grads_up_conv_has_a_stride_two_kernel_gradient():
+  """JAX's kernel gradient of ``conv_transpose`` dilates its input (XLA's GPU backend turns
+  that into a reversed image-sized window that cuDNN runs as a slow forward convolution); the
+  'transpose_strided_grads' one is a stride-2 conv's kernel gradient, dilating the other
+  operand, which XLA hands cuDNN as a kernel gradient (the stem's stride-2 convs' are)."""
+  x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((4, 4, 4, 3))
+  def convolutions(mode):
+    loss = lambda x, k: jnp.sum(jnp.sin(layers.UP_CONVS[mode](x, k)))
+    text = jax.export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=('cuda',))(
+        x, kernel).mlir_module()
+    return [line for line in text.splitlines() if 'stablehlo.convolution' in line]
+
+  assert [('lhs_dilate' in c, 'rhs_dilate' in c) for c in convolutions('transpose')] == [
+      (True, False), (True, False), (False, False)]
+  assert [('lhs_dilate' in c, 'rhs_dilate' in c)
+          for c in convolutions('transpose_strided_grads')] == [
+              (True, False), (False, False), (False, True)]
 
 
 def _formulations(model):

@@ -171,6 +171,38 @@ def _conv_transpose(x, kernel):
   return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC)
 
 
+def _conv_transpose_adjoint(g, kernel):
+  """The stride-2 conv that the up-convolution is the adjoint of: its input gradient."""
+  return jax.lax.conv_general_dilated(
+      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), window_strides=(2, 2),
+      padding=((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def _conv_transpose_strided_grads(x, kernel):
+  """One ``conv_transpose`` whose kernel gradient is that of the stride-2 conv it is the adjoint
+  of (``<conv_transpose(x, k), g> = <x, adjoint(g, k)>``, so both have the same derivative in
+  k). JAX's own kernel gradient of ``conv_transpose`` is a convolution with a reversed window the
+  size of the image, which XLA's GPU backend cannot hand cuDNN as a kernel gradient: on an H100
+  four of them took 9.7 ms of a 60 ms step (docs/performance.md). A stride-2 conv's kernel
+  gradient has no reversed window."""
+  return _conv_transpose(x, kernel)
+
+
+def _conv_transpose_strided_grads_fwd(x, kernel):
+  return _conv_transpose(x, kernel), (x, kernel)
+
+
+def _conv_transpose_strided_grads_bwd(residuals, g):
+  x, kernel = residuals
+  input_gradient, kernel_vjp = jax.vjp(lambda kernel: _conv_transpose_adjoint(g, kernel), kernel)
+  return input_gradient, *kernel_vjp(x)
+
+
+_conv_transpose_strided_grads.defvjp(_conv_transpose_strided_grads_fwd,
+                                     _conv_transpose_strided_grads_bwd)
+
+
 @jax.custom_vjp
 def _phase_upsampling_conv(x, kernel):
   """The transposed conv as four 2x2 convs, one per output phase: the same function without
@@ -199,9 +231,7 @@ def _upsampling_conv_fwd(x, kernel):
 
 def _upsampling_conv_bwd(residuals, g):
   x, kernel = residuals
-  input_gradient = jax.lax.conv_general_dilated(
-      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), window_strides=(2, 2),
-      padding=((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  input_gradient = _conv_transpose_adjoint(g, kernel)
   _, kernel_vjp = jax.vjp(lambda kernel: _phase_convs(x, kernel), kernel)
   return input_gradient, *kernel_vjp(g)
 
@@ -213,7 +243,8 @@ _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 # one that XLA's GPU backend compiles faster (docs/performance.md). ``formulations`` says which
 # one 'auto' picks on a platform.
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
-UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv}
+UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv,
+            'transpose_strided_grads': _conv_transpose_strided_grads}
 # The 1x1 convolutions (dense layers, transitions) as convolutions or as matrix products.
 POINTWISE_CONVS = ('conv', 'dot')
 _FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS,
