@@ -45,6 +45,7 @@ import numpy as np
 from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import lowering
+from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
 
@@ -192,18 +193,6 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
           'num_threads': config.dataset.num_threads, 'num_workers': config.dataset.num_workers}
 
 
-def process_age_s() -> float | None:
-  """Seconds since this process started (Linux), e.g. to the end of its first train step."""
-  try:
-    with open('/proc/self/stat') as f:
-      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
-    with open('/proc/uptime') as f:
-      uptime = float(f.read().split()[0])
-  except (OSError, IndexError, ValueError):
-    return None
-  return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
-
-
 def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, profile_dir: str,
                   steps: int = 3) -> dict:
   """Traces ``steps`` calls of ``run`` with the JAX profiler into ``profile_dir`` (TensorBoard's
@@ -282,7 +271,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     run_train()
     # What a (re)start costs to its first step: imports, setup, tracing, compiling (or reading
     # the compilation cache), the step.
-    results['first_step_after_process_start_s'] = process_age_s()
+    results['first_step_after_process_start_s'] = runtime.process_age_s()
     train_load = wait_for_quiet(max_busy_cores, max_wait)
     train_times = time_steps(run_train, steps=steps, warmup=warmup)
     logging.info('Train step: %s (load %s).', train_times, train_load)

@@ -75,6 +75,19 @@ def _is_multihost_env() -> bool:
                                         'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
 
 
+def process_age_s() -> float | None:
+  """Seconds since this process started (Linux; else None): what a start or restart costs up
+  to, e.g., the end of its first train step."""
+  try:
+    with open('/proc/self/stat') as f:
+      start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+    with open('/proc/uptime') as f:
+      uptime = float(f.read().split()[0])
+  except (OSError, IndexError, ValueError):
+    return None
+  return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
+
+
 def tune_for_platform() -> str | None:
   """Process-wide settings measured to make this project fast on the platform the computation
   runs on (``computation_platform``), applied only there; call before JAX computes anything.

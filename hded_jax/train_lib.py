@@ -326,6 +326,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             batch = sharding.global_batch(local_batch, trainer.batch_sharding)
             state, metrics = trainer.step_fn(state, batch)
           metrics_buffer.add(step, metrics)
+          if step == first_step + 1:
+            jax.block_until_ready(metrics)
+            logging.info('Step %d done %.1f s after the process started (imports, set-up, '
+                         'restoring, tracing, compiling or reading the compilation cache).',
+                         step, runtime.process_age_s() or float('nan'))
           for hook in hooks:
             hook(step)
           is_last = step == trainer.num_steps

@@ -338,3 +338,9 @@ def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, mo
   writer.close()
   assert not (tmp_path / 'stub').exists()
   assert 'no tf.summary' in caplog.text and 'tensorflow-cpu' in caplog.text
+
+
+def test_process_age_counts_from_the_process_start():
+  age = float(_child_stdout('import time; time.sleep(1.0)\n'
+                            'from hded_jax import runtime; print(runtime.process_age_s())'))
+  assert 1.0 <= age < 60.0
