@@ -12,8 +12,7 @@ from hded_jax.models import layers
 class DecoderBlock(nnx.Module):
   """ConvT4x4/2 -> BN -> [Dropout] -> ReLU -> Conv3x3 -> BN -> [Dropout] -> ReLU."""
 
-  def __init__(self, in_features, out_features, *, dropout_rate, formulations, dtype,
-               rngs):
+  def __init__(self, in_features, out_features, *, dropout_rate, formulations, dtype, rngs):
     self.conv1 = layers.UpConv(in_features, out_features, mode=formulations.up_conv,
                                dtype=dtype, rngs=rngs)
     self.bn1 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)

@@ -73,15 +73,24 @@ def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bia
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+def _plain_stride_one_nhwc(lhs, rhs, window_strides, dimension_numbers, lhs_dilation,
+                           rhs_dilation, feature_group_count) -> bool:
+  """Whether ``lax.conv_general_dilated``'s arguments ask for a stride-1 NHWC convolution
+  without dilation or feature groups."""
+  return (tuple(window_strides) == (1, 1) and feature_group_count == 1
+          and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+
+
 def conv_with_nhwc_gradients(lhs, rhs, window_strides, padding, *, dimension_numbers,
                              lhs_dilation=None, rhs_dilation=None, feature_group_count=1,
                              **kwargs):
   """``lax.conv_general_dilated`` whose stride-1 NHWC convs (all of the model's but the stem's
   two) take their gradients from ``_nhwc_gradient_conv``."""
-  if (isinstance(padding, str) or tuple(window_strides) != (1, 1) or feature_group_count != 1
-      or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+  if isinstance(padding, str) or not _plain_stride_one_nhwc(
+      lhs, rhs, window_strides, dimension_numbers, lhs_dilation, rhs_dilation,
+      feature_group_count):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers,
         lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -136,11 +145,9 @@ def pointwise_conv_as_dot(lhs, rhs, window_strides, padding, *, dimension_number
   """A 1x1, stride-1, unpadded NHWC convolution as the matrix product over the channels that it
   is: a GEMM on a GPU (cuBLAS or XLA's own kernels) instead of a cuDNN convolution, which XLA
   autotunes once per distinct shape when it compiles (docs/performance.md)."""
-  if (tuple(rhs.shape[:2]) != (1, 1) or tuple(window_strides) != (1, 1)
-      or feature_group_count != 1 or any(tuple(p) != (0, 0) for p in padding)
-      or any(d not in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-      or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+  if (tuple(rhs.shape[:2]) != (1, 1) or any(tuple(p) != (0, 0) for p in padding)
+      or not _plain_stride_one_nhwc(lhs, rhs, window_strides, dimension_numbers, lhs_dilation,
+                                    rhs_dilation, feature_group_count)):
     raise ValueError('pointwise_conv_as_dot computes 1x1, stride-1, unpadded NHWC convolutions '
                      f'only; got kernel {rhs.shape}, strides {window_strides}, padding {padding}.')
   return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), **kwargs)
