@@ -266,6 +266,15 @@ class _RandomPreprocess(grain.transforms.RandomMap):
     return self.preprocess(example, rng)
 
 
+def batch_spec(config: ml_collections.ConfigDict, source,
+               sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch's shapes and dtypes, from one example of ``source`` through the
+  training preprocessing: what the train step compiles for before the first batch exists."""
+  example = preprocess(config)(source[0])
+  return {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape), v.dtype, sharding=sharding)
+          for k, v in example.items()}
+
+
 def local_batch_size(global_batch_size: int) -> int:
   if global_batch_size % jax.process_count():
     raise ValueError(f'batch_size={global_batch_size} is not divisible by the number of '

@@ -5,6 +5,7 @@ The same code runs on one CPU, on several (forced) CPU devices, a GPU, a TPU VM 
 """
 
 from collections.abc import Mapping
+from concurrent import futures
 import functools
 import math
 import os
@@ -165,6 +166,25 @@ class Trainer:
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
         donate_argnums=0)
 
+  def compile_step_in_background(self, batch_spec) -> futures.Future:
+    """Lowers the step for ``batch_spec`` here and compiles it (or reads it from the
+    compilation cache) on a daemon thread: XLA holds no GIL while it compiles, so a checkpoint
+    restores meanwhile, and the step's first call finds the program compiled. The future
+    holds the compiled step, or XLA's error."""
+    with jax.set_mesh(self.mesh):  # As the training loop calls the step.
+      lowered = self.step_fn.lower(sharding.abstract(self.initial_state), batch_spec)
+    compiled = futures.Future()
+
+    def compile_step():
+      try:
+        compiled.set_result(lowered.compile())
+      except BaseException as e:  # pylint: disable=broad-except  (the caller re-raises it)
+        compiled.set_exception(e)
+
+    # A daemon: an error in the meantime (a damaged checkpoint) exits without waiting for XLA.
+    threading.Thread(target=compile_step, name='compile_train_step', daemon=True).start()
+    return compiled
+
 
 class PreemptionHandler:
   """SIGTERM (cloud preemption) or Ctrl-C (SIGINT) -> save a checkpoint at the next step and
@@ -295,8 +315,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # Closing waits for the last save, also when an error ends the run.
   with checkpoints.manager(os.path.join(workdir, 'checkpoints'),
                            max_to_keep=config.max_checkpoints_to_keep) as ckpt:
+    compiling = trainer.compile_step_in_background(
+        input_pipeline.batch_spec(config, source, trainer.batch_sharding))
     state = _resume(ckpt, trainer, data_iter, config)
     first_step = int(state.step)
+    if first_step < trainer.num_steps:
+      compiling.result()
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
                  config.batch_size)

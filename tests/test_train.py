@@ -43,9 +43,20 @@ def steps_in(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
 
 
-def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path):
+def train_step_compiles(caplog) -> list[str]:
+  """The threads on which XLA compiled the train step (or read it from the compilation cache)
+  since ``caplog`` started listening (JAX logs each at DEBUG)."""
+  return [r.threadName for r in caplog.records
+          if 'XLA compilation of jit(train_step)' in r.getMessage()]
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, caplog):
   """An interrupted run, rerun with the same command, ends where an uninterrupted one does:
-  the step count, optimizer state, dropout keys and data order all continue."""
+  the step count, optimizer state, dropout keys and data order all continue.
+
+  Also: each run compiles its step once, in the background while the checkpoint restores (the
+  batch it was compiled for is the pipeline's)."""
+  caplog.set_level('DEBUG', logger='jax._src.dispatch')
   straight = train_lib.train(
       tiny_config(tiny_data_dir, num_train_steps=6), str(tmp_path / 'straight'))
   assert int(straight.step) == 6
@@ -54,8 +65,10 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path):
   first = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=3),
                                        resumed_dir)
   assert int(first.step) == 3 and steps_in(resumed_dir) == [2, 3]
+  caplog.clear()
   resumed = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6),
                                          resumed_dir)
+  assert train_step_compiles(caplog) == ['compile_train_step']
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
 
@@ -191,14 +204,18 @@ def test_eval_scores_checkpoints_and_keeps_the_best(tiny_run, tmp_path):
                                                                                   'eval')))
 
 
-def test_training_with_a_camera_range_renders_and_records_the_cameras(tiny_data_dir, tmp_path):
+def test_training_with_a_camera_range_renders_and_records_the_cameras(tiny_data_dir, tmp_path,
+                                                                     caplog):
   """Focus drawn from 1.5-3 m per example, rendered in the step, fed to the network; the
   cameras are histograms in TensorBoard and evaluation renders at the range's middle."""
+  caplog.set_level('DEBUG', logger='jax._src.dispatch')
   workdir = str(tmp_path / 'run')
   config = tiny_config(tiny_data_dir, num_train_steps=4)
   config.dataset.camera.focus_distance = (1.5, 3.0)
   config.model.camera_input = True
   train_lib.train(config, workdir)
+  # Compiled once, for the batch the pipeline gives with a camera (render_depth, no image).
+  assert train_step_compiles(caplog) == ['compile_train_step']
   histograms = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
