@@ -256,7 +256,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   start = time.perf_counter()
   trainer = train_lib.Trainer(config, train_size=n)
   with jax.set_mesh(trainer.mesh):
-    state = trainer.initial_state
+    state = trainer.initial_state()
     device_batch = sharding.global_batch(batch, trainer.batch_sharding)
     # Building the model and its initial state: part of every start and restart.
     results['setup_s'] = time.perf_counter() - start
@@ -332,7 +332,7 @@ def lowered_op_counts(config: ml_collections.ConfigDict,
   for platform in platforms:
     trainer = train_lib.Trainer(config, train_size=config.batch_size, platform=platform)
     with jax.set_mesh(trainer.mesh):
-      state = trainer.initial_state
+      state = trainer.abstract_state
       batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
       forward, eval_args = eval_program(trainer, state, batch)
       counts['train'].update(lowering.op_counts(trainer.step_fn, state, batch,
@@ -453,8 +453,8 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
       batch = sharding.global_batch(input_pipeline.random_batch(config_b),
                                     trainer.batch_sharding)
       if not run:
-        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.initial_state, batch).compile())
-      jax.block_until_ready(trainer.step_fn(trainer.initial_state, batch))
+        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.abstract_state, batch).compile())
+      jax.block_until_ready(trainer.step_fn(trainer.initial_state(), batch))
 
   small, large = unit, 4 * unit
   bytes_small, bytes_large = train_step(small, run=False), train_step(large, run=False)

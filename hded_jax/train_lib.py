@@ -131,31 +131,27 @@ def same_state_layout(config: ml_collections.ConfigDict, state: TrainState) -> b
 
 
 class Trainer:
-  """What a run computes with: the mesh, the initial state placed on it and the jitted step."""
+  """What a run computes with: the mesh, the state's layout on it and the jitted step. The
+  state's values come from `initial_state` (a new run) or a checkpoint (restored into
+  ``abstract_state``), so a resumed run never draws the initial weights."""
 
   def __init__(self, config: ml_collections.ConfigDict, train_size: int,
                platform: str | None = None):
     """``platform``: the one the model's formulations are chosen for (``models.HDEDNet``);
     default the mesh's. Another one only to lower the step for it (``jax.export``)."""
+    self.config = config
     self.mesh = sharding.make_mesh(config.mesh)
+    self.platform = platform or self.mesh.devices.flat[0].platform
     self.num_steps = num_train_steps(config, train_size)
     self.schedule = learning_rate_schedule(config, train_size / config.batch_size)
     self.tx = make_optimizer(config, self.schedule)
 
-    model = models.create_model(config.model, seed=config.seed,
-                                platform=platform or self.mesh.devices.flat[0].platform)
-    if loaded := checkpoints.init_from(model, config.init_from):
-      logging.info('init_from=%s loaded %d tensors: %s', config.init_from, len(loaded),
-                   ', '.join(loaded))
-    self.graphdef, self.eval_graphdef, params, batch_stats = models.split_model(model)
-    initial_state = functools.partial(_initial_state, tx=self.tx)
-
-    # One jitted program places the state: op-by-op, every parameter shape compiles its own
-    # zeros for the optimizer moments.
-    self.state_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
-                                       jax.eval_shape(initial_state, params, batch_stats))
-    self.initial_state = jax.jit(initial_state, out_shardings=self.state_sharding)(
-        params, batch_stats)
+    self.graphdef, self.eval_graphdef, params, batch_stats = models.split_model(
+        models.abstract_model(config.model, platform=self.platform))
+    self.abstract_state = sharding.abstract(
+        jax.eval_shape(functools.partial(_initial_state, tx=self.tx), params, batch_stats),
+        sharding.replicated(self.mesh))
+    self.state_sharding = jax.tree.map(lambda x: x.sharding, self.abstract_state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.rendering = input_pipeline.rendering(config)
     self.step_fn = jax.jit(
@@ -166,13 +162,27 @@ class Trainer:
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
         donate_argnums=0)
 
+  def initial_state(self) -> TrainState:
+    """A new run's state, placed on the mesh: the weights drawn from ``config.seed`` (then
+    ``config.init_from``'s loaded over them) and the optimizer's initial state."""
+    model = models.create_model(self.config.model, seed=self.config.seed,
+                                platform=self.platform)
+    if loaded := checkpoints.init_from(model, self.config.init_from):
+      logging.info('init_from=%s loaded %d tensors: %s', self.config.init_from, len(loaded),
+                   ', '.join(loaded))
+    _, _, params, batch_stats = models.split_model(model)
+    # One jitted program places the state: op-by-op, every parameter shape compiles its own
+    # zeros for the optimizer moments.
+    return jax.jit(functools.partial(_initial_state, tx=self.tx),
+                   out_shardings=self.state_sharding)(params, batch_stats)
+
   def compile_step_in_background(self, batch_spec) -> futures.Future:
     """Lowers the step for ``batch_spec`` here and compiles it (or reads it from the
     compilation cache) on a daemon thread: XLA holds no GIL while it compiles, so a checkpoint
     restores meanwhile, and the step's first call finds the program compiled. The future
     holds the compiled step, or XLA's error."""
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
-      lowered = self.step_fn.lower(sharding.abstract(self.initial_state), batch_spec)
+      lowered = self.step_fn.lower(self.abstract_state, batch_spec)
     compiled = futures.Future()
 
     def compile_step():
@@ -282,16 +292,16 @@ def check_finite(step: int, values: Mapping[str, float]) -> None:
 def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict) -> TrainState:
   """The newest saved state that restores and fits ``config``, or a new run's initial state."""
   if ckpt.latest_step() is None:
-    return trainer.initial_state
+    return trainer.initial_state()
 
   def check_config_fits(saved):
     # Rebuilding the saved layout (2.3 s for the full model) is needed only where it may differ.
     if not checkpoints.differing_settings(saved, config):
       return
-    if not same_state_layout(saved, trainer.initial_state):
+    if not same_state_layout(saved, trainer.abstract_state):
       raise checkpoints.config_mismatch(str(ckpt.directory), saved, config)
 
-  step, state = checkpoints.restore_train_state(ckpt, trainer.initial_state, data_iter,
+  step, state = checkpoints.restore_train_state(ckpt, trainer.abstract_state, data_iter,
                                                 check_config_fits)
   logging.info('Resumed from %s step %d.', ckpt.directory, step)
   return state

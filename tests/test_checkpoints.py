@@ -57,7 +57,7 @@ def restore_run(config, trainer, ckpt_dir):
   data_iter = input_pipeline.train_iterator(
       config, input_pipeline.data_source(config, config.dataset.train_split))
   with checkpoints.manager(ckpt_dir) as mngr:
-    return checkpoints.restore_train_state(mngr, trainer.initial_state, data_iter,
+    return checkpoints.restore_train_state(mngr, trainer.abstract_state, data_iter,
                                            lambda saved: None)
 
 
@@ -137,7 +137,7 @@ def test_resuming_rebuilds_the_saved_layout_only_for_other_settings(tiny_data_di
 
 def test_only_changes_to_the_state_layout_block_resuming(trainer):
   config, trainer = trainer
-  state = trainer.initial_state
+  state = trainer.abstract_state
   assert train_lib.same_state_layout(config, state)
   for section, field, value, same in (('model', 'remat', True, True),
                                       ('model', 'dropout_rate', 0.1, True),

@@ -50,13 +50,18 @@ def train_step_compiles(caplog) -> list[str]:
           if 'XLA compilation of jit(train_step)' in r.getMessage()]
 
 
-def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, caplog):
+def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, caplog,
+                                                  monkeypatch):
   """An interrupted run, rerun with the same command, ends where an uninterrupted one does:
   the step count, optimizer state, dropout keys and data order all continue.
 
-  Also: each run compiles its step once, in the background while the checkpoint restores (the
-  batch it was compiled for is the pipeline's)."""
+  Also: the resumed run draws no initial weights, and compiles its step once, in the
+  background while the checkpoint restores (for the batch the pipeline gives)."""
   caplog.set_level('DEBUG', logger='jax._src.dispatch')
+  initial_states = []
+  initial_state = train_lib.Trainer.initial_state
+  monkeypatch.setattr(train_lib.Trainer, 'initial_state',
+                      lambda trainer: initial_states.append(1) or initial_state(trainer))
   straight = train_lib.train(
       tiny_config(tiny_data_dir, num_train_steps=6), str(tmp_path / 'straight'))
   assert int(straight.step) == 6
@@ -65,9 +70,11 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, capl
   first = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=3),
                                        resumed_dir)
   assert int(first.step) == 3 and steps_in(resumed_dir) == [2, 3]
+  assert len(initial_states) == 2
   caplog.clear()
   resumed = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6),
                                          resumed_dir)
+  assert len(initial_states) == 2
   assert train_step_compiles(caplog) == ['compile_train_step']
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
@@ -289,7 +296,7 @@ def test_remat_trains_identically(tiny_data_dir, tmp_path):
     trainer = train_lib.Trainer(config, train_size=config.batch_size)
     with jax.set_mesh(trainer.mesh):
       batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
-      state, metrics = trainer.step_fn(trainer.initial_state, batch)
+      state, metrics = trainer.step_fn(trainer.initial_state(), batch)
     results[remat] = (jax.tree.map(np.asarray, state.batch_stats.to_pure_dict()),
                       float(metrics['loss']), float(metrics['grad_norm']))
   (plain_stats, *plain_metrics), (remat_stats, *remat_metrics) = results[False], results[True]
