@@ -4,7 +4,9 @@
 # Steps, most important first, each under its own time limit within BUDGET_S (default 540 s;
 # on an H100 all of them take well over 10 minutes, so the last ones are then skipped):
 #   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache); XLA's autotuning
-#              log (every candidate algorithm of every convolution and GEMM) kept
+#              log (every candidate algorithm of every convolution and GEMM) kept, and the
+#              time per XLA compiler pass and phase (a profile of the compile; so in every
+#              cold *_b32 step)
 #   restart    the same program again on bf16_b32's compilation cache (a restart: seconds from
 #              process start to the first step), a profile of three train steps (time per
 #              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
@@ -13,6 +15,8 @@
 #              the stride-2 convolution's they are the adjoint of
 #              (model.up_conv=transpose_strided_grads): cuDNN kernel gradients instead of
 #              forward convolutions with image-sized windows (9.7 ms of a 60 ms step)
+#   parallel_b32  bf16 batch 32, cold, with XLA's GPU code generation split into parallel
+#              modules (--xla_gpu_enable_llvm_module_compilation_parallelism; off by default)
 #   phases_b32 the same with the up-convolutions as four phase convolutions (up_conv=phases):
 #              their kernel gradients as small stride-1 convolutions
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
@@ -101,9 +105,10 @@ if ! env XLA_FLAGS="$(autotune_log check)" \
   autotune_log() { echo "${XLA_FLAGS:-}"; }
 fi
 keep_autotune_log() { mv -f "$work/autotune_log_$1.txt" "$out/" 2>/dev/null; }
+compile_profile() { echo "--compile_profile_dir=$work/compile_profile_$1"; }
 run bf16_b32 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
   "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --cache_dir="$work/cache" \
-  --output="$work/bf16_b32.json"
+  "$(compile_profile bf16_b32)" --output="$work/bf16_b32.json"
 keep_autotune_log bf16_b32
 run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
   "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
@@ -113,9 +118,14 @@ run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
 find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
   -exec cp {} "$out" \; 2>/dev/null
 run strided_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=transpose_strided_grads --output="$work/strided_b32.json"
+  --config.model.up_conv=transpose_strided_grads "$(compile_profile strided_b32)" \
+  --output="$work/strided_b32.json"
+run parallel_b32 200 env \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  "$(compile_profile parallel_b32)" --output="$work/parallel_b32.json"
 run phases_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=phases --output="$work/phases_b32.json"
+  --config.model.up_conv=phases "$(compile_profile phases_b32)" --output="$work/phases_b32.json"
 run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&

@@ -2,7 +2,7 @@ r"""Times the full training and inference programs of a config: compile, step, m
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
       [--output=results.json] [--torch] [--rendering] [--op_counts] [--cache_dir=DIR]
-      [--profile_dir=DIR]
+      [--profile_dir=DIR] [--compile_profile_dir=DIR]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
@@ -38,6 +38,9 @@ flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits
 flags.DEFINE_string('profile_dir', None, 'Also trace a few train steps with the JAX profiler '
                     'into this folder (TensorBoard\'s profile tab or Perfetto read it), write the '
                     'compiled train program\'s HLO beside it, and report the time per device op.')
+flags.DEFINE_string('compile_profile_dir', None, 'Also trace the train step\'s XLA compile '
+                    'with the JAX profiler into this folder, and report the time per compiler '
+                    'pass and phase.')
 flags.DEFINE_float('max_busy_cores', 0.5, 'Wait while other processes keep more cores busy.')
 flags.DEFINE_float('max_wait', 180.0, 'Longest wait (s) for a quiet machine per measurement.')
 flags.DEFINE_string('output', None, 'Where to write the results as JSON.')
@@ -63,6 +66,8 @@ def main(argv):
       with_torch=FLAGS.torch, torch_modes=FLAGS.torch_modes, find_largest_batch=FLAGS.largest_batch,
       rendering=FLAGS.rendering, op_counts=FLAGS.op_counts,
       profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
+      compile_profile_dir=(FLAGS.compile_profile_dir
+                           and os.path.abspath(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       output=FLAGS.output)
   print(benchmark_lib.format_table(results))

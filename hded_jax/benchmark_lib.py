@@ -17,7 +17,8 @@ on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16
 channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
 `largest_batch` finds the largest batch whose train step fits in device memory.
 ``profile_dir`` keeps a JAX profiler trace of a few train steps and the compiled train program,
-and sums the trace's device time per op.
+and sums the trace's device time per op; ``compile_profile_dir`` one of the train step's XLA
+compile, summed per compiler pass and phase.
 ``op_counts`` lowers the train step and the eval forward for GPU and TPU on this machine and
 records their op counts (`lowering`): what an accelerator would be asked to compile.
 
@@ -113,13 +114,19 @@ def time_steps(step: Callable[[], object], *, steps: int, warmup: int) -> dict[s
   return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times)}
 
 
-def _compile(name: str, jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]]:
+def _compile(name: str, jitted, *args,
+             profile_dir: str | None = None) -> tuple[jax.stages.Compiled, dict[str, float]]:
   """``jitted`` compiled for ``args``; the seconds spent tracing/lowering and in XLA, and the
-  program's FLOPs."""
+  program's FLOPs. With ``profile_dir``, XLA's compile runs under the JAX profiler there."""
   start = time.perf_counter()
   lowered = jitted.lower(*args)
   lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
+  if profile_dir:
+    os.makedirs(profile_dir, exist_ok=True)
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      compiled = lowered.compile()
+  else:
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   logging.info('%s: lowered in %.1f s, compiled in %.1f s.', name, lower_s, compile_s)
   return compiled, {'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(lowered)}
@@ -204,10 +211,34 @@ def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, prof
   with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
     for _ in range(steps):
       run()
+  trace = newest_trace(profile_dir)
+  return {'trace': trace, **device_op_times(trace, steps)}
+
+
+def newest_trace(profile_dir: str) -> str:
+  """The Perfetto trace of the latest `jax.profiler.trace` into ``profile_dir``."""
   traces = glob.glob(os.path.join(profile_dir, 'plugins', 'profile', '*',
                                   'perfetto_trace.json.gz'))
-  trace = max(traces, key=os.path.getmtime)
-  return {'trace': trace, **device_op_times(trace, steps)}
+  return max(traces, key=os.path.getmtime)
+
+
+def _trace_events(trace: str) -> list[dict]:
+  with gzip.open(trace, 'rt') as f:
+    events = json.load(f)
+  return events['traceEvents'] if isinstance(events, dict) else events
+
+
+def compile_phase_times(trace: str, top: int = 80) -> list[dict]:
+  """The ``top`` host events of a traced XLA compile by total time: its passes and phases as
+  XLA names them (HLO passes, autotuning, code generation, PTX assembly), each summed over its
+  calls. Nested events count in their parents too: the list says where time went, not a sum."""
+  total_us, calls = collections.Counter(), collections.Counter()
+  for e in _trace_events(trace):
+    if e.get('ph') == 'X' and not e['name'].startswith('$'):  # '$': Python functions.
+      total_us[e['name']] += e.get('dur', 0)
+      calls[e['name']] += 1
+  return [{'name': name, 'ms': us / 1e3, 'calls': calls[name]}
+          for name, us in total_us.most_common(top)]
 
 
 def device_op_times(trace: str, steps: int, top: int = 60) -> dict:
@@ -215,9 +246,7 @@ def device_op_times(trace: str, steps: int, top: int = 60) -> dict:
   ``top`` ops by time. The device is the trace's '/device:...' processes (a GPU: its streams,
   and lines such as 'XLA Ops' that summarise the same time), else the host threads that XLA's
   CPU backend computes on."""
-  with gzip.open(trace, 'rt') as f:
-    events = json.load(f)
-  events = events['traceEvents'] if isinstance(events, dict) else events
+  events = _trace_events(trace)
   processes = {e['pid']: e['args'].get('name', '') for e in events
                if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   threads = {(e['pid'], e['tid']): e['args'].get('name', '') for e in events
@@ -241,10 +270,12 @@ def device_op_times(trace: str, steps: int, top: int = 60) -> dict:
 
 def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
                   max_busy_cores: float, max_wait: float, rendering: bool = False,
-                  profile_dir: str | None = None) -> dict:
+                  profile_dir: str | None = None,
+                  compile_profile_dir: str | None = None) -> dict:
   """Compiles and times the train step and the eval forward of ``config`` (and, with
   ``rendering`` or a camera in the config, rendering the inputs; with ``profile_dir``, traces a
-  few train steps there: `profile_steps`)."""
+  few train steps there: `profile_steps`; with ``compile_profile_dir``, the train step's XLA
+  compile: `compile_phase_times`)."""
   n = config.batch_size
   if n % jax.device_count():
     raise ValueError(f'batch_size={n} must be a multiple of the {jax.device_count()} devices '
@@ -261,7 +292,15 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     # Building the model and its initial state: part of every start and restart.
     results['setup_s'] = time.perf_counter() - start
 
-    train_step, train_compile = _compile('Train step', trainer.step_fn, state, device_batch)
+    train_step, train_compile = _compile('Train step', trainer.step_fn, state, device_batch,
+                                         profile_dir=compile_profile_dir)
+    if compile_profile_dir:
+      try:
+        results['compile_profile'] = compile_phase_times(newest_trace(compile_profile_dir))
+      except Exception as e:  # pylint: disable=broad-except
+        # As for profile_steps: the timings stand without it.
+        logging.exception('Reading the compile profile failed.')
+        results['compile_profile'] = {'error': f'{type(e).__name__}: {e}'}
 
     def run_train():
       nonlocal state
@@ -480,8 +519,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   pipeline_batches: int = 20, with_torch: bool = False,
                   torch_modes: Sequence[str] | None = None, find_largest_batch: bool = False,
                   rendering: bool = False, op_counts: bool = False,
-                  profile_dir: str | None = None, max_busy_cores: float = 0.5,
-                  max_wait: float = 180.0, output: str | None = None) -> dict:
+                  profile_dir: str | None = None, compile_profile_dir: str | None = None,
+                  max_busy_cores: float = 0.5, max_wait: float = 180.0,
+                  output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
   is stopped (a time limit on a lent machine) keeps what it measured."""
@@ -504,7 +544,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
     results['lowered'] = lowered_op_counts(config)
     save()
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
-  results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir)
+  results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir,
+                                 compile_profile_dir=compile_profile_dir)
   save()
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
   save()
