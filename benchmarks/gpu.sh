@@ -22,6 +22,9 @@
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
 #              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
 #              and point TFDS_DATA_DIR at it)
+#   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
+#              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
+#              first step (a cold start; a restart in the same workdir)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
 #   autotune   bf16 batch 32 at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
 #              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
@@ -130,6 +133,29 @@ run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/s
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
   cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
+# RESTART_MODEL: the model and batch of train_restart (the rehearsal on a CPU makes it small).
+restart_train=(python3 train.py --config=configs/smoke.py --workdir="$work/restart"
+  ${RESTART_MODEL:---config.model.block_sizes=(6,12,24,16) --config.model.growth_rate=32
+  --config.model.num_init_features=64 --config.model.dtype=bfloat16
+  --config.dataset.image_size=(256,256) --config.batch_size=8}
+  --config.checkpoint_every_steps=100)
+run train_restart 240 sh -c '
+  "$@" --config.num_train_steps=2 > "$0/restart_cold.log" 2>&1 &&
+  "$@" --config.num_train_steps=3 > "$0/restart_resumed.log" 2>&1
+  status=$?
+  cat "$0/restart_cold.log" "$0/restart_resumed.log"
+  python3 - "$0" <<"PY"
+import json, re, sys
+work = sys.argv[1]
+def first_step_s(log):
+  found = re.findall(r"Step \d+ done ([0-9.]+) s after the process started",
+                     open(f"{work}/{log}").read())
+  return float(found[0]) if found else None
+json.dump({"cold_first_step_s": first_step_s("restart_cold.log"),
+           "restart_first_step_s": first_step_s("restart_resumed.log")},
+          open(f"{work}/train_restart.json", "w"))
+PY
+  exit $status' "$work" "${restart_train[@]}"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
   --torch_modes=float32 --output="$work/f32_b4.json"
 run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \

@@ -11,15 +11,16 @@ from tests.conftest import REPO
 def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir, tmp_path):
   env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
              SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
-             TORCH_B32_MODES='float32',
-             ONLY='platform bf16_b32 restart strided_b32 parallel_b32 smoke_train smoke_eval')
+             TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4',
+             ONLY='platform bf16_b32 restart strided_b32 parallel_b32 smoke_train smoke_eval '
+                  'train_restart')
   subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
                  capture_output=True)
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   log = (tmp_path / 'out' / 'log.txt').read_text()
   ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
   assert ran == {'platform', 'bf16_b32', 'restart', 'strided_b32', 'parallel_b32', 'smoke_train',
-                 'smoke_eval'}, (
+                 'smoke_eval', 'train_restart'}, (
       log[-3000:])
   assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
       'phases_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest', 'autotune'}
@@ -41,3 +42,6 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   assert (tmp_path / 'out' / 'train_step.hlo.txt.gz').exists()
   assert (tmp_path / 'out' / 'perfetto_trace.json.gz').exists()
   assert results['smoke_eval']['step'] == 20 and 'depth/rmse' in results['smoke_eval']
+  # train.py started cold, then resumed in the same workdir: each one's first step timed.
+  restarts = results['train_restart']
+  assert 0 < restarts['restart_first_step_s'] < restarts['cold_first_step_s'] < 600, restarts
