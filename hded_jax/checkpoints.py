@@ -195,14 +195,17 @@ def restore_train_state(
   def restore(step):
     check_config(restore_config(mngr, step))
     model_state = nnx.merge_state(target.params, target.batch_stats)
+    model_target = model_state.to_pure_dict()
+    train_target = {'step': target.step, 'opt_state': target.opt_state}
     restored = mngr.restore(step, args=ocp.args.Composite(**{
-        MODEL: ocp.args.StandardRestore(model_state.to_pure_dict()),
-        TRAIN: ocp.args.StandardRestore({'step': target.step, 'opt_state': target.opt_state}),
+        MODEL: ocp.args.StandardRestore(_on_host(model_target)),
+        TRAIN: ocp.args.StandardRestore(_on_host(train_target)),
         DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
-    nnx.replace_by_pure_dict(model_state, restored[MODEL])
+    nnx.replace_by_pure_dict(model_state, _placed(restored[MODEL], model_target))
     params, batch_stats = nnx.split_state(model_state, nnx.Param, nnx.BatchStat)
-    return TrainState(step=restored[TRAIN]['step'], params=params, batch_stats=batch_stats,
-                      opt_state=restored[TRAIN]['opt_state'])
+    train = _placed(restored[TRAIN], train_target)
+    return TrainState(step=train['step'], params=params, batch_stats=batch_stats,
+                      opt_state=train['opt_state'])
 
   return restore_newest(mngr, restore, set_aside_damaged=True)
 
@@ -272,10 +275,25 @@ def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module
   """Restores the ``model`` item of ``step`` into ``model`` in place (placed with
   ``placement``, else where the model's arrays are)."""
   state = nnx.state(model)
+  target = sharding.abstract(state.to_pure_dict(), placement)
   restored = mngr.restore(step, args=ocp.args.Composite(**{
-      MODEL: ocp.args.StandardRestore(sharding.abstract(state.to_pure_dict(), placement))}))
-  nnx.replace_by_pure_dict(state, restored[MODEL])
+      MODEL: ocp.args.StandardRestore(_on_host(target))}))
+  nnx.replace_by_pure_dict(state, _placed(restored[MODEL], target))
   nnx.update(model, state)
+
+
+def _on_host(target):
+  """``target`` (ShapeDtypeStructs) as zero-strided numpy arrays: a restore target that Orbax
+  reads into host memory, for `_placed`. Orbax makes each device array apart, ~1 ms apiece:
+  the full train state's 1,598 arrays restore in 1.8-2.0 s this way, 2.4-3.1 s that way."""
+  return jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), target)
+
+
+def _placed(host_arrays, target):
+  """``host_arrays`` placed as ``target``'s ShapeDtypeStructs say: on every process, each
+  device's part of each array."""
+  return jax.tree.map(lambda x, like: jax.make_array_from_callback(
+      like.shape, like.sharding, lambda index: x[index]), host_arrays, target)
 
 
 def restore_model(mngr: ocp.CheckpointManager, step: int | None = None,
