@@ -4,7 +4,7 @@
 The same code runs on one CPU, on several (forced) CPU devices, a GPU, a TPU VM and several hosts.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 import functools
 import math
@@ -289,17 +289,20 @@ def check_finite(step: int, values: Mapping[str, float]) -> None:
           'config.optimizer.grad_clip_norm.')
 
 
-def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict) -> TrainState:
-  """The newest saved state that restores and fits ``config``, or a new run's initial state."""
+def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict,
+            when_config_fits: Callable[[], None]) -> TrainState:
+  """The newest saved state that restores and fits ``config``, or a new run's initial state.
+  ``when_config_fits()`` runs once that is known, before any array is read or drawn."""
   if ckpt.latest_step() is None:
+    when_config_fits()
     return trainer.initial_state()
 
   def check_config_fits(saved):
     # Rebuilding the saved layout (2.3 s for the full model) is needed only where it may differ.
-    if not checkpoints.differing_settings(saved, config):
-      return
-    if not same_state_layout(saved, trainer.abstract_state):
+    if (checkpoints.differing_settings(saved, config) and
+        not same_state_layout(saved, trainer.abstract_state)):
       raise checkpoints.config_mismatch(str(ckpt.directory), saved, config)
+    when_config_fits()
 
   step, state = checkpoints.restore_train_state(ckpt, trainer.abstract_state, data_iter,
                                                 check_config_fits)
@@ -325,12 +328,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # Closing waits for the last save, also when an error ends the run.
   with checkpoints.manager(os.path.join(workdir, 'checkpoints'),
                            max_to_keep=config.max_checkpoints_to_keep) as ckpt:
-    compiling = trainer.compile_step_in_background(
-        input_pipeline.batch_spec(config, source, trainer.batch_sharding))
-    state = _resume(ckpt, trainer, data_iter, config)
+    # XLA compiles the step (or reads it from the cache) while the state is restored or drawn,
+    # from the moment the checkpoint's config is known to fit: a mismatch stops at once.
+    compiling = []
+
+    def compile_step():
+      if not compiling:
+        compiling.append(trainer.compile_step_in_background(
+            input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
+
+    try:
+      state = _resume(ckpt, trainer, data_iter, config, compile_step)
+    finally:
+      # Also after an error: a process that exits while XLA compiles on a thread aborts.
+      futures.wait(compiling)
+    compiling[0].result()  # XLA's error, if it failed.
     first_step = int(state.step)
-    if first_step < trainer.num_steps:
-      compiling.result()
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
                  config.batch_size)

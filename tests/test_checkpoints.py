@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,6 +18,7 @@ from hded_jax import eval_lib
 from hded_jax import input_pipeline
 from hded_jax import train_lib
 from tests.conftest import copy_run
+from tests.conftest import REPO
 from tests.conftest import tiny_config
 
 
@@ -97,7 +100,12 @@ def test_training_resumes_past_a_damaged_step_and_writes_it_again(tiny_data_dir,
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '4.damaged', '6']
 
 
-def test_a_changed_model_or_optimizer_stops_before_restoring(tiny_data_dir, tiny_run, tmp_path):
+def test_a_changed_model_or_optimizer_stops_before_restoring(tiny_data_dir, tiny_run, tmp_path,
+                                                             monkeypatch):
+  """... and before compiling the step: the error comes at once."""
+  compiles = []
+  monkeypatch.setattr(train_lib.Trainer, 'compile_step_in_background',
+                      lambda *args: compiles.append(args))
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   config = tiny_config(tiny_data_dir, num_train_steps=6)
@@ -117,6 +125,25 @@ def test_a_changed_model_or_optimizer_stops_before_restoring(tiny_data_dir, tiny
   assert 'optimizer.grad_clip_norm: saved 0.0, now 1.0' in message
   assert f'--config.init_from=checkpoint:{ckpt_dir}' in message
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Neither counted as damage.
+  assert not compiles
+
+
+def test_train_py_exits_cleanly_when_no_step_restores_while_the_step_compiles(
+    tiny_data_dir, tiny_run, tmp_path):
+  """The step compiles (cold, on a background thread) while the checkpoint restores; when no
+  step restores, train.py waits for XLA before it exits with the error: a process that exits
+  while XLA compiles on another thread aborts."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  for step in ('2', '4'):
+    damage(os.path.join(workdir, 'checkpoints', step), 'deleted manifest')
+  proc = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/smoke.py', f'--workdir={workdir}',
+       f'--config.dataset.data_dir={tiny_data_dir}', '--config.dataset.auto_prepare=False',
+       '--config.num_train_steps=6'],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', HDED_JAX_CACHE_DIR=str(tmp_path / 'cold')))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'restores' in proc.stderr and 'Fatal Python error' not in proc.stderr
 
 
 def test_resuming_rebuilds_the_saved_layout_only_for_other_settings(tiny_data_dir, tiny_run,
