@@ -178,7 +178,7 @@ class Trainer:
 
   def compile_step_in_background(self, batch_spec) -> futures.Future:
     """Lowers the step for ``batch_spec`` here and compiles it (or reads it from the
-    compilation cache) on a daemon thread: XLA holds no GIL while it compiles, so a checkpoint
+    compilation cache) on another thread: XLA holds no GIL while it compiles, so a checkpoint
     restores meanwhile, and the step's first call finds the program compiled. The future
     holds the compiled step, or XLA's error."""
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
@@ -191,8 +191,9 @@ class Trainer:
       except BaseException as e:  # pylint: disable=broad-except  (the caller re-raises it)
         compiled.set_exception(e)
 
-    # A daemon: an error in the meantime (a damaged checkpoint) exits without waiting for XLA.
-    threading.Thread(target=compile_step, name='compile_train_step', daemon=True).start()
+    # Not a daemon: a process that exits while XLA compiles on another thread aborts, so
+    # after an error in the meantime Python waits for XLA before it exits.
+    threading.Thread(target=compile_step, name='compile_train_step').start()
     return compiled
 
 
@@ -337,11 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         compiling.append(trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
 
-    try:
-      state = _resume(ckpt, trainer, data_iter, config, compile_step)
-    finally:
-      # Also after an error: a process that exits while XLA compiles on a thread aborts.
-      futures.wait(compiling)
+    state = _resume(ckpt, trainer, data_iter, config, compile_step)
     compiling[0].result()  # XLA's error, if it failed.
     first_step = int(state.step)
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',

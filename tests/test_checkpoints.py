@@ -131,8 +131,8 @@ def test_a_changed_model_or_optimizer_stops_before_restoring(tiny_data_dir, tiny
 def test_train_py_exits_cleanly_when_no_step_restores_while_the_step_compiles(
     tiny_data_dir, tiny_run, tmp_path):
   """The step compiles (cold, on a background thread) while the checkpoint restores; when no
-  step restores, train.py waits for XLA before it exits with the error: a process that exits
-  while XLA compiles on another thread aborts."""
+  step restores, train.py exits with the error once XLA is done: a process that exits while XLA
+  compiles on another (daemon) thread aborts."""
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   for step in ('2', '4'):
     damage(os.path.join(workdir, 'checkpoints', step), 'deleted manifest')
