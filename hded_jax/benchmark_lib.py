@@ -36,6 +36,7 @@ import os
 import resource
 import statistics
 import time
+from typing import TypeVar
 
 from absl import logging
 from flax import nnx
@@ -49,6 +50,8 @@ from hded_jax import lowering
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
+
+T = TypeVar('T')
 
 # The NYU Depth v2 frame size; the synthetic pipeline source resizes from it like the real one.
 NYU_FRAME = (480, 640)
@@ -121,15 +124,28 @@ def _compile(name: str, jitted, *args,
   start = time.perf_counter()
   lowered = jitted.lower(*args)
   lower_s = time.perf_counter() - start
-  if profile_dir:
-    os.makedirs(profile_dir, exist_ok=True)
-    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-      compiled = lowered.compile()
-  else:
-    compiled = lowered.compile()
+  compiled = _profiled(lowered.compile, profile_dir) if profile_dir else lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   logging.info('%s: lowered in %.1f s, compiled in %.1f s.', name, lower_s, compile_s)
   return compiled, {'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(lowered)}
+
+
+def _profiled(run: Callable[[], T], profile_dir: str) -> T:
+  """``run()`` under the JAX profiler, its trace in ``profile_dir``; a profiler that fails (it
+  needs parts, CUPTI on a GPU, a machine may lack) costs the trace, not the measurement."""
+  os.makedirs(profile_dir, exist_ok=True)
+  try:
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+  except Exception:  # pylint: disable=broad-except
+    logging.exception('The profiler did not start; measuring without it.')
+    return run()
+  try:
+    return run()
+  finally:
+    try:
+      jax.profiler.stop_trace()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception('The profiler did not stop cleanly; its trace may be missing.')
 
 
 def _flops(lowered: jax.stages.Lowered) -> float | None:

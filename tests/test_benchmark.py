@@ -88,3 +88,20 @@ def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(m
   assert flops > 2 * 64**3
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
   assert benchmark_lib._flops(lowered) == flops
+
+
+def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_trace(
+    tmp_path, monkeypatch):
+  step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  _, figures = benchmark_lib._compile('step', step, jnp.ones((8, 8)), profile_dir=str(tmp_path))
+  phases = benchmark_lib.compile_phase_times(benchmark_lib.newest_trace(str(tmp_path)))
+  assert figures['compile_s'] > 0 and any('Compiler' in p['name'] for p in phases), phases
+  assert all(not p['name'].startswith('$') for p in phases)  # XLA's events, not Python's.
+
+  def no_profiler(*args, **kwargs):
+    raise RuntimeError('no CUPTI')
+
+  monkeypatch.setattr(jax.profiler, 'start_trace', no_profiler)
+  compiled, figures = benchmark_lib._compile('step', step, jnp.ones((4, 4)),
+                                             profile_dir=str(tmp_path / 'none'))
+  assert figures['compile_s'] > 0 and float(compiled(jnp.ones((4, 4)))) > 0
