@@ -17,14 +17,14 @@
 #              forward convolutions with image-sized windows (9.7 ms of a 60 ms step)
 #   parallel_b32  bf16 batch 32, cold, with XLA's GPU code generation split into parallel
 #              modules (--xla_gpu_enable_llvm_module_compilation_parallelism; off by default)
-#   phases_b32 the same with the up-convolutions as four phase convolutions (up_conv=phases):
-#              their kernel gradients as small stride-1 convolutions
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
 #              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
 #              and point TFDS_DATA_DIR at it)
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
 #              first step (a cold start; a restart in the same workdir)
+#   phases_b32 bf16 batch 32 with the up-convolutions as four phase convolutions (up_conv=phases):
+#              their kernel gradients as small stride-1 convolutions
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
 #   autotune   bf16 batch 32 at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
 #              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
@@ -127,8 +127,6 @@ run parallel_b32 200 env \
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
   "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   "$(compile_profile parallel_b32)" --output="$work/parallel_b32.json"
-run phases_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=phases "$(compile_profile phases_b32)" --output="$work/phases_b32.json"
 run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
@@ -156,6 +154,8 @@ json.dump({"cold_first_step_s": first_step_s("restart_cold.log"),
           open(f"{work}/train_restart.json", "w"))
 PY
   exit $status' "$work" "${restart_train[@]}"
+run phases_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.up_conv=phases "$(compile_profile phases_b32)" --output="$work/phases_b32.json"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
   --torch_modes=float32 --output="$work/f32_b4.json"
 run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
