@@ -183,17 +183,11 @@ class Trainer:
     holds the compiled step, or XLA's error."""
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
       lowered = self.step_fn.lower(self.abstract_state, batch_spec)
-    compiled = futures.Future()
-
-    def compile_step():
-      try:
-        compiled.set_result(lowered.compile())
-      except BaseException as e:  # pylint: disable=broad-except  (the caller re-raises it)
-        compiled.set_exception(e)
-
-    # Not a daemon: a process that exits while XLA compiles on another thread aborts, so
-    # after an error in the meantime Python waits for XLA before it exits.
-    threading.Thread(target=compile_step, name='compile_train_step').start()
+    executor = futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
+    compiled = executor.submit(lowered.compile)
+    # Python still waits for the thread before it exits (after an error in the meantime too):
+    # a process that exits while XLA compiles on another thread aborts.
+    executor.shutdown(wait=False)
     return compiled
 
 

@@ -132,7 +132,7 @@ def test_train_py_exits_cleanly_when_no_step_restores_while_the_step_compiles(
     tiny_data_dir, tiny_run, tmp_path):
   """The step compiles (cold, on a background thread) while the checkpoint restores; when no
   step restores, train.py exits with the error once XLA is done: a process that exits while XLA
-  compiles on another (daemon) thread aborts."""
+  compiles on another thread (a daemon one) aborts."""
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   for step in ('2', '4'):
     damage(os.path.join(workdir, 'checkpoints', step), 'deleted manifest')
