@@ -224,9 +224,7 @@ def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, prof
   os.makedirs(profile_dir, exist_ok=True)
   with gzip.open(os.path.join(profile_dir, 'train_step.hlo.txt.gz'), 'wt') as f:
     f.write(compiled.as_text())
-  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-    for _ in range(steps):
-      run()
+  _profiled(lambda: [run() for _ in range(steps)], profile_dir)
   trace = newest_trace(profile_dir)
   return {'trace': trace, **device_op_times(trace, steps)}
 
@@ -235,6 +233,8 @@ def newest_trace(profile_dir: str) -> str:
   """The Perfetto trace of the latest `jax.profiler.trace` into ``profile_dir``."""
   traces = glob.glob(os.path.join(profile_dir, 'plugins', 'profile', '*',
                                   'perfetto_trace.json.gz'))
+  if not traces:
+    raise FileNotFoundError(f'No profiler trace in {profile_dir} (the profiler did not run).')
   return max(traces, key=os.path.getmtime)
 
 

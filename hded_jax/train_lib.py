@@ -121,11 +121,19 @@ def _initial_state(params, batch_stats, *, tx) -> TrainState:
                     opt_state=tx.init(params))
 
 
+def _abstract_train_state(model_config: ml_collections.ConfigDict, tx,
+                          platform: str | None = None):
+  """(train graphdef, eval graphdef, the train state's shapes and dtypes): nothing drawn."""
+  graphdef, eval_graphdef, params, batch_stats = models.split_model(
+      models.abstract_model(model_config, platform=platform))
+  layout = jax.eval_shape(functools.partial(_initial_state, tx=tx), params, batch_stats)
+  return graphdef, eval_graphdef, layout
+
+
 def same_state_layout(config: ml_collections.ConfigDict, state: TrainState) -> bool:
   """Whether ``config`` trains a state of ``state``'s structure and shapes (nothing runs)."""
-  _, _, params, batch_stats = models.split_model(models.abstract_model(config.model))
   tx = make_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1.0))
-  layout = jax.eval_shape(functools.partial(_initial_state, tx=tx), params, batch_stats)
+  _, _, layout = _abstract_train_state(config.model, tx)
   return (jax.tree.structure(layout) == jax.tree.structure(state) and
           [x.shape for x in jax.tree.leaves(layout)] == [x.shape for x in jax.tree.leaves(state)])
 
@@ -146,11 +154,9 @@ class Trainer:
     self.schedule = learning_rate_schedule(config, train_size / config.batch_size)
     self.tx = make_optimizer(config, self.schedule)
 
-    self.graphdef, self.eval_graphdef, params, batch_stats = models.split_model(
-        models.abstract_model(config.model, platform=self.platform))
-    self.abstract_state = sharding.abstract(
-        jax.eval_shape(functools.partial(_initial_state, tx=self.tx), params, batch_stats),
-        sharding.replicated(self.mesh))
+    self.graphdef, self.eval_graphdef, layout = _abstract_train_state(
+        config.model, self.tx, self.platform)
+    self.abstract_state = sharding.abstract(layout, sharding.replicated(self.mesh))
     self.state_sharding = jax.tree.map(lambda x: x.sharding, self.abstract_state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.rendering = input_pipeline.rendering(config)
