@@ -11,23 +11,20 @@
 #              process start to the first step), a profile of three train steps (time per
 #              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
 #              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
-#   strided_b32  bf16 batch 32, cold, with the up-convolutions' kernel gradients written as
-#              the stride-2 convolution's they are the adjoint of
-#              (model.up_conv=transpose_strided_grads): cuDNN kernel gradients instead of
-#              forward convolutions with image-sized windows (9.7 ms of a 60 ms step)
-#   parallel_b32  bf16 batch 32, cold, with XLA's GPU code generation split into parallel
-#              modules (--xla_gpu_enable_llvm_module_compilation_parallelism; off by default)
-#   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
-#              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
-#              and point TFDS_DATA_DIR at it)
+#   autotune   bf16 batch 32, cold, at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
+#              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step):
+#              autotuning is 37-39 s of XLA's ~67 s (the compile profile's config-assigner)
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
 #              first step (a cold start; a restart in the same workdir)
-#   phases_b32 bf16 batch 32 with the up-convolutions as four phase convolutions (up_conv=phases):
-#              their kernel gradients as small stride-1 convolutions
+#   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
+#              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
+#              and point TFDS_DATA_DIR at it)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
-#   autotune   bf16 batch 32 at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
-#              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
+#   transpose_b32  bf16 batch 32, cold, with each up-convolution as one conv_transpose
+#              (model.up_conv=transpose; 'auto' builds the phase convolutions on GPUs)
+#   strided_b32  the same with the conv_transpose's kernel gradients written as the stride-2
+#              convolution's it is the adjoint of (model.up_conv=transpose_strided_grads)
 #   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
 #   bf16_b4    bf16 batch 4
 #   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
@@ -120,17 +117,9 @@ run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
 # The trace and the compiled program come back where they are small enough.
 find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
   -exec cp {} "$out" \; 2>/dev/null
-run strided_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=transpose_strided_grads "$(compile_profile strided_b32)" \
-  --output="$work/strided_b32.json"
-run parallel_b32 200 env \
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_llvm_module_compilation_parallelism=true" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  "$(compile_profile parallel_b32)" --output="$work/parallel_b32.json"
-run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
-  --config.num_train_steps=20 --config.checkpoint_every_steps=10
-run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
-  cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
+run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$(compile_profile autotune)" \
+  --output="$work/autotune.json"
 # RESTART_MODEL: the model and batch of train_restart (the rehearsal on a CPU makes it small).
 restart_train=(python3 train.py --config=configs/smoke.py --workdir="$work/restart"
   ${RESTART_MODEL:---config.model.block_sizes=(6,12,24,16) --config.model.growth_rate=32
@@ -154,12 +143,18 @@ json.dump({"cold_first_step_s": first_step_s("restart_cold.log"),
           open(f"{work}/train_restart.json", "w"))
 PY
   exit $status' "$work" "${restart_train[@]}"
-run phases_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=phases "$(compile_profile phases_b32)" --output="$work/phases_b32.json"
+run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
+  --config.num_train_steps=20 --config.checkpoint_every_steps=10
+run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
+  cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
   --torch_modes=float32 --output="$work/f32_b4.json"
-run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --output="$work/autotune.json"
+run transpose_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.up_conv=transpose "$(compile_profile transpose_b32)" \
+  --output="$work/transpose_b32.json"
+run strided_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --config.model.up_conv=transpose_strided_grads "$(compile_profile strided_b32)" \
+  --output="$work/strided_b32.json"
 run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   --config.model.dense_block=scan --output="$work/scan_b32.json"
 run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \

@@ -213,7 +213,7 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
     next(it)
   elapsed = time.perf_counter() - start
   return {'source': name, 'examples_per_s': num_batches * config.batch_size / elapsed,
-          'num_threads': config.dataset.num_threads, 'num_workers': config.dataset.num_workers}
+          'num_threads': input_pipeline.preprocessing_threads(config), 'num_workers': config.dataset.num_workers}
 
 
 def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, profile_dir: str,

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import math
+import os
 
 import grain
 import jax
@@ -282,6 +283,13 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
+def preprocessing_threads(config: ml_collections.ConfigDict) -> int:
+  """``config.dataset.num_threads``, or one per host core: on a 16-core GPU host 4 threads gave
+  490 examples/s of NYU-sized preprocessing, fewer than a bf16 batch-32 step trains (it scales
+  with cores: PIL's resizing, most of the work, releases the GIL)."""
+  return config.dataset.num_threads or os.cpu_count()
+
+
 def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIterator:
   """An endless, shuffled (reshuffled every epoch), augmented iterator of local batches."""
   if len(source) < config.batch_size:
@@ -293,7 +301,7 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   ds = ds.random_map(_RandomPreprocess(preprocess(
       config, hflip=config.dataset.hflip, color_jitter=config.dataset.color_jitter)))
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.dataset.num_threads,
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=preprocessing_threads(config),
                                             prefetch_buffer_size=config.dataset.prefetch))
   if config.dataset.num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.dataset.num_workers))

@@ -12,25 +12,23 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
              SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
              TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4',
-             ONLY='platform bf16_b32 restart strided_b32 parallel_b32 smoke_train smoke_eval '
-                  'train_restart')
+             ONLY='platform bf16_b32 restart autotune train_restart smoke_train smoke_eval '
+                  'transpose_b32')
   subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
                  capture_output=True)
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   log = (tmp_path / 'out' / 'log.txt').read_text()
   ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
-  assert ran == {'platform', 'bf16_b32', 'restart', 'strided_b32', 'parallel_b32', 'smoke_train',
-                 'smoke_eval', 'train_restart'}, (
-      log[-3000:])
+  assert ran == {'platform', 'bf16_b32', 'restart', 'autotune', 'train_restart', 'smoke_train',
+                 'smoke_eval', 'transpose_b32'}, log[-3000:]
   assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
-      'phases_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest', 'autotune'}
+      'strided_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest'}
   cold, restart = results['bf16_b32'], results['restart']
   assert cold['config']['dtype'] == 'bfloat16' and cold['jax']['train']['images_per_s'] > 0
-  assert results['strided_b32']['config']['model']['up_conv'] == 'transpose_strided_grads'
-  assert ('--xla_gpu_enable_llvm_module_compilation_parallelism=true'
-          in results['parallel_b32']['machine']['xla_flags'])
+  assert results['transpose_b32']['config']['model']['up_conv'] == 'transpose'
+  assert '--xla_gpu_autotune_level=2' in results['autotune']['machine']['xla_flags']
   # Each cold compile is profiled: XLA's phases by time (on the CPU, its CPU compiler's).
-  for name in ('bf16_b32', 'strided_b32', 'parallel_b32'):
+  for name in ('bf16_b32', 'autotune', 'transpose_b32'):
     phases = results[name]['jax']['compile_profile']
     assert any('Compiler' in phase['name'] for phase in phases), phases[:10]
   # The restart loads the programs that the cold run left in the cache, is profiled and

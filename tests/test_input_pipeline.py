@@ -2,6 +2,7 @@
 cameras, blur maps and rendering the inputs with another camera."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -52,14 +53,18 @@ def test_flip_and_colour_jitter_apply_identically_to_all_targets():
 
 
 def test_train_iterator_shuffles_batches_and_resumes_from_its_state():
+  """Also with another number of preprocessing threads (a run resumed on another host)."""
   config = tiny_config('unused', batch_size=4)
   config.dataset.image_size = (8, 12)
+  config.dataset.num_threads = 0
+  assert input_pipeline.preprocessing_threads(config) == os.cpu_count()  # one per host core
   source = fake_source(10)
   it = input_pipeline.train_iterator(config, source)
   first = [next(it) for _ in range(3)]
   assert first[0]['image'].shape == (4, 8, 12, 3) and first[0]['depth'].shape == (4, 8, 12)
   state = json.loads(json.dumps(it.get_state()))  # what the checkpoint stores
   expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (10 examples)
+  config.dataset.num_threads = os.cpu_count() + 1
   resumed = input_pipeline.train_iterator(config, source)
   resumed.set_state(state)
   for a, b in zip(expected, [next(resumed) for _ in range(4)]):

@@ -29,13 +29,16 @@ def _pointwise_convs(config):
 def test_gpu_and_tpu_programs_have_one_conv_per_pass_and_no_cpu_paths():
   counts, convs, up_convs = _lowered()
   # Forward, kernel gradient and input gradient of every convolution; the first one's input
-  # (the image) needs no gradient. An up-convolution is one conv_transpose there. On GPUs the
-  # 1x1 convolutions are matrix products.
+  # (the image) needs no gradient. An up-convolution is one conv_transpose on TPUs; on GPUs four
+  # phase convolutions (and their kernel gradients) with a one-convolution input gradient, and
+  # the 1x1 convolutions are matrix products.
   pointwise = _pointwise_convs(tiny_config('unused'))
   for platform in lowering.PLATFORMS:
-    convs_here = convs - (pointwise if platform == 'cuda' else 0)
-    train = 3 * (convs_here + up_convs) - 1
-    for program, expected in (('train', train), ('eval', convs_here + up_convs)):
+    gpu = platform == 'cuda'
+    convs_here = convs - (pointwise if gpu else 0)
+    train = 3 * (convs_here + up_convs) - 1 + (6 * up_convs if gpu else 0)
+    eval_ = convs_here + up_convs + (3 * up_convs if gpu else 0)
+    for program, expected in (('train', train), ('eval', eval_)):
       c = counts[program][platform]
       assert c['convolutions'] == expected, (program, platform)
       assert c['distinct_convolutions'] <= expected

@@ -527,12 +527,12 @@ def _formulations(model):
 
 
 def test_auto_formulations_are_the_platforms():
-  """'auto' builds the CPU formulations for the CPU (the default backend here), XLA's own with
-  the 1x1 convolutions as matrix products for GPUs, XLA's own for TPUs; a named formulation is
-  built for every platform."""
+  """'auto' builds the CPU formulations for the CPU (the default backend here), XLA's own
+  convolution gradients with the up-convolutions as phases and the 1x1 convolutions as matrix
+  products for GPUs, XLA's own for TPUs; a named formulation is built for every platform."""
   config = models.model_config('tiny')
   cpu = ({layers.conv_with_nhwc_gradients}, {'phases'})
-  gpu = ({jax.lax.conv_general_dilated, layers.pointwise_conv_as_dot}, {'transpose'})
+  gpu = ({jax.lax.conv_general_dilated, layers.pointwise_conv_as_dot}, {'phases'})
   xla = ({jax.lax.conv_general_dilated}, {'transpose'})
   assert _formulations(models.create_model(config)) == cpu
   assert _formulations(models.create_model(config, platform='cpu')) == cpu

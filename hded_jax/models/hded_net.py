@@ -54,8 +54,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # instead of once per layer (faster compile; docs/performance.md).
       dense_block='unrolled',
       # How the same function is computed (layers.formulations), chosen when the model is built
-      # for the platform it runs on. The decoders' up-convolutions: 'auto' (one conv_transpose
-      # on GPU and TPU, four phase convolutions on CPU, as measured), 'transpose' or 'phases'.
+      # for the platform it runs on. The decoders' up-convolutions: 'auto' (four phase
+      # convolutions on CPU and GPU, one conv_transpose on TPU), 'phases', 'transpose' or
+      # 'transpose_strided_grads' (layers.UP_CONVS).
       up_conv='auto',
       # The gradients of the stride-1 convolutions: 'auto' (XLA's own on GPU and TPU, NHWC
       # convolutions moving the fewer channels on CPU, as measured), 'xla' or 'nhwc'.
