@@ -17,6 +17,10 @@
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
 #              first step (a cold start; a restart in the same workdir)
+#   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
+#              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
+#              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
+#              bf16 step trains
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
 #              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
 #              and point TFDS_DATA_DIR at it)
@@ -134,15 +138,34 @@ run train_restart 240 sh -c '
   python3 - "$0" <<"PY"
 import json, re, sys
 work = sys.argv[1]
-def first_step_s(log):
-  found = re.findall(r"Step \d+ done ([0-9.]+) s after the process started",
+def first_step(log):
+  # "Step N done T s after the process started: PART S s, PART S s, ...; XLA ... in S s ..."
+  found = re.findall(r"Step \d+ done ([0-9.]+) s after the process started: ([^;]*);",
                      open(f"{work}/{log}").read())
-  return float(found[0]) if found else None
-json.dump({"cold_first_step_s": first_step_s("restart_cold.log"),
-           "restart_first_step_s": first_step_s("restart_resumed.log")},
-          open(f"{work}/train_restart.json", "w"))
+  if not found:
+    return None, None
+  parts = re.findall(r"([a-zA-Z ,-]+?) ([0-9.]+) s(?:, |$)", found[0][1])
+  return float(found[0][0]), {what: float(s) for what, s in parts}
+results = {}
+for run, log in (("cold", "restart_cold.log"), ("restart", "restart_resumed.log")):
+  results[f"{run}_first_step_s"], results[f"{run}_parts_s"] = first_step(log)
+json.dump(results, open(f"{work}/train_restart.json", "w"))
 PY
   exit $status' "$work" "${restart_train[@]}"
+run pipeline 120 sh -c '
+  workers_list=$1
+  shift
+  for workers in 0 $workers_list; do
+    threads=$(( workers ? 2 : 0 ))
+    "$@" --pipeline_only --config.dataset.num_workers=$workers \
+      --config.dataset.num_threads=$threads --output="$0/pipeline_$workers.json" || exit
+  done
+  python3 - "$0" $workers_list <<"PY"
+import json, sys
+work, workers = sys.argv[1], [0, *sys.argv[2:]]
+json.dump({f"workers_{w}": json.load(open(f"{work}/pipeline_{w}.json"))["pipeline"]
+           for w in workers}, open(f"{work}/pipeline.json", "w"))
+PY' "$work" "${PIPELINE_WORKERS:-4 8}" "${bench[@]}" --batch_size="$big"
 run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&

@@ -23,6 +23,8 @@ flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype; defaul
 flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (the median is reported).')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps before the timed ones.')
 flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed from the input pipeline.')
+flags.DEFINE_bool('pipeline_only', False, 'Time only the input pipeline (the config\'s '
+                  'dataset.num_threads and dataset.num_workers): nothing is compiled.')
 flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same device (needs the '
                   'torch extra; on CUDA set XLA_PYTHON_CLIENT_PREALLOCATE=false to share memory).')
 flags.DEFINE_list('torch_modes', None, 'PyTorch modes to time (default: all the device has: '
@@ -69,7 +71,7 @@ def main(argv):
       compile_profile_dir=(FLAGS.compile_profile_dir
                            and os.path.abspath(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
-      output=FLAGS.output)
+      pipeline_only=FLAGS.pipeline_only, output=FLAGS.output)
   print(benchmark_lib.format_table(results))
 
 

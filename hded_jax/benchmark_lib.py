@@ -213,7 +213,8 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
     next(it)
   elapsed = time.perf_counter() - start
   return {'source': name, 'examples_per_s': num_batches * config.batch_size / elapsed,
-          'num_threads': input_pipeline.preprocessing_threads(config), 'num_workers': config.dataset.num_workers}
+          'num_threads': input_pipeline.preprocessing_threads(config),
+          'num_workers': config.dataset.num_workers}
 
 
 def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, profile_dir: str,
@@ -537,10 +538,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   rendering: bool = False, op_counts: bool = False,
                   profile_dir: str | None = None, compile_profile_dir: str | None = None,
                   max_busy_cores: float = 0.5, max_wait: float = 180.0,
-                  output: str | None = None) -> dict:
+                  pipeline_only: bool = False, output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
-  is stopped (a time limit on a lent machine) keeps what it measured."""
+  is stopped (a time limit on a lent machine) keeps what it measured. ``pipeline_only``: the
+  input pipeline alone (is it faster than the step?), nothing compiled."""
   h, w = config.dataset.image_size
   results = {
       'config': {'model': config.model.to_dict(),
@@ -556,6 +558,10 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
       with open(output, 'w') as f:
         json.dump(results, f, indent=2, default=str)
 
+  if pipeline_only:
+    results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
+    save()
+    return results
   if op_counts:
     results['lowered'] = lowered_op_counts(config)
     save()
@@ -588,6 +594,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
 def format_table(results: Mapping) -> str:
   """A text table of the headline figures."""
   cfg = results['config']
+  pipe = results['pipeline']
+  pipeline = (f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]}; '
+              f'{pipe["num_threads"]} threads, {pipe["num_workers"]} worker processes)')
+  if 'jax' not in results:  # pipeline_only
+    return pipeline
   rows = [f'{cfg["image_size"][0]}x{cfg["image_size"][1]}, batch {cfg["batch_size"]}, '
           f'{results["jax"]["backend"]} ({results["jax"]["device"]}, '
           f'{results["machine"]["cpu_count"]} CPUs)',
@@ -614,8 +625,7 @@ def format_table(results: Mapping) -> str:
                 f'{render["sigma_tolerance"]}): {render["median_s"]:.3f} s per batch, adds '
                 f'{100 * render["overhead"]:.1f}% to the train step without it; compiled in '
                 f'{render["compile_s"]:.1f} s')
-  pipe = results['pipeline']
-  rows.append(f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]})')
+  rows.append(pipeline)
   for program, by_platform in results.get('lowered', {}).items():
     rows.append(f'{program} lowered: ' + '; '.join(
         f'{platform} {c["ops"]} ops, {c["convolutions"]} convolutions '

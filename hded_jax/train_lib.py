@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 from absl import logging
 from clu import metric_writers
@@ -230,6 +231,35 @@ class PreemptionHandler:
       signal.signal(signum, previous)
 
 
+class StartupClock:
+  """Where a start's seconds go until the first step ends: the parts that run one after another
+  on the main thread, and XLA's compile (or cache read) beside them, for the first step's log
+  line (a restart's cost, part by part)."""
+
+  def __init__(self):
+    self._last = time.perf_counter()
+    age = runtime.process_age_s()
+    self._parts = [('imports and set-up', age)] if age is not None else []
+    self._compile = []  # [start, end] of the background compile.
+
+  def lap(self, what: str) -> None:
+    """The time since the last lap was spent on ``what``."""
+    now = time.perf_counter()
+    self._parts.append((what, now - self._last))
+    self._last = now
+
+  def time_compile(self, compiling: futures.Future) -> None:
+    self._compile = [time.perf_counter()]
+    compiling.add_done_callback(lambda _: self._compile.append(time.perf_counter()))
+
+  def summary(self) -> str:
+    parts = ', '.join(f'{what} {seconds:.1f} s' for what, seconds in self._parts)
+    if len(self._compile) == 2:
+      parts += (f'; XLA compiled the step or read it from the cache in '
+                f'{self._compile[1] - self._compile[0]:.1f} s beside them')
+    return parts
+
+
 class MetricsBuffer:
   """Fetches each step's metrics once the next step is dispatched, so the host never waits for
   the device; ``check`` sees every step's values as they arrive."""
@@ -319,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
                              'missing).')
+  clock = StartupClock()
   writer = runtime.metric_writer(workdir)
   source = input_pipeline.data_source(config, config.dataset.train_split)
   trainer = Trainer(config, len(source))
@@ -335,12 +366,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     def compile_step():
       if not compiling:
+        clock.lap('data, model and checkpoint config')
         compiling.append(trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
+        clock.lap('tracing and lowering the step')
+        clock.time_compile(compiling[0])
 
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
-    compiling[0].result()  # XLA's error, if it failed.
     first_step = int(state.step)
+    clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
+    compiling[0].result()  # XLA's error, if it failed.
+    clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
                  config.batch_size)
@@ -372,9 +408,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           metrics_buffer.add(step, metrics)
           if step == first_step + 1:
             jax.block_until_ready(metrics)
-            logging.info('Step %d done %.1f s after the process started (imports, set-up, '
-                         'restoring, tracing, compiling or reading the compilation cache).',
-                         step, runtime.process_age_s() or float('nan'))
+            clock.lap('the first batch and step')
+            logging.info('Step %d done %.1f s after the process started: %s.', step,
+                         runtime.process_age_s() or float('nan'), clock.summary())
           for hook in hooks:
             hook(step)
           is_last = step == trainer.num_steps

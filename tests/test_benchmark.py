@@ -2,12 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
+from tests.conftest import REPO
 from tests.conftest import tiny_config
 
 
@@ -56,6 +59,23 @@ def test_benchmark_writes_every_figure(tmp_path):
 
 
 
+def test_pipeline_only_times_the_input_pipeline_with_worker_processes(tmp_path):
+  """``--pipeline_only`` on the command line (grain's worker processes need its parsed flags):
+  the pipeline alone, nothing compiled."""
+  output = tmp_path / 'pipeline.json'
+  run = subprocess.run(
+      [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/nyu.py', '--pipeline_only',
+       f'--config.dataset.data_dir={tmp_path / "tfds"}', '--config.batch_size=2',
+       '--config.dataset.num_workers=1', '--config.dataset.num_threads=1',
+       '--pipeline_batches=3', f'--output={output}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = json.loads(output.read_text())
+  assert 'jax' not in results and _positive(results['pipeline']['examples_per_s'])
+  assert results['pipeline']['num_workers'] == 1 and results['pipeline']['num_threads'] == 1
+  assert '1 threads, 1 worker processes' in run.stdout
+
+
 def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
   config = tiny_config(str(tmp_path / 'tfds'), batch_size=2)
   jx = benchmark_lib.benchmark_jax(config, steps=1, warmup=0, max_busy_cores=1e9,
@@ -69,7 +89,7 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
   assert 'rendering the inputs (clean' in benchmark_lib.format_table(
       {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},
        'machine': {'cpu_count': 2}, 'jax': jx,
-       'pipeline': {'examples_per_s': 1.0, 'source': 'x'}})
+       'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
 
 
 def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir):

@@ -11,16 +11,16 @@ from tests.conftest import REPO
 def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir, tmp_path):
   env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
              SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
-             TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4',
-             ONLY='platform bf16_b32 restart autotune train_restart smoke_train smoke_eval '
-                  'transpose_b32')
+             TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
+             ONLY='platform bf16_b32 restart autotune train_restart pipeline smoke_train '
+                  'smoke_eval transpose_b32')
   subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
                  capture_output=True)
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   log = (tmp_path / 'out' / 'log.txt').read_text()
   ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
-  assert ran == {'platform', 'bf16_b32', 'restart', 'autotune', 'train_restart', 'smoke_train',
-                 'smoke_eval', 'transpose_b32'}, log[-3000:]
+  assert ran == {'platform', 'bf16_b32', 'restart', 'autotune', 'train_restart', 'pipeline',
+                 'smoke_train', 'smoke_eval', 'transpose_b32'}, log[-3000:]
   assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
       'strided_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest'}
   cold, restart = results['bf16_b32'], results['restart']
@@ -43,3 +43,9 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   # train.py started cold, then resumed in the same workdir: each one's first step timed.
   restarts = results['train_restart']
   assert 0 < restarts['restart_first_step_s'] < restarts['cold_first_step_s'] < 600, restarts
+  assert 'restoring the checkpoint' in restarts['restart_parts_s'], restarts
+  assert 'drawing the initial state' in restarts['cold_parts_s'], restarts
+  # The input pipeline alone, with threads and with worker processes.
+  pipelines = {k: v for k, v in results['pipeline'].items() if k.startswith('workers_')}
+  assert {k: p['num_workers'] for k, p in pipelines.items()} == {'workers_0': 0, 'workers_1': 1}
+  assert all(p['examples_per_s'] > 0 for p in pipelines.values())

@@ -53,14 +53,29 @@ def assert_step_compiled_in_the_background_only(caplog):
           any(name.startswith('compile_train_step') for name in threads)), threads
 
 
+def startup_parts(caplog, step: int) -> dict[str, float]:
+  """The parts of the start-up that the latest log line of ``step``, a run's first, names;
+  checks that they add up to the seconds since the process started."""
+  line = [r.getMessage() for r in caplog.records
+          if r.getMessage().startswith(f'Step {step} done ')][-1]
+  total, parts = re.fullmatch(r'Step \d+ done ([0-9.]+) s after the process started: (.*)\; '
+                              r'XLA compiled .* in [0-9.]+ s beside them\.', line).groups()
+  parts = {what: float(s) for what, s in re.findall(r'([a-zA-Z ,-]+?) ([0-9.]+) s(?:, |$)',
+                                                     parts)}
+  assert abs(sum(parts.values()) - float(total)) < 0.1 * len(parts), line
+  return parts
+
+
 def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, caplog,
                                                   monkeypatch):
   """An interrupted run, rerun with the same command, ends where an uninterrupted one does:
   the step count, optimizer state, dropout keys and data order all continue.
 
   Also: the resumed run draws no initial weights, and compiles its step once, in the
-  background while the checkpoint restores (for the batch the pipeline gives)."""
-  caplog.set_level('DEBUG', logger='jax._src.dispatch')
+  background while the checkpoint restores (for the batch the pipeline gives); each run's first
+  step says where the seconds since the process started went."""
+  caplog.set_level('INFO', logger='absl')
+  caplog.set_level('DEBUG', logger='jax._src.dispatch')  # Last: the capturing handler's level.
   initial_states = []
   initial_state = train_lib.Trainer.initial_state
   monkeypatch.setattr(train_lib.Trainer, 'initial_state',
@@ -74,11 +89,16 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, capl
                                        resumed_dir)
   assert int(first.step) == 3 and steps_in(resumed_dir) == [2, 3]
   assert len(initial_states) == 2
+  assert 'drawing the initial state' in startup_parts(caplog, 1)
   caplog.clear()
   resumed = train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6),
                                          resumed_dir)
   assert len(initial_states) == 2
   assert_step_compiled_in_the_background_only(caplog)
+  parts = startup_parts(caplog, 4)
+  assert list(parts) == ['imports and set-up', 'data, model and checkpoint config',
+                         'tracing and lowering the step', 'restoring the checkpoint',
+                         'waiting for XLA', 'the first batch and step'], parts
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
 
