@@ -11,12 +11,9 @@
 #              process start to the first step), a profile of three train steps (time per
 #              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
 #              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
-#   autotune   bf16 batch 32, cold, at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
-#              correctness checks; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step):
-#              autotuning is 37-39 s of XLA's ~67 s (the compile profile's config-assigner)
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
-#              first step (a cold start; a restart in the same workdir)
+#              first step, part by part (a cold start; a restart in the same workdir)
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
@@ -24,16 +21,20 @@
 #   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
 #              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
 #              and point TFDS_DATA_DIR at it)
+#   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
+#              bf16_b32's compilation cache)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
+#   bf16_b4    bf16 batch 4
 #   transpose_b32  bf16 batch 32, cold, with each up-convolution as one conv_transpose
 #              (model.up_conv=transpose; 'auto' builds the phase convolutions on GPUs)
 #   strided_b32  the same with the conv_transpose's kernel gradients written as the stride-2
 #              convolution's it is the adjoint of (model.up_conv=transpose_strided_grads)
 #   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
-#   bf16_b4    bf16 batch 4
+#   autotune   bf16 batch 32, cold, at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
+#              correctness checks; on the H200 XLA's compile 66.0 -> 65.3 s, the step 2%
+#              slower; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
 #   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
 #              the config's dataset does, beside a small model: its compile and time per batch
-#   largest    the largest bf16 batch that fits, with and without remat
 # Results go to $OUT (the device tool's folder) or benchmark_results/gpu: results.json (every
 # step's figures and exit status, rewritten after each step, so a cut-off run keeps what it got)
 # and log.txt. A step that hangs is stopped with SIGABRT, so faulthandler prints where it was.
@@ -121,9 +122,6 @@ run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
 # The trace and the compiled program come back where they are small enough.
 find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
   -exec cp {} "$out" \; 2>/dev/null
-run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$(compile_profile autotune)" \
-  --output="$work/autotune.json"
 # RESTART_MODEL: the model and batch of train_restart (the rehearsal on a CPU makes it small).
 restart_train=(python3 train.py --config=configs/smoke.py --workdir="$work/restart"
   ${RESTART_MODEL:---config.model.block_sizes=(6,12,24,16) --config.model.growth_rate=32
@@ -170,8 +168,13 @@ run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/s
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
   cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
+run largest 200 env XLA_FLAGS="$(autotune_log bf16_b32)" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
+  --cache_dir="$work/cache" --output="$work/largest.json"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
   --torch_modes=float32 --output="$work/f32_b4.json"
+run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
+  --output="$work/bf16_b4.json"
 run transpose_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   --config.model.up_conv=transpose "$(compile_profile transpose_b32)" \
   --output="$work/transpose_b32.json"
@@ -180,12 +183,11 @@ run strided_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=1
   --output="$work/strided_b32.json"
 run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   --config.model.dense_block=scan --output="$work/scan_b32.json"
-run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
-  --output="$work/bf16_b4.json"
+run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$(compile_profile autotune)" \
+  --output="$work/autotune.json"
 run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \
   --config.model.block_sizes="(1, 1, 1, 1)" --config.model.growth_rate=8 \
   --config.model.num_init_features=16 --output="$work/rendering.json"
-run largest 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
-  --output="$work/largest.json"
 gzip -f "$out"/autotune_log_*.txt 2>/dev/null
 echo "results in $out: $(ls "$out" | tr '\n' ' ')"

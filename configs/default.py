@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
       image_size=(256, 256),  # Resized, aspect not kept, as the authors did.
       hflip=True,
       color_jitter=0.0,
-      num_threads=0,  # Preprocessing threads; 0 = one per host core.
+      num_threads=0,  # Preprocessing threads; 0 = one per host core, at most 16.
       prefetch=8,
       num_workers=0,  # >0: grain worker processes for preprocessing.
       # Evaluation: depth range of valid ground truth, and where depth is scored (a name from
