@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
       hflip=True,
       color_jitter=0.0,
       num_threads=0,  # Preprocessing threads; 0 = one per host core, at most 16.
-      prefetch=8,
+      prefetch=8,  # Batches prepared ahead (at least one per thread).
       num_workers=0,  # >0: grain worker processes for preprocessing.
       # Evaluation: depth range of valid ground truth, and where depth is scored (a name from
       # hded_jax.metrics.EVAL_PROTOCOLS, written beside every metric).

@@ -306,8 +306,11 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   ds = ds.random_map(_RandomPreprocess(preprocess(
       config, hflip=config.dataset.hflip, color_jitter=config.dataset.color_jitter)))
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=preprocessing_threads(config),
-                                            prefetch_buffer_size=config.dataset.prefetch))
+  # Each thread prepares a whole batch, and only the batches in the buffer are being prepared:
+  # a buffer smaller than the threads would leave some idle.
+  threads = preprocessing_threads(config)
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(config.dataset.prefetch, threads)))
   if config.dataset.num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.dataset.num_workers))
   return iter(it)

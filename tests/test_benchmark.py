@@ -37,6 +37,10 @@ def test_benchmark_writes_every_figure(tmp_path):
       assert _positive(r[key]), (name, key, r[key])
     assert r['min_s'] <= r['median_s'] <= r['max_s']
     assert math.isclose(r['images_per_s'], 2 / r['median_s'])
+  # Steps dispatched back to back, as training runs them, on both sides.
+  for r in (jx['train'], results['torch']['float32']['train']):
+    assert _positive(r['pipelined_s'])
+    assert math.isclose(r['pipelined_images_per_s'], 2 / r['pipelined_s'])
     assert r['load']['other_busy_cores'] >= 0 and r['load']['loadavg_1min'] >= 0
   # Backward is about twice the forward's work, and training runs forward in train mode too.
   assert 2 * jx['eval']['flops'] < jx['train']['flops'] < 6 * jx['eval']['flops']
@@ -52,9 +56,12 @@ def test_benchmark_writes_every_figure(tmp_path):
   torch_train = results['torch']['float32']['train']
   assert math.isclose(results['jax_vs_torch']['train_vs_float32'],
                       jx['train']['images_per_s'] / torch_train['images_per_s'])
+  assert math.isclose(results['jax_vs_torch']['train_pipelined_vs_float32'],
+                      jx['train']['pipelined_images_per_s'] / torch_train['pipelined_images_per_s'])
 
   table = benchmark_lib.format_table(returned)
-  for text in ('jax float32 train', 'jax float32 eval', 'torch float32 train', 'input pipeline'):
+  for text in ('jax float32 train', 'jax float32 eval', 'torch float32 train', 'input pipeline',
+               'dispatched back to back: jax'):
     assert text in table
 
 

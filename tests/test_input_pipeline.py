@@ -3,6 +3,8 @@ cameras, blur maps and rendering the inputs with another camera."""
 
 import json
 import os
+import threading
+import time
 
 import jax
 import numpy as np
@@ -73,6 +75,32 @@ def test_train_iterator_shuffles_batches_and_resumes_from_its_state():
       np.testing.assert_array_equal(a[k], b[k])
   seen = np.concatenate([b['image'] for b in first[:2]])  # 8 examples of epoch 1: distinct
   assert len({x.tobytes() for x in seen}) == 8
+
+
+def test_every_preprocessing_thread_prepares_a_batch_with_a_small_prefetch(monkeypatch):
+  """A thread prepares a whole batch and only the buffer's batches are prepared: the buffer
+  holds at least one batch per thread."""
+  config = tiny_config('unused', batch_size=1)
+  config.dataset.image_size = (8, 12)
+  config.dataset.num_threads, config.dataset.prefetch = 4, 1
+  running, most = [0], [0]
+  lock = threading.Lock()
+  preprocess = input_pipeline.Preprocess.__call__
+
+  def slow_preprocess(self, example, rng=None):
+    with lock:
+      running[0] += 1
+      most[0] = max(most[0], running[0])
+    time.sleep(0.2)
+    with lock:
+      running[0] -= 1
+    return preprocess(self, example, rng)
+
+  monkeypatch.setattr(input_pipeline.Preprocess, '__call__', slow_preprocess)
+  it = input_pipeline.train_iterator(config, fake_source(10))
+  for _ in range(4):
+    next(it)
+  assert most[0] >= 4  # Without the larger buffer: 2.
 
 
 def test_eval_batches_cover_the_split_once_with_padding_masked():
