@@ -10,6 +10,7 @@ and eval steps render it (`Rendering`) from the AiF image and the depth.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
 import dataclasses
 import functools
 import math
@@ -320,19 +321,22 @@ def eval_batches(config: ml_collections.ConfigDict, source, num_examples: int | 
                  native_depth: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Local batches covering the split once, in order; padding carries ``example_mask`` 0.
 
-  Every process yields the same number of batches (processes must step together).
+  Every process yields the same number of batches (processes must step together). A batch's
+  examples are prepared by ``preprocessing_threads`` threads, as training's are.
   """
   prepare = preprocess(config, native_depth=native_depth)
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local = local_batch_size(config.eval_batch_size)
   global_size = local * jax.process_count()
-  for b in range(math.ceil(n / global_size)):
-    start = b * global_size + jax.process_index() * local
-    indices = range(start, start + local)
-    examples = [prepare(source[min(i, n - 1)]) for i in indices]
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    batch['example_mask'] = np.array([i < n for i in indices])
-    yield batch
+  with futures.ThreadPoolExecutor(preprocessing_threads(config),
+                                  thread_name_prefix='eval_preprocess') as pool:
+    for b in range(math.ceil(n / global_size)):
+      start = b * global_size + jax.process_index() * local
+      indices = range(start, start + local)
+      examples = list(pool.map(lambda i: prepare(source[min(i, n - 1)]), indices))
+      batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+      batch['example_mask'] = np.array([i < n for i in indices])
+      yield batch
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:

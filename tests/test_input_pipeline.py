@@ -115,6 +115,28 @@ def test_eval_batches_cover_the_split_once_with_padding_masked():
   assert len(list(input_pipeline.eval_batches(config, fake_source(10), num_examples=3))) == 1
 
 
+def test_eval_batches_are_prepared_by_threads_in_order(monkeypatch):
+  config = tiny_config('unused', eval_batch_size=4)
+  config.dataset.image_size = (8, 12)
+  config.dataset.num_threads = 1
+  one_thread = list(input_pipeline.eval_batches(config, fake_source(10)))
+  threads = set()
+  preprocess = input_pipeline.Preprocess.__call__
+
+  def recorded(self, example, rng=None):
+    threads.add(threading.current_thread().name)
+    time.sleep(0.01)  # So that every thread gets work.
+    return preprocess(self, example, rng)
+
+  monkeypatch.setattr(input_pipeline.Preprocess, '__call__', recorded)
+  config.dataset.num_threads = 3
+  for a, b in zip(one_thread, input_pipeline.eval_batches(config, fake_source(10)),
+                  strict=True):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert len(threads) == 3 and all(t.startswith('eval_preprocess') for t in threads), threads
+
+
 def test_too_small_split_and_unprepared_dataset_errors(tmp_path):
   config = tiny_config(str(tmp_path), batch_size=16)
   with pytest.raises(ValueError, match='fewer than batch_size=16'):
