@@ -142,7 +142,7 @@ def first_step(log):
                      open(f"{work}/{log}").read())
   if not found:
     return None, None
-  parts = re.findall(r"([a-zA-Z ,-]+?) ([0-9.]+) s(?:, |$)", found[0][1])
+  parts = re.findall(r"([a-zA-Z ,()-]+?) ([0-9.]+) s(?:, |$)", found[0][1])
   return float(found[0][0]), {what: float(s) for what, s in parts}
 results = {}
 for run, log in (("cold", "restart_cold.log"), ("restart", "restart_resumed.log")):

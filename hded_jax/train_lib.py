@@ -366,7 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     def compile_step():
       if not compiling:
-        clock.lap('data, model and checkpoint config')
+        clock.lap('the dataset (built if missing), model and checkpoint config')
         compiling.append(trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
         clock.lap('tracing and lowering the step')

@@ -60,7 +60,7 @@ def startup_parts(caplog, step: int) -> dict[str, float]:
           if r.getMessage().startswith(f'Step {step} done ')][-1]
   total, parts = re.fullmatch(r'Step \d+ done ([0-9.]+) s after the process started: (.*)\; '
                               r'XLA compiled .* in [0-9.]+ s beside them\.', line).groups()
-  parts = {what: float(s) for what, s in re.findall(r'([a-zA-Z ,-]+?) ([0-9.]+) s(?:, |$)',
+  parts = {what: float(s) for what, s in re.findall(r'([a-zA-Z ,()-]+?) ([0-9.]+) s(?:, |$)',
                                                      parts)}
   assert abs(sum(parts.values()) - float(total)) < 0.1 * len(parts), line
   return parts
@@ -96,7 +96,8 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, capl
   assert len(initial_states) == 2
   assert_step_compiled_in_the_background_only(caplog)
   parts = startup_parts(caplog, 4)
-  assert list(parts) == ['imports and set-up', 'data, model and checkpoint config',
+  assert list(parts) == ['imports and set-up',
+                         'the dataset (built if missing), model and checkpoint config',
                          'tracing and lowering the step', 'restoring the checkpoint',
                          'waiting for XLA', 'the first batch and step'], parts
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
