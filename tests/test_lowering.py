@@ -26,7 +26,7 @@ def _pointwise_convs(config):
              for _, node in nnx.iter_graph(models.create_model(config.model)))
 
 
-def test_gpu_and_tpu_programs_have_one_conv_per_pass_and_no_cpu_paths():
+def test_gpu_and_tpu_programs_have_their_platforms_convolutions_and_no_cpu_paths():
   counts, convs, up_convs = _lowered()
   # Forward, kernel gradient and input gradient of every convolution; the first one's input
   # (the image) needs no gradient. An up-convolution is one conv_transpose on TPUs; on GPUs four
