@@ -31,6 +31,7 @@ from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import losses
 from hded_jax import models
+from hded_jax import program_cache
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax.train_state import TrainState
@@ -131,6 +132,24 @@ def _abstract_train_state(model_config: ml_collections.ConfigDict, tx,
   return graphdef, eval_graphdef, layout
 
 
+# Config fields that only the training loop, evaluation or the input pipeline read: the train
+# step's program is the same whatever their values, so the program cache's key leaves them out
+# (a run resumed for more steps loads its step).
+_NOT_IN_THE_STEP = frozenset((
+    'num_epochs', 'num_train_steps', 'log_every_steps', 'profile_steps',
+    'checkpoint_every_steps', 'max_checkpoints_to_keep', 'eval_batch_size', 'eval_num_images',
+    'eval_num_examples', 'init_from', 'dataset.num_threads', 'dataset.prefetch',
+    'dataset.num_workers', 'dataset.data_dir', 'dataset.auto_prepare'))
+
+
+def step_settings(config: ml_collections.ConfigDict, train_size: int) -> dict:
+  """Everything the train step's program is built from besides the code and its arguments:
+  the config less `_NOT_IN_THE_STEP`, and the training split's size (the schedule's epochs)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {'config': sorted((k, repr(v)) for k, v in flat.items() if k not in _NOT_IN_THE_STEP),
+          'train_size': train_size}
+
+
 def same_state_layout(config: ml_collections.ConfigDict, state: TrainState) -> bool:
   """Whether ``config`` trains a state of ``state``'s structure and shapes (nothing runs)."""
   tx = make_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1.0))
@@ -149,6 +168,7 @@ class Trainer:
     """``platform``: the one the model's formulations are chosen for (``models.HDEDNet``);
     default the mesh's. Another one only to lower the step for it (``jax.export``)."""
     self.config = config
+    self.train_size = train_size
     self.mesh = sharding.make_mesh(config.mesh)
     self.platform = platform or self.mesh.devices.flat[0].platform
     self.num_steps = num_train_steps(config, train_size)
@@ -183,18 +203,37 @@ class Trainer:
     return jax.jit(functools.partial(_initial_state, tx=self.tx),
                    out_shardings=self.state_sharding)(params, batch_stats)
 
-  def compile_step_in_background(self, batch_spec) -> futures.Future:
-    """Lowers the step for ``batch_spec`` here and compiles it (or reads it from the
-    compilation cache) on another thread: XLA holds no GIL while it compiles, so a checkpoint
-    restores meanwhile, and the step's first call finds the program compiled. The future
-    holds the compiled step, or XLA's error."""
-    with jax.set_mesh(self.mesh):  # As the training loop calls the step.
-      lowered = self.step_fn.lower(self.abstract_state, batch_spec)
+  def compile_step_in_background(self, batch_spec) -> tuple[futures.Future, bool]:
+    """Starts making the step's program for ``batch_spec`` on another thread, so that a
+    checkpoint restores meanwhile and the step's first call finds it ready. From the program
+    cache (`program_cache`) where it holds this step: nothing traced. Otherwise lowered here
+    and compiled (or read from JAX's compilation cache) there, where XLA holds no GIL, then
+    kept in the program cache. Returns the future (the compiled step, or XLA's error) and
+    whether the program cache held the step."""
+    args = (self.abstract_state, batch_spec)
+    cached = program_cache.cached_program(
+        'train_step', args, **step_settings(self.config, self.train_size))
+    loading = bool(cached and cached.exists())
     executor = futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
-    compiled = executor.submit(lowered.compile)
+    if loading:
+      compiled = executor.submit(lambda: cached.load() or self._compile(self._lower(args), cached))
+    else:
+      compiled = executor.submit(self._compile, self._lower(args), cached)
     # Python still waits for the thread before it exits (after an error in the meantime too):
     # a process that exits while XLA compiles on another thread aborts.
     executor.shutdown(wait=False)
+    return compiled, loading
+
+  def _lower(self, args) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh):  # As the training loop calls the step.
+      return self.step_fn.lower(*args)
+
+  @staticmethod
+  def _compile(lowered: jax.stages.Lowered,
+               cached: program_cache.CachedProgram | None) -> jax.stages.Compiled:
+    compiled = lowered.compile()
+    if cached:
+      cached.save(compiled)
     return compiled
 
 
@@ -240,7 +279,7 @@ class StartupClock:
     self._last = time.perf_counter()
     age = runtime.process_age_s()
     self._parts = [('imports and set-up', age)] if age is not None else []
-    self._compile = []  # [start, end] of the background compile.
+    self._compile = []  # [what, start, end] of the work on the other thread.
 
   def lap(self, what: str) -> None:
     """The time since the last lap was spent on ``what``."""
@@ -248,15 +287,16 @@ class StartupClock:
     self._parts.append((what, now - self._last))
     self._last = now
 
-  def time_compile(self, compiling: futures.Future) -> None:
-    self._compile = [time.perf_counter()]
+  def time_compile(self, compiling: futures.Future, what: str) -> None:
+    """``what`` happens on another thread until ``compiling`` is done."""
+    self._compile = [what, time.perf_counter()]
     compiling.add_done_callback(lambda _: self._compile.append(time.perf_counter()))
 
   def summary(self) -> str:
     parts = ', '.join(f'{what} {seconds:.1f} s' for what, seconds in self._parts)
-    if len(self._compile) == 2:
-      parts += (f'; XLA compiled the step or read it from the cache in '
-                f'{self._compile[1] - self._compile[0]:.1f} s beside them')
+    if len(self._compile) == 3:
+      what, start, end = self._compile
+      parts += f'; {what} in {end - start:.1f} s beside them'
     return parts
 
 
@@ -367,15 +407,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     def compile_step():
       if not compiling:
         clock.lap('the dataset (built if missing), model and checkpoint config')
-        compiling.append(trainer.compile_step_in_background(
-            input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
-        clock.lap('tracing and lowering the step')
-        clock.time_compile(compiling[0])
+        future, loading = trainer.compile_step_in_background(
+            input_pipeline.batch_spec(config, source, trainer.batch_sharding))
+        compiling.append(future)
+        clock.lap('finding the step in the program cache' if loading
+                  else 'tracing and lowering the step')
+        clock.time_compile(future, 'loaded the step from the program cache' if loading
+                           else 'XLA compiled the step or read it from the cache')
 
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
     first_step = int(state.step)
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
-    compiling[0].result()  # XLA's error, if it failed.
+    # Called as it is: the jitted function would trace the step again.
+    train_step_program = compiling[0].result()  # Or XLA's error.
     clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
@@ -404,7 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if camera_log:
               camera_log.add(local_batch)
             batch = sharding.global_batch(local_batch, trainer.batch_sharding)
-            state, metrics = trainer.step_fn(state, batch)
+            state, metrics = train_step_program(state, batch)
           metrics_buffer.add(step, metrics)
           if step == first_step + 1:
             jax.block_until_ready(metrics)

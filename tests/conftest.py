@@ -4,6 +4,7 @@ a finished tiny run."""
 import os
 import shutil
 
+import jax
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
@@ -26,6 +27,15 @@ def compilation_cache(tmp_path_factory) -> str:
   cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
   runtime.enable_compilation_cache(cache_dir)
   return cache_dir
+
+
+@pytest.fixture
+def own_program_cache(tmp_path, compilation_cache) -> str:
+  """The directory of a program cache (`hded_jax.program_cache`) that only this test uses: the
+  programs that earlier tests kept would be loaded instead of compiled."""
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
+  yield str(tmp_path / 'jax_cache' / 'programs')
+  jax.config.update('jax_compilation_cache_dir', compilation_cache)
 
 
 @pytest.fixture(scope='session')
