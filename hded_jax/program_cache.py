@@ -25,6 +25,7 @@ import os
 import pathlib
 import pickle
 import platform
+import re
 import sys
 import tempfile
 
@@ -36,9 +37,13 @@ from jax.experimental import serialize_executable
 MAX_PROGRAMS = 8
 _SUFFIX = '.program'
 # Environment variables that JAX, XLA and their plugins read when they trace or compile.
-_ENV_PREFIXES = ('JAX_', 'XLA_', 'LIBTPU', 'TPU_', 'CUDA_', 'NVIDIA_', 'NCCL_', 'TF_XLA')
+_ENV_PREFIXES = ('JAX_', 'XLA_', 'LIBTPU', 'CUDA_', 'NVIDIA_', 'NCCL_', 'TF_XLA')
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 _PACKAGE_DIST = 'hded-jax'
+
+
+def _normalized(name: str) -> str:
+  return re.sub(r'[-_.]+', '-', name).lower()
 
 
 @functools.cache
@@ -48,11 +53,14 @@ def _installed_code() -> str | None:
   digest = hashlib.sha256()
   for path in sorted(_PACKAGE_DIR.rglob('*.py')):
     digest.update(str(path.relative_to(_PACKAGE_DIR)).encode() + b'\0' + path.read_bytes())
-  for dist in sorted(importlib.metadata.distributions(),
-                     key=lambda d: (d.metadata['Name'] or '', d.version)):
-    name = dist.metadata['Name'] or ''
+  # This project's own metadata (an editable install's, or the egg-info its source folder
+  # holds when that folder is on sys.path) adds nothing: its sources are above.
+  dists = [d for d in importlib.metadata.distributions()
+           if _normalized(d.metadata['Name'] or '') != _PACKAGE_DIST]
+  for dist in sorted(dists, key=lambda d: (_normalized(d.metadata['Name'] or ''), d.version)):
+    name = dist.metadata['Name']
     direct_url = json.loads(dist.read_text('direct_url.json') or '{}')
-    if direct_url.get('dir_info', {}).get('editable') and name != _PACKAGE_DIST:
+    if direct_url.get('dir_info', {}).get('editable'):
       logging.info('%s is installed editable: compiled programs are not cached.', name)
       return None
     digest.update(f'{name}=={dist.version}\n{dist.read_text("RECORD") or ""}'.encode())

@@ -96,8 +96,10 @@ def test_the_key_covers_the_package_sources_and_installed_distributions(
   base = digest(jax_dist)
   assert digest(distribution('jax', '1.0', 'jax/core.py,sha256=bbb,10\n')) != base
   assert digest(distribution('jax', '1.1', 'jax/core.py,sha256=aaa,10\n')) != base
-  # This project installed editable is covered by its sources; any other is not covered.
-  assert digest(jax_dist, distribution('hded-jax', '0.1', '', editable=True)) is not None
+  # This project's own metadata (editable, or the egg-info in its folder when that is on
+  # sys.path) is covered by its sources; any other editable install is not covered.
+  assert digest(jax_dist, distribution('hded-jax', '0.1', '', editable=True)) == base
+  assert digest(distribution('hded_jax', '0.1', 'hded_jax/x.py,,\n'), jax_dist) == base
   assert digest(jax_dist, distribution('flax', '0.1', '', editable=True)) is None
 
 
