@@ -3,14 +3,12 @@ train step instead of tracing and lowering it again.
 
 JAX's compilation cache is keyed by the lowered program, so every start traces and lowers the
 step before it can look there (4-7 s of a restart for the full model, docs/performance.md).
-The key here is a digest of everything the program is made from: this package's source, every
-installed distribution (its name, version and RECORD, which lists each of its files' hashes),
-JAX's settings, the environment variables JAX and XLA read, Python, the host's CPU, the
-devices, the program's arguments (shapes, dtypes, shardings) and the caller's settings (the
-config). Nothing is cached where that digest cannot cover the code: another distribution
-installed editable (no RECORD of its files) or several processes. What it cannot see is a
-file of an installed package edited in place: delete ``programs/`` in the compilation cache
-directory after doing that.
+The key here is a digest of everything the program is made from: this package's source, the
+files of the libraries that make programs (`_PROGRAM_LIBRARIES`: JAX, its plugins, Flax,
+Optax, NumPy...), JAX's settings, the environment variables JAX and XLA read, Python, the
+host's CPU, the devices, the program's arguments (shapes, dtypes, shardings) and the caller's
+settings (the config). Nothing is cached over several processes. A library outside that list
+is assumed not to change the program.
 
 A loaded file runs as code (pickle, then XLA's executable): keep the cache directory as
 private as the workdir.
@@ -19,15 +17,14 @@ private as the workdir.
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
-import json
+import importlib.util
 import os
 import pathlib
 import pickle
 import platform
-import re
 import sys
 import tempfile
+import threading
 
 from absl import logging
 import jax
@@ -39,31 +36,32 @@ _SUFFIX = '.program'
 # Environment variables that JAX, XLA and their plugins read when they trace or compile.
 _ENV_PREFIXES = ('JAX_', 'XLA_', 'LIBTPU', 'CUDA_', 'NVIDIA_', 'NCCL_', 'TF_XLA')
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-_PACKAGE_DIST = 'hded-jax'
-
-
-def _normalized(name: str) -> str:
-  return re.sub(r'[-_.]+', '-', name).lower()
+# The libraries whose code makes the traced and compiled programs, JAX's plugins and pip's CUDA
+# libraries included. Every file where each one is imported from is part of the key, by path,
+# size and modification time: installed from a wheel, editable or a checkout on PYTHONPATH,
+# and edited in place or not.
+_PROGRAM_LIBRARIES = ('jax', 'jaxlib', 'jax_plugins', 'jax_cuda12_plugin', 'jax_cuda12_pjrt',
+                      'jax_cuda13_plugin', 'jax_cuda13_pjrt', 'libtpu', 'nvidia', 'flax',
+                      'optax', 'chex', 'numpy', 'ml_dtypes', 'opt_einsum')
+_CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 
 @functools.cache
-def _installed_code() -> str | None:
-  """A digest of this package's sources and of every installed distribution; None where
-  another distribution is installed editable (its RECORD does not list its files)."""
+def _code() -> str:
+  """A digest of this package's sources and of `_PROGRAM_LIBRARIES`' files."""
   digest = hashlib.sha256()
   for path in sorted(_PACKAGE_DIR.rglob('*.py')):
     digest.update(str(path.relative_to(_PACKAGE_DIR)).encode() + b'\0' + path.read_bytes())
-  # This project's own metadata (an editable install's, or the egg-info its source folder
-  # holds when that folder is on sys.path) adds nothing: its sources are above.
-  dists = [d for d in importlib.metadata.distributions()
-           if _normalized(d.metadata['Name'] or '') != _PACKAGE_DIST]
-  for dist in sorted(dists, key=lambda d: (_normalized(d.metadata['Name'] or ''), d.version)):
-    name = dist.metadata['Name']
-    direct_url = json.loads(dist.read_text('direct_url.json') or '{}')
-    if direct_url.get('dir_info', {}).get('editable'):
-      logging.info('%s is installed editable: compiled programs are not cached.', name)
-      return None
-    digest.update(f'{name}=={dist.version}\n{dist.read_text("RECORD") or ""}'.encode())
+  for name in _PROGRAM_LIBRARIES:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+      continue
+    for location in spec.submodule_search_locations or [spec.origin]:
+      for root, dirs, files in os.walk(location):
+        dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+        for file in sorted(files):
+          stat = os.stat(os.path.join(root, file))
+          digest.update(f'{root}/{file} {stat.st_size} {stat.st_mtime_ns}\n'.encode())
   return digest.hexdigest()
 
 
@@ -80,13 +78,10 @@ def _spec(x) -> str:
   return f'{x.shape} {x.dtype} {getattr(x, "sharding", None)}'
 
 
-def _key(name: str, args, settings) -> str | None:
-  code = _installed_code()
-  if code is None:
-    return None
+def _key(name: str, args, settings) -> str:
   devices = jax.devices()
   parts = {
-      'name': name, 'code': code, 'python': sys.version, 'cpu': _host_cpu(),
+      'name': name, 'code': _code(), 'python': sys.version, 'cpu': _host_cpu(),
       'jax_config': sorted((k, repr(v)) for k, v in jax.config.values.items()),
       'environment': sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)),
       'devices': [devices[0].client.platform_version] + [
@@ -148,17 +143,38 @@ class CachedProgram:
       old.unlink(missing_ok=True)
 
 
+def compile_and_keep(lowered: jax.stages.Lowered,
+                     cached: CachedProgram | None) -> jax.stages.Compiled:
+  """``lowered`` compiled, and kept in ``cached`` where XLA compiled it rather than JAX reading
+  it from its compilation cache: such an executable does not serialise whole on XLA's CPU
+  backend (jaxlib 0.10.2: its loaded copy stops at the first step, 'Function
+  add_select_fusion.1 not found'). A restart then traces the step and reads it from JAX's
+  cache as before."""
+  thread = threading.get_ident()
+  hits = []
+
+  def note_cache_hit(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT_EVENT and threading.get_ident() == thread:
+      hits.append(event)
+
+  jax.monitoring.register_event_listener(note_cache_hit)
+  try:
+    compiled = lowered.compile()
+  finally:
+    jax.monitoring.unregister_event_listener(note_cache_hit)
+  if cached and not hits:
+    cached.save(compiled)
+  return compiled
+
+
 def cached_program(name: str, args, **settings) -> CachedProgram | None:
   """Where the program ``name`` compiled for ``args`` (arrays or ShapeDtypeStructs, with their
   shardings) and ``settings`` (everything else it is built from that the code does not fix,
   e.g. the config) is kept: ``programs/`` in JAX's compilation cache directory. None where
-  nothing is cached: no compilation cache set, several processes, or code the key cannot
-  cover."""
+  nothing is cached: no compilation cache set, or several processes."""
   cache_dir = jax.config.values.get('jax_compilation_cache_dir')
   if not cache_dir or jax.process_count() > 1:
     return None
   key = _key(name, args, settings)
-  if key is None:
-    return None
   return CachedProgram(os.path.join(cache_dir, 'programs', f'{name}-{key[:32]}{_SUFFIX}'),
                        args)

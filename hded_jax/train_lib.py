@@ -207,18 +207,19 @@ class Trainer:
     """Starts making the step's program for ``batch_spec`` on another thread, so that a
     checkpoint restores meanwhile and the step's first call finds it ready. From the program
     cache (`program_cache`) where it holds this step: nothing traced. Otherwise lowered here
-    and compiled (or read from JAX's compilation cache) there, where XLA holds no GIL, then
-    kept in the program cache. Returns the future (the compiled step, or XLA's error) and
-    whether the program cache held the step."""
+    and compiled (or read from JAX's compilation cache) there, where XLA holds no GIL, and
+    kept in the program cache when XLA compiled it. Returns the future (the compiled step, or
+    XLA's error) and whether the program cache held the step."""
     args = (self.abstract_state, batch_spec)
     cached = program_cache.cached_program(
         'train_step', args, **step_settings(self.config, self.train_size))
     loading = bool(cached and cached.exists())
     executor = futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
     if loading:
-      compiled = executor.submit(lambda: cached.load() or self._compile(self._lower(args), cached))
+      compiled = executor.submit(
+          lambda: cached.load() or program_cache.compile_and_keep(self._lower(args), cached))
     else:
-      compiled = executor.submit(self._compile, self._lower(args), cached)
+      compiled = executor.submit(program_cache.compile_and_keep, self._lower(args), cached)
     # Python still waits for the thread before it exits (after an error in the meantime too):
     # a process that exits while XLA compiles on another thread aborts.
     executor.shutdown(wait=False)
@@ -227,14 +228,6 @@ class Trainer:
   def _lower(self, args) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
       return self.step_fn.lower(*args)
-
-  @staticmethod
-  def _compile(lowered: jax.stages.Lowered,
-               cached: program_cache.CachedProgram | None) -> jax.stages.Compiled:
-    compiled = lowered.compile()
-    if cached:
-      cached.save(compiled)
-    return compiled
 
 
 class PreemptionHandler:
