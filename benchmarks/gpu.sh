@@ -13,7 +13,8 @@
 #              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
-#              first step, part by part (a cold start; a restart in the same workdir)
+#              first step, part by part (a cold start; a restart in the same workdir, which
+#              loads the step from the program cache instead of tracing it)
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
@@ -137,16 +138,19 @@ run train_restart 240 sh -c '
 import json, re, sys
 work = sys.argv[1]
 def first_step(log):
-  # "Step N done T s after the process started: PART S s, PART S s, ...; XLA ... in S s ..."
-  found = re.findall(r"Step \d+ done ([0-9.]+) s after the process started: ([^;]*);",
-                     open(f"{work}/{log}").read())
+  # "Step N done T s after the process started: PART S s, PART S s, ...; WHAT in S s beside
+  # them." (WHAT: XLA compiling the step or loading it from the program cache)
+  found = re.findall(r"Step \d+ done ([0-9.]+) s after the process started: ([^;]*); "
+                     r"(.*) in ([0-9.]+) s beside them", open(f"{work}/{log}").read())
   if not found:
-    return None, None
-  parts = re.findall(r"([a-zA-Z ,()-]+?) ([0-9.]+) s(?:, |$)", found[0][1])
-  return float(found[0][0]), {what: float(s) for what, s in parts}
+    return None, None, None
+  total, parts, beside, beside_s = found[0]
+  parts = re.findall(r"([a-zA-Z ,()-]+?) ([0-9.]+) s(?:, |$)", parts)
+  return float(total), {what: float(s) for what, s in parts}, {beside: float(beside_s)}
 results = {}
 for run, log in (("cold", "restart_cold.log"), ("restart", "restart_resumed.log")):
-  results[f"{run}_first_step_s"], results[f"{run}_parts_s"] = first_step(log)
+  (results[f"{run}_first_step_s"], results[f"{run}_parts_s"],
+   results[f"{run}_beside_s"]) = first_step(log)
 json.dump(results, open(f"{work}/train_restart.json", "w"))
 PY
   exit $status' "$work" "${restart_train[@]}"

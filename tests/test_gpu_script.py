@@ -43,8 +43,11 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   # train.py started cold, then resumed in the same workdir: each one's first step timed.
   restarts = results['train_restart']
   assert 0 < restarts['restart_first_step_s'] < restarts['cold_first_step_s'] < 600, restarts
-  assert 'restoring the checkpoint' in restarts['restart_parts_s'], restarts
+  assert {'restoring the checkpoint', 'finding the step in the program cache'} <= set(
+      restarts['restart_parts_s']), restarts
+  assert list(restarts['restart_beside_s']) == ['loaded the step from the program cache']
   assert 'drawing the initial state' in restarts['cold_parts_s'], restarts
+  assert list(restarts['cold_beside_s']) == ['XLA compiled the step or read it from the cache']
   # The input pipeline alone, with threads and with worker processes.
   pipelines = {k: v for k, v in results['pipeline'].items() if k.startswith('workers_')}
   assert {k: p['num_workers'] for k, p in pipelines.items()} == {'workers_0': 0, 'workers_1': 1}
