@@ -50,8 +50,9 @@ def test_a_kept_program_loads_and_computes_as_compiled(own_program_cache):
   again = program_cache.cached_program('step', _args(), lr=1.0)
   assert again.path == cached.path
   loaded = again.load()
-  state, out = loaded(*_args())
+  state, out = loaded(*(args := _args()))
   assert int(state.step) == 1 and float(out['sum']) == 28 * 3
+  assert args[0].step.is_deleted()  # Donated, as compiled.
 
 
 def test_the_key_follows_settings_arguments_environment_and_jax_settings(own_program_cache,
