@@ -15,6 +15,11 @@
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
 #              first step, part by part (a cold start; a restart in the same workdir, which
 #              loads the step from the program cache instead of tracing it)
+#   max_solutions  bf16 batch 32, cold, with XLA's autotuner trying at most MAX_SOLUTIONS
+#              (default 8) candidates per convolution and GEMM
+#              (--xla_gpu_autotune_max_solutions; on the H200 the autotuner took 37-39 s of a
+#              66 s compile, ~60 candidates per convolution): compile time against step time,
+#              no compile profile (it adds ~25 s); bf16_b32 is its baseline
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
@@ -154,6 +159,10 @@ for run, log in (("cold", "restart_cold.log"), ("restart", "restart_resumed.log"
 json.dump(results, open(f"{work}/train_restart.json", "w"))
 PY
   exit $status' "$work" "${restart_train[@]}"
+run max_solutions 150 env \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
+  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+  --output="$work/max_solutions.json"
 run pipeline 120 sh -c '
   workers_list=$1
   shift
