@@ -114,13 +114,13 @@ class CachedProgram:
     except Exception as error:  # Whatever a damaged or foreign file raises: compile instead.
       logging.warning('Compiling the program again: %s could not be loaded (%s: %s).',
                       self.path, type(error).__name__, error)
-      try:
-        os.remove(self.path)
-      except OSError:
-        pass
+      self.remove()
       return None
     os.utime(self.path)  # The newest-used programs are the ones kept.
     return compiled
+
+  def remove(self) -> None:
+    pathlib.Path(self.path).unlink(missing_ok=True)
 
   def save(self, compiled: jax.stages.Compiled) -> None:
     """Writes ``compiled`` whole or not at all (a temporary file renamed into place), then

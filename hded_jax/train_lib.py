@@ -203,13 +203,14 @@ class Trainer:
     return jax.jit(functools.partial(_initial_state, tx=self.tx),
                    out_shardings=self.state_sharding)(params, batch_stats)
 
-  def compile_step_in_background(self, batch_spec) -> tuple[futures.Future, bool]:
+  def compile_step_in_background(
+      self, batch_spec) -> tuple[futures.Future, program_cache.CachedProgram | None]:
     """Starts making the step's program for ``batch_spec`` on another thread, so that a
     checkpoint restores meanwhile and the step's first call finds it ready. From the program
     cache (`program_cache`) where it holds this step: nothing traced. Otherwise lowered here
     and compiled (or read from JAX's compilation cache) there, where XLA holds no GIL, and
     kept in the program cache when XLA compiled it. Returns the future (the compiled step, or
-    XLA's error) and whether the program cache held the step."""
+    XLA's error) and the program cache's entry it loads from (None: it compiles)."""
     args = (self.abstract_state, batch_spec)
     cached = program_cache.cached_program(
         'train_step', args, **step_settings(self.config, self.train_size))
@@ -223,7 +224,7 @@ class Trainer:
     # Python still waits for the thread before it exits (after an error in the meantime too):
     # a process that exits while XLA compiles on another thread aborts.
     executor.shutdown(wait=False)
-    return compiled, loading
+    return compiled, cached if loading else None
 
   def _lower(self, args) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
@@ -374,6 +375,24 @@ def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict
   return state
 
 
+def _first_step(program, state, batch, loaded_from: program_cache.CachedProgram | None):
+  """``program``'s first run, to its end. A program from the program cache that fails to run
+  (an executable XLA did not serialise whole) is removed, and the error says to rerun: the
+  donated state is gone, and the rerun compiles the step and resumes from the checkpoint."""
+  try:
+    state, metrics = program(state, batch)
+    jax.block_until_ready(metrics)
+  except jax.errors.JaxRuntimeError as error:
+    if loaded_from is None:
+      raise
+    loaded_from.remove()
+    raise RuntimeError(
+        f'The train step loaded from the program cache failed to run ({error}). It is removed '
+        f'({loaded_from.path}): rerun the same command, which compiles the step and resumes '
+        'from the newest checkpoint.') from error
+  return state, metrics
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from ``workdir``'s newest checkpoint that restores) until config's last
   step."""
@@ -400,19 +419,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     def compile_step():
       if not compiling:
         clock.lap('the dataset (built if missing), model and checkpoint config')
-        future, loading = trainer.compile_step_in_background(
+        future, loaded_from = trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding))
-        compiling.append(future)
-        clock.lap('finding the step in the program cache' if loading
+        compiling.extend((future, loaded_from))
+        clock.lap('finding the step in the program cache' if loaded_from
                   else 'tracing and lowering the step')
-        clock.time_compile(future, 'loaded the step from the program cache' if loading
+        clock.time_compile(future, 'loaded the step from the program cache' if loaded_from
                            else 'XLA compiled the step or read it from the cache')
 
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
     first_step = int(state.step)
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
     # Called as it is: the jitted function would trace the step again.
-    train_step_program = compiling[0].result()  # Or XLA's error.
+    train_step_program, loaded_from = compiling[0].result(), compiling[1]  # Or XLA's error.
     clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
@@ -441,10 +460,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if camera_log:
               camera_log.add(local_batch)
             batch = sharding.global_batch(local_batch, trainer.batch_sharding)
-            state, metrics = train_step_program(state, batch)
+            if step == first_step + 1:
+              state, metrics = _first_step(train_step_program, state, batch, loaded_from)
+            else:
+              state, metrics = train_step_program(state, batch)
           metrics_buffer.add(step, metrics)
           if step == first_step + 1:
-            jax.block_until_ready(metrics)
             clock.lap('the first batch and step')
             logging.info('Step %d done %.1f s after the process started: %s.', step,
                          runtime.process_age_s() or float('nan'), clock.summary())

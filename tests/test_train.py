@@ -23,6 +23,7 @@ from hded_jax import eval_lib
 from hded_jax import input_pipeline
 from hded_jax import metrics
 from hded_jax import models
+from hded_jax import program_cache
 from hded_jax import sharding
 from hded_jax import train_lib
 from tests.conftest import copy_run
@@ -105,6 +106,26 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, capl
                          'waiting for XLA', 'the first batch and step'], parts
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
+
+
+def test_a_kept_step_that_fails_to_run_is_removed_and_the_rerun_compiles(
+    tiny_data_dir, tiny_run, tmp_path, monkeypatch, own_program_cache):
+  """A program that loads but fails at its first run (as one that XLA did not serialise whole
+  does): the error names the removed file and says to rerun; the rerun compiles and resumes."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  train_lib.train(tiny_config(tiny_data_dir, num_train_steps=5), workdir)
+  assert len(os.listdir(own_program_cache)) == 1
+
+  def fails(state, batch):
+    raise jax.errors.JaxRuntimeError('INTERNAL: Function add_select_fusion.1 not found')
+
+  monkeypatch.setattr(program_cache.CachedProgram, 'load', lambda self: fails)
+  with pytest.raises(RuntimeError, match='loaded from the program cache failed to run') as info:
+    train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir)
+  assert 'rerun the same command' in str(info.value) and not os.listdir(own_program_cache)
+  monkeypatch.undo()
+  assert int(train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir).step) == 6
+  assert steps_in(workdir) == [4, 5, 6]
 
 
 def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkeypatch):
