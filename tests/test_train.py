@@ -128,6 +128,25 @@ def test_a_kept_step_that_fails_to_run_is_removed_and_the_rerun_compiles(
   assert steps_in(workdir) == [4, 5, 6]
 
 
+def test_step_settings_leave_out_only_what_the_step_does_not_read(tiny_data_dir):
+  config = tiny_config(tiny_data_dir)
+  settings = train_lib.step_settings(config, train_size=8)
+  loop_only = {'num_train_steps': 100, 'num_epochs': 7, 'log_every_steps': 5,
+               'checkpoint_every_steps': 9, 'eval_batch_size': 2, 'init_from': 'checkpoint:x',
+               'dataset.num_threads': 3, 'dataset.data_dir': '/elsewhere'}
+  for field, value in loop_only.items():
+    changed = config.copy_and_resolve_references()
+    changed.update_from_flattened_dict({field: value})
+    assert train_lib.step_settings(changed, train_size=8) == settings, field
+  in_the_step = {'optimizer.learning_rate': 1.0, 'batch_size': 8, 'seed': 7,
+                 'model.dropout': 0.5, 'loss.depth_weight': 2.0, 'dataset.image_size': (64, 64)}
+  for field, value in in_the_step.items():
+    changed = config.copy_and_resolve_references()
+    changed.update_from_flattened_dict({field: value})
+    assert train_lib.step_settings(changed, train_size=8) != settings, field
+  assert train_lib.step_settings(config, train_size=16) != settings  # The schedule's epochs.
+
+
 def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkeypatch):
   """Also: the profiler runs only when config.profile_steps asks for it."""
   workdir = str(tmp_path / 'run')
