@@ -133,13 +133,25 @@ class CachedProgram:
                       error)
       return
     directory = os.path.dirname(self.path)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
-      f.write(blob)
-    os.replace(f.name, self.path)
-    programs = sorted(pathlib.Path(directory).glob(f'*{_SUFFIX}'),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in programs[MAX_PROGRAMS:]:
+    temporary = None
+    try:
+      os.makedirs(directory, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
+        temporary = f.name
+        f.write(blob)
+      os.replace(temporary, self.path)
+    except OSError as error:  # A full disk, a read-only cache: training goes on without it.
+      logging.warning('The compiled program is not cached: %s (%s).', self.path, error)
+      if temporary:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+      return
+    programs = []
+    for path in pathlib.Path(directory).glob(f'*{_SUFFIX}'):
+      try:  # Another process sharing the cache may delete one meanwhile.
+        programs.append((path.stat().st_mtime, path))
+      except FileNotFoundError:
+        pass
+    for _, old in sorted(programs, reverse=True)[MAX_PROGRAMS:]:
       old.unlink(missing_ok=True)
 
 

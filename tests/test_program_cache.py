@@ -121,6 +121,21 @@ def test_a_damaged_or_foreign_program_is_removed_and_compiled_again(own_program_
   assert len(warnings) == 2 and all('Compiling the program again' in w for w in warnings)
 
 
+def test_a_cache_that_cannot_be_written_leaves_nothing_and_stops_nothing(own_program_cache,
+                                                                          monkeypatch, caplog):
+  args = _args()
+  cached = program_cache.cached_program('step', args)
+  os.makedirs(own_program_cache)
+
+  def disk_full(*unused):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(program_cache.os, 'replace', disk_full)
+  cached.save(jax.jit(_step).lower(*args).compile())
+  assert not os.listdir(own_program_cache)
+  assert 'not cached' in caplog.text and 'No space left' in caplog.text
+
+
 def test_only_the_newest_programs_are_kept(own_program_cache, monkeypatch):
   monkeypatch.setattr(program_cache, 'MAX_PROGRAMS', 2)
   for lr in (1.0, 2.0, 3.0):
