@@ -419,9 +419,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     def compile_step():
       if not compiling:
         clock.lap('the dataset (built if missing), model and checkpoint config')
-        future, loaded_from = trainer.compile_step_in_background(
-            input_pipeline.batch_spec(config, source, trainer.batch_sharding))
-        compiling.extend((future, loaded_from))
+        compiling.append(trainer.compile_step_in_background(
+            input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
+        future, loaded_from = compiling[0]
         clock.lap('finding the step in the program cache' if loaded_from
                   else 'tracing and lowering the step')
         clock.time_compile(future, 'loaded the step from the program cache' if loaded_from
@@ -431,7 +431,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     first_step = int(state.step)
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
     # Called as it is: the jitted function would trace the step again.
-    train_step_program, loaded_from = compiling[0].result(), compiling[1]  # Or XLA's error.
+    future, loaded_from = compiling[0]
+    train_step_program = future.result()  # Or XLA's error.
     clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,

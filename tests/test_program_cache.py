@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
