@@ -460,6 +460,20 @@ def test_conv_kernel_gradient_moves_the_fewer_channels():
   assert set(re.findall(r'f32\[(\d+),8,8,3\]', program)) == {'2'}
 
 
+def test_conv_kernel_gradient_copies_its_input_once_written():
+  """The kernel gradient's channels-first copy of the conv's input reads the input XLA wrote,
+  one operand: fused with the BatchNorm and ReLU that made it, XLA's CPU backend recomputes them
+  in the copy's order, 5x slower."""
+  loss = lambda kernel, x, scale: jnp.sum(jnp.sin(layers.conv_with_nhwc_gradients(
+      jax.nn.relu(scale * x + 1), kernel, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
+  program = jax.jit(jax.grad(loss)).lower(
+      jnp.ones((3, 3, 16, 16)), jnp.ones((3, 8, 8, 16)), jnp.ones(16)).compile().as_text()
+  copies = re.findall(r'= f32\[16,8,8,3\]\{[\d,]+\} (?:fusion|copy|transpose)\(([^)]*)\)',
+                      program)
+  assert copies and all(operands.count('%') == 1 for operands in copies), copies
+
+
 def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_residuals():
   image = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   configs = {}
