@@ -2,6 +2,7 @@
 train/eval modes."""
 
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -472,6 +473,29 @@ def test_conv_kernel_gradient_copies_its_input_once_written():
   copies = re.findall(r'= f32\[16,8,8,3\]\{[\d,]+\} (?:fusion|copy|transpose)\(([^)]*)\)',
                       program)
   assert copies and all(operands.count('%') == 1 for operands in copies), copies
+
+
+_COUNT_ALL_REDUCES = """
+import jax, jax.numpy as jnp
+from hded_jax.models import layers
+mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(jnp.ones((4, 8, 8, 16)), jax.NamedSharding(mesh, jax.P('data')))
+for conv in (layers.conv_with_nhwc_gradients, jax.lax.conv_general_dilated):
+  loss = lambda kernel, x: jnp.sum(jnp.sin(conv(jax.nn.relu(x), kernel, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
+  program = jax.jit(jax.grad(loss)).lower(jnp.ones((3, 3, 16, 16)), x).compile().as_text()
+  print(program.count(' all-reduce('), program.count(' all-reduce-start('))
+"""
+
+
+def test_conv_kernel_gradient_copy_costs_no_collective_on_a_sharded_batch():
+  """Over a batch sharded across devices, the written copy's predicate needs no collective: as
+  many all-reduces as XLA's own gradient."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+         'JAX_PLATFORMS': 'cpu'}
+  ours, xlas = subprocess.run([sys.executable, '-c', _COUNT_ALL_REDUCES], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+  assert ours == xlas and xlas != '0 0'
 
 
 def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_residuals():

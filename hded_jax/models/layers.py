@@ -127,27 +127,29 @@ def _nhwc_gradient_conv_bwd(padding, residuals, g):
   if out_features < in_features:
     # Output channels as the batch, images as the features, the input as a flipped kernel.
     kernel_gradient = jax.lax.conv_general_dilated(
-        _written_channels_first(g), x.transpose(1, 2, 0, 3), (1, 1), adjoint_padding,
+        _written_channels_first(g, kernel), x.transpose(1, 2, 0, 3), (1, 1), adjoint_padding,
         dimension_numbers=_NHWC)
     return input_gradient, jnp.flip(kernel_gradient, (1, 2)).transpose(1, 2, 3, 0)
   # Input channels as the batch, images as the features, the output gradient as the kernel.
   kernel_gradient = jax.lax.conv_general_dilated(
-      _written_channels_first(x), g.transpose(1, 2, 0, 3), (1, 1), padding,
+      _written_channels_first(x, kernel), g.transpose(1, 2, 0, 3), (1, 1), padding,
       dimension_numbers=_NHWC)
   return input_gradient, kernel_gradient.transpose(1, 2, 0, 3)
 
 
-def _written_channels_first(x):
+def _written_channels_first(x, kernel):
   """``x`` (N, H, W, C) as (C, H, W, N), copied from ``x`` once XLA has written it.
 
   XLA's CPU backend otherwise fuses the elementwise work that made ``x`` (BatchNorm, ReLU) into
   the copy and recomputes it in the copy's order, reading its inputs C floats apart: 58 against
   11 ms (5 + 6) for a (4, 256, 256, 64) input (docs/performance.md). A conditional's operands are
-  written before it runs, and XLA keeps one whose predicate reads the data. Both branches are
-  the same copy, so the predicate's value (false only for a NaN) changes nothing.
+  written before it runs, and XLA keeps one whose predicate is known only at run time: here a
+  value of the kernel, which every device holds (one of ``x``'s, sharded over the batch, would
+  cost a collective). Both branches are the same copy, so the predicate's value (false only for
+  a NaN) changes nothing.
   """
   to_channels_first = lambda x: x.transpose(3, 1, 2, 0)
-  first = x[0, 0, 0, 0]
+  first = kernel[0, 0, 0, 0]
   return jax.lax.cond(first == first, to_channels_first, to_channels_first, x)
 
 
