@@ -172,10 +172,11 @@ def use_eigen_convolutions() -> bool:
   On this model Eigen's are faster in all three passes: summed over the model's convolutions
   (2 cores, batch 4, 256x256), forward 2.1 -> 1.3 s and input gradient 2.3 -> 1.3 s, and XLA's
   kernel gradient, 11.6 s through YNNPACK, takes 2.1 s (AVX2). The full train step compiles in
-  70-100 s instead of 170 s. On an AVX-512 VM the step takes 4.4-4.5 s against 5.1-5.4 s. The flag is experimental and XLA aborts on flags it does not know,
-  so it is set only on the jaxlib version it was measured on, and never over an
-  ``xla_cpu_experimental_ynn_fusion_type`` the user put in XLA_FLAGS. It edits XLA_FLAGS, which
-  XLA reads when its backend starts: call it before that. Returns whether the flag is in effect.
+  70-100 s instead of 170 s; on an AVX-512 VM it steps in 4.4-4.5 s against 5.1-5.4 s. The
+  flag is experimental and XLA aborts on flags it does not know, so it is set only on the jaxlib
+  version it was measured on, and never over an ``xla_cpu_experimental_ynn_fusion_type`` the
+  user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it
+  before that. Returns whether the flag is in effect.
   """
   flags = os.environ.get('XLA_FLAGS', '')
   if _YNN_FUSION_TYPE in flags:

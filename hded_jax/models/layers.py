@@ -140,13 +140,13 @@ def _nhwc_gradient_conv_bwd(padding, residuals, g):
 def _written_channels_first(x, kernel):
   """``x`` (N, H, W, C) as (C, H, W, N), copied from ``x`` once XLA has written it.
 
-  XLA's CPU backend otherwise fuses the elementwise work that made ``x`` (BatchNorm, ReLU) into
-  the copy and recomputes it in the copy's order, reading its inputs C floats apart: 58 against
-  11 ms (5 + 6) for a (4, 256, 256, 64) input (docs/performance.md). A conditional's operands are
-  written before it runs, and XLA keeps one whose predicate is known only at run time: here a
-  value of the kernel, which every device holds (one of ``x``'s, sharded over the batch, would
-  cost a collective). Both branches are the same copy, so the predicate's value (false only for
-  a NaN) changes nothing.
+  XLA's CPU backend otherwise fuses the elementwise work that made ``x`` (BatchNorm and ReLU, or
+  their gradients) into the copy and recomputes it in the copy's order, reading its inputs C
+  floats apart: 58 against 11 ms (5 + 6) for a (4, 256, 256, 64) input (docs/performance.md). A
+  conditional's operands are written before it runs, and XLA keeps one whose predicate is known
+  only at run time: here a value of the kernel, which every device holds (one of ``x``'s,
+  sharded over the batch, would cost a collective). Both branches are the same copy, so the
+  predicate's value (false only for a NaN) changes nothing.
   """
   to_channels_first = lambda x: x.transpose(3, 1, 2, 0)
   first = kernel[0, 0, 0, 0]
