@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny synthetic dataset (32x32, 8 train / 4 test), the smoke config and
 a finished tiny run."""
 
+from collections.abc import Iterator
 import os
 import shutil
 
@@ -30,7 +31,7 @@ def compilation_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def own_program_cache(tmp_path, compilation_cache) -> str:
+def own_program_cache(tmp_path, compilation_cache) -> Iterator[str]:
   """The directory of a program cache (`hded_jax.program_cache`) that only this test uses: the
   programs that earlier tests kept would be loaded instead of compiled."""
   jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
