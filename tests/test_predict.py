@@ -75,10 +75,13 @@ def test_cli_folder_with_odd_sizes_and_bad_files(tiny, tmp_path):
   (inputs / 'notes.txt').write_text('hello')
   out = tmp_path / 'out'
   log = subprocess.run(
-      [sys.executable, 'predict.py', f'--checkpoint={directory}', f'--input={inputs}',
-       f'--output_dir={out}', '--batch_size=2'],
+      [sys.executable, '-X', 'importtime', 'predict.py', f'--checkpoint={directory}',
+       f'--input={inputs}', f'--output_dir={out}', '--batch_size=2'],
       cwd=REPO, capture_output=True, text=True, check=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu')).stderr
+  # Predicting needs no TensorFlow (2-3 s to import): nothing on its way imports it.
+  assert re.search(r'^import time:.*\| +jax$', log, re.M)
+  assert not re.search(r'^import time:.*\| +tensorflow$', log, re.M)
   assert sorted(os.listdir(out)) == sorted(
       f'{stem}_{head}.{ext}' for stem in ('square', 'odd') for head in ('depth', 'aif')
       for ext in ('npy', 'png'))

@@ -333,7 +333,7 @@ def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, mo
   writer.close()
   assert any(name.startswith('events.out') for name in os.listdir(tmp_path / 'real'))
 
-  monkeypatch.setattr(runtime, 'tf', types.SimpleNamespace(__file__='stub/tensorflow'))
+  monkeypatch.setitem(sys.modules, 'tensorflow', types.SimpleNamespace(__file__='stub/tensorflow'))
   with caplog.at_level(logging.WARNING):
     writer = runtime.metric_writer(str(tmp_path / 'stub'))
   writer.write_scalars(1, {'loss': 1.0})
