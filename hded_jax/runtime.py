@@ -14,6 +14,7 @@ import typing
 
 from absl import logging
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jaxlib.version
 
 if typing.TYPE_CHECKING:
@@ -59,6 +60,9 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   if 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in os.environ:
     jax.config.update('jax_persistent_cache_enable_xla_caches', _XLA_CACHES)
+  # JAX opens its cache at the first compile and keeps that directory until reset: without this,
+  # a process that compiled before (a test, a notebook) would go on reading and writing the old.
+  compilation_cache.reset_cache()
 
 
 def metric_writer(logdir: str) -> 'metric_writers.MetricWriter':

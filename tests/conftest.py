@@ -32,11 +32,13 @@ def compilation_cache(tmp_path_factory) -> str:
 
 @pytest.fixture
 def own_program_cache(tmp_path, compilation_cache) -> Iterator[str]:
-  """The directory of a program cache (`hded_jax.program_cache`) that only this test uses: the
-  programs that earlier tests kept would be loaded instead of compiled."""
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
+  """The directory of a program cache (`hded_jax.program_cache`) that only this test uses, in a
+  compilation cache of its own: the programs that earlier tests kept would be loaded instead of
+  compiled (and with jax 0.12, whose cache keys leave out where a program was traced, read
+  from JAX's cache, which the program cache does not keep)."""
+  runtime.enable_compilation_cache(str(tmp_path / 'jax_cache'))
   yield str(tmp_path / 'jax_cache' / 'programs')
-  jax.config.update('jax_compilation_cache_dir', compilation_cache)
+  runtime.enable_compilation_cache(compilation_cache)
 
 
 @pytest.fixture(scope='session')

@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import REPO
 
 
 def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir, tmp_path):
+  pytest.importorskip('torch')  # The restart step times PyTorch beside JAX.
   env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
              SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
              TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',

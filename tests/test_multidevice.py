@@ -42,8 +42,12 @@ def test_one_and_eight_devices_give_the_same_loss_curve(tiny_data_dir, tmp_path,
   loss_one, loss_eight = logged(str(tmp_path / 'one'), 'loss'), logged(str(tmp_path / 'eight'),
                                                                       'loss')
   assert sorted(loss_one) == list(range(1, STEPS + 1)) == sorted(loss_eight)
-  np.testing.assert_allclose([loss_eight[s] for s in sorted(loss_eight)],
-                             [loss_one[s] for s in sorted(loss_one)], rtol=1e-4)
+  curve_one, curve_eight = ([loss[s] for s in sorted(loss)] for loss in (loss_one, loss_eight))
+  # Step 1 is the initial weights' forward pass. Adam then moves each weight by about the
+  # learning rate however small its gradient, so gradients near zero whose sign the reduction
+  # order flips move the later losses: up to 3e-4 at step 4 with jax 0.12, 1e-5 with jax 0.10.
+  np.testing.assert_allclose(curve_eight[0], curve_one[0], rtol=1e-5)
+  np.testing.assert_allclose(curve_eight, curve_one, rtol=2e-3)
   assert loss_one[STEPS] != loss_one[1]  # it trained
 
 

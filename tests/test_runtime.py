@@ -239,6 +239,24 @@ print(debug.xla_gpu_per_fusion_autotune_cache_dir or '-', debug.xla_gpu_kernel_c
 '''
 
 
+# Two compilation caches one after the other in one process: where each program is written.
+_CACHE_MOVES = '''
+import os, sys
+import jax, jax.numpy as jnp
+from hded_jax import runtime
+for name in ('first', 'second'):
+  runtime.enable_compilation_cache(os.path.join(sys.argv[1], name))
+  jax.jit(lambda x: jnp.sin(x) * len(name)).lower(jnp.ones(3)).compile()
+  print(name, os.path.isdir(os.path.join(sys.argv[1], name)))
+'''
+
+
+def test_a_new_compilation_cache_directory_takes_effect_after_a_compile(tmp_path):
+  """JAX opens its cache once; a later `enable_compilation_cache` (a test's own cache, a second
+  run in a notebook) must move it, or its programs land in, and are read from, the first."""
+  assert _child_stdout(_CACHE_MOVES, str(tmp_path)).split() == ['first', 'True', 'second', 'True']
+
+
 def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
   def xla_caches(**env):
     base = {k: v for k, v in os.environ.items() if k != 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'}
