@@ -171,10 +171,11 @@ def _pjrt_plugins() -> set[str]:
   return modules
 
 
-# XLA flag and the jaxlib minor version it was measured on (docs/performance.md).
+# XLA flag and the jaxlib minor versions where it was measured faster (docs/performance.md):
+# 0.10 (Python 3.11's newest) and 0.12 (Python 3.12's); not 0.11 (no gain on the CPU).
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 _EIGEN_CONVOLUTIONS_FLAG = f'--{_YNN_FUSION_TYPE}=-individual_convolution'
-_EIGEN_CONVOLUTIONS_JAXLIB = (0, 10)
+_EIGEN_CONVOLUTIONS_JAXLIBS = ((0, 10), (0, 12))
 
 
 def use_eigen_convolutions() -> bool:
@@ -183,19 +184,20 @@ def use_eigen_convolutions() -> bool:
   On this model Eigen's are faster in all three passes: summed over the model's convolutions
   (2 cores, batch 4, 256x256), forward 2.1 -> 1.3 s and input gradient 2.3 -> 1.3 s, and XLA's
   kernel gradient, 11.6 s through YNNPACK, takes 2.1 s (AVX2). The full train step compiles in
-  70-100 s instead of 170 s; on an AVX-512 VM it steps in 4.4-4.5 s against 5.1-5.4 s. The
-  flag is experimental and XLA aborts on flags it does not know, so it is set only on the jaxlib
-  version it was measured on, and never over an ``xla_cpu_experimental_ynn_fusion_type`` the
+  70-100 s instead of 170 s; on an AVX-512 VM it steps in 4.4-4.5 s against 5.1-5.4 s (jaxlib
+  0.12: 4.5-4.6 against 5.6-5.7 s; 0.11: 5.6 against 5.5 s, so not there). The flag is
+  experimental and XLA aborts on flags it does not know, so it is set only on the jaxlib
+  versions it was measured on, and never over an ``xla_cpu_experimental_ynn_fusion_type`` the
   user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it
   before that. Returns whether the flag is in effect.
   """
   flags = os.environ.get('XLA_FLAGS', '')
   if _YNN_FUSION_TYPE in flags:
     return _EIGEN_CONVOLUTIONS_FLAG in flags.split()
-  if jaxlib.version.__version_info__[:2] != _EIGEN_CONVOLUTIONS_JAXLIB:
-    logging.info('jaxlib %s: XLA CPU convolutions left to XLA (%s was measured on %d.%d).',
+  if jaxlib.version.__version_info__[:2] not in _EIGEN_CONVOLUTIONS_JAXLIBS:
+    logging.info('jaxlib %s: XLA CPU convolutions left to XLA (%s was measured faster on %s).',
                  jaxlib.version.__version__, _EIGEN_CONVOLUTIONS_FLAG,
-                 *_EIGEN_CONVOLUTIONS_JAXLIB)
+                 ', '.join('%d.%d' % version for version in _EIGEN_CONVOLUTIONS_JAXLIBS))
     return False
   os.environ['XLA_FLAGS'] = f'{flags} {_EIGEN_CONVOLUTIONS_FLAG}'.strip()
   return True

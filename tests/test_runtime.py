@@ -159,8 +159,9 @@ def _convolution_library(mode):
 
 
 @pytest.mark.environment
-@pytest.mark.skipif(jaxlib.version.__version_info__[:2] != runtime._EIGEN_CONVOLUTIONS_JAXLIB,
-                    reason='the flag is only set on the jaxlib version it was measured on')
+@pytest.mark.skipif(
+    jaxlib.version.__version_info__[:2] not in runtime._EIGEN_CONVOLUTIONS_JAXLIBS,
+    reason='the flag is only set on the jaxlib versions it was measured on')
 def test_entry_points_get_eigen_convolutions():
   assert _convolution_library('default') == 'ynnpack'  # XLA's default, which the flag changes.
   assert _convolution_library('tuned') == 'eigen'
@@ -206,7 +207,7 @@ def _tune(tmp_path, jax_platforms, *other_values, plugin=None):
 def test_platform_settings_apply_only_where_they_were_measured(tmp_path):
   applied, platforms, flags = _tune(tmp_path, 'cpu')
   assert applied == 'cpu' and platforms == ['cpu']
-  if jaxlib.version.__version_info__[:2] == runtime._EIGEN_CONVOLUTIONS_JAXLIB:
+  if jaxlib.version.__version_info__[:2] in runtime._EIGEN_CONVOLUTIONS_JAXLIBS:
     assert flags == [runtime._EIGEN_CONVOLUTIONS_FLAG]
   # As on a GPU or TPU VM: the CPU only drives the accelerator; GPU settings on a GPU only.
   assert _tune(tmp_path, 'cuda', 'tpu,cpu', 'rocm', 'cpu,cuda') == (
@@ -286,7 +287,8 @@ def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
 def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   devices = '--xla_force_host_platform_device_count=2'
   monkeypatch.setenv('XLA_FLAGS', devices)
-  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIB', jaxlib.version.__version_info__[:2])
+  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIBS',
+                      ((0, 0), jaxlib.version.__version_info__[:2]))
   assert runtime.use_eigen_convolutions()
   assert os.environ['XLA_FLAGS'] == f'{devices} {runtime._EIGEN_CONVOLUTIONS_FLAG}'
   assert runtime.use_eigen_convolutions()  # Idempotent.
@@ -296,7 +298,7 @@ def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypat
   assert not runtime.use_eigen_convolutions()
   assert os.environ['XLA_FLAGS'] == users
   monkeypatch.setenv('XLA_FLAGS', devices)
-  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIB', (0, 0))  # Another jaxlib.
+  monkeypatch.setattr(runtime, '_EIGEN_CONVOLUTIONS_JAXLIBS', ((0, 0),))  # Other jaxlibs.
   assert not runtime.use_eigen_convolutions()
   assert os.environ['XLA_FLAGS'] == devices
 
