@@ -5,7 +5,6 @@ from collections.abc import Iterator
 import os
 import shutil
 
-import jax
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
@@ -34,8 +33,8 @@ def compilation_cache(tmp_path_factory) -> str:
 def own_program_cache(tmp_path, compilation_cache) -> Iterator[str]:
   """The directory of a program cache (`hded_jax.program_cache`) that only this test uses, in a
   compilation cache of its own: the programs that earlier tests kept would be loaded instead of
-  compiled (and with jax 0.12, whose cache keys leave out where a program was traced, read
-  from JAX's cache, which the program cache does not keep)."""
+  compiled (on jax 0.12 read from JAX's cache, and the program cache keeps no program read
+  from there)."""
   runtime.enable_compilation_cache(str(tmp_path / 'jax_cache'))
   yield str(tmp_path / 'jax_cache' / 'programs')
   runtime.enable_compilation_cache(compilation_cache)
