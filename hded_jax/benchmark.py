@@ -55,6 +55,12 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.torch:
+    try:  # Before minutes of JAX measurements, not after them.
+      import torch  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as error:
+      raise app.UsageError(f'--torch times the PyTorch reference, which needs PyTorch ({error}): '
+                           "pip install -e '.[torch]', or leave out --torch.") from error
   runtime.tune_for_platform()  # As train.py does (runtime.setup); PyTorch shares the allocator.
   if FLAGS.cache_dir:
     runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,21 @@ def test_benchmark_writes_every_figure(tmp_path):
                'dispatched back to back: jax'):
     assert text in table
 
+
+
+def test_torch_flag_without_torch_stops_at_once_and_says_how_to_install_it(tmp_path):
+  (tmp_path / 'torch').mkdir()  # Found first on the path, and fails as a missing package does.
+  (tmp_path / 'torch' / '__init__.py').write_text(
+      "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+  run = subprocess.run(
+      [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/smoke.py', '--torch',
+       '--steps=1', '--warmup=0', '--max_wait=0'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO])))
+  assert run.returncode != 0
+  assert "--torch times the PyTorch reference, which needs PyTorch" in run.stderr
+  assert "pip install -e '.[torch]'" in run.stderr
+  assert 'Train step' not in run.stderr  # Nothing measured first.
 
 
 def test_pipeline_only_times_the_input_pipeline_with_worker_processes(tmp_path):
