@@ -27,7 +27,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.readable_logs()
-  runtime.setup(eval_lib.run_dir(FLAGS.workdir, once=FLAGS.once), distributed=False)
+  runtime.setup(eval_lib.run_dir(FLAGS.workdir, once=FLAGS.once), training=False,
+                distributed=False)
   eval_lib.evaluate(FLAGS.config, FLAGS.workdir, once=FLAGS.once,
                     timeout_secs=FLAGS.timeout_secs)
 

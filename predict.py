@@ -37,7 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.readable_logs()
-  runtime.tune_for_platform()
+  runtime.tune_for_platform(training=False)
   depth_range = None
   if FLAGS.depth_range:
     if len(FLAGS.depth_range) != 2:

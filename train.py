@@ -21,7 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.readable_logs()
-  runtime.setup(FLAGS.workdir)
+  runtime.setup(FLAGS.workdir, training=True)
   logging.info('Config:\n%s', FLAGS.config)
   train_lib.train(FLAGS.config, FLAGS.workdir)
 

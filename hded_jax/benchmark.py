@@ -61,7 +61,9 @@ def main(argv):
     except ImportError as error:
       raise app.UsageError(f'--torch times the PyTorch reference, which needs PyTorch ({error}): '
                            "pip install -e '.[torch]', or leave out --torch.") from error
-  runtime.tune_for_platform()  # As train.py does (runtime.setup); PyTorch shares the allocator.
+  # As train.py does (runtime.setup); PyTorch shares the allocator. Its eval figures are thus
+  # those of the convolutions chosen for training (eval.py and predict.py keep XLA's on a CPU).
+  runtime.tune_for_platform(training=True)
   if FLAGS.cache_dir:
     runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))
   config = FLAGS.config

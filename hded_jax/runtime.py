@@ -21,8 +21,10 @@ if typing.TYPE_CHECKING:
   from clu import metric_writers
 
 
-def setup(workdir: str, *, distributed: bool = True) -> None:
-  tune_for_platform()
+def setup(workdir: str, *, training: bool, distributed: bool = True) -> None:
+  """``training``: whether this process trains (train.py) or only evaluates (eval.py), which
+  decides the CPU's convolutions (``tune_for_platform``)."""
+  tune_for_platform(training=training)
   # TFDS uses TensorFlow for I/O only; keep it off the accelerators. Imported here and in
   # `metric_writer`, not with this module: predict.py, which needs neither, then starts without
   # it (2-3 s sooner).
@@ -99,20 +101,22 @@ def process_age_s() -> float | None:
   return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
 
 
-def tune_for_platform() -> str | None:
+def tune_for_platform(*, training: bool) -> str | None:
   """Process-wide settings measured to make this project fast on the platform the computation
   runs on (``computation_platform``), applied only there; call before JAX computes anything.
 
-  On the CPU: glibc keeps freed memory, programs run on the calling thread, convolutions on
-  Eigen. On a GPU: matrix products on cuBLAS. Elsewhere nothing. The entry points call it
-  (``setup`` for train.py and eval.py; predict.py, the benchmark). Returns the platform whose
-  settings were applied ('cpu' or 'gpu'), or None.
+  On the CPU: glibc keeps freed memory, programs run on the calling thread, and where
+  ``training`` (the process runs gradients, not the forward alone) convolutions on Eigen. On a
+  GPU: matrix products on cuBLAS. Elsewhere nothing. The entry points call it (``setup`` for
+  train.py and eval.py; predict.py, the benchmark). Returns the platform whose settings were
+  applied ('cpu' or 'gpu'), or None.
   """
   platform = computation_platform()
   if platform == 'cpu':
     keep_freed_memory()
     run_programs_on_the_calling_thread()
-    use_eigen_convolutions()
+    if training:
+      use_eigen_convolutions()
     return platform
   if platform == 'gpu':
     use_cublas_gemms()
@@ -185,7 +189,9 @@ def use_eigen_convolutions() -> bool:
   (2 cores, batch 4, 256x256), forward 2.1 -> 1.3 s and input gradient 2.3 -> 1.3 s, and XLA's
   kernel gradient, 11.6 s through YNNPACK, takes 2.1 s (AVX2). The full train step compiles in
   70-100 s instead of 170 s; on an AVX-512 VM it steps in 4.4-4.5 s against 5.1-5.4 s (jaxlib
-  0.12: 4.5-4.6 against 5.6-5.7 s; 0.11: 5.6 against 5.5 s, so not there). The flag is
+  0.12: 4.5-4.6 against 5.6-5.7 s; 0.11: 5.6 against 5.5 s, so not there). The forward alone
+  is faster on YNNPACK there: one 480x640 photo in 1.47 s against 1.51-1.56 s on jaxlib 0.10,
+  1.32 against 1.49-1.54 s on 0.12, so processes that only evaluate keep it. The flag is
   experimental and XLA aborts on flags it does not know, so it is set only on the jaxlib
   versions it was measured on, and never over an ``xla_cpu_experimental_ynn_fusion_type`` the
   user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it

@@ -138,14 +138,14 @@ def _huge_pages_always():
 
 
 # Imports train.py and the libraries behind every entry point (none may start the backend on
-# import), applies the set-up as train.py's main does first, then tells whether XLA wrapped a
-# lone convolution in a YNNPACK fusion.
+# import), applies the set-up a process that trains gets, then tells whether XLA wrapped a lone
+# convolution in a YNNPACK fusion.
 _CONVOLUTION_LIBRARY = '''
 import sys
 import train
 from hded_jax import eval_lib, predict_lib, runtime
 if sys.argv[1] == 'tuned':
-  runtime.tune_for_platform()
+  runtime.tune_for_platform(training=True)
 import jax, jax.numpy as jnp
 conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
     x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
@@ -162,9 +162,38 @@ def _convolution_library(mode):
 @pytest.mark.skipif(
     jaxlib.version.__version_info__[:2] not in runtime._EIGEN_CONVOLUTIONS_JAXLIBS,
     reason='the flag is only set on the jaxlib versions it was measured on')
-def test_entry_points_get_eigen_convolutions():
+def test_the_flag_gets_eigen_convolutions():
   assert _convolution_library('default') == 'ynnpack'  # XLA's default, which the flag changes.
   assert _convolution_library('tuned') == 'eigen'
+
+
+# Runs an entry point's main (argv[1]: train, eval or predict; argv[2]: a workdir) up to the
+# library call it makes after its set-up, stubbed out, with the Eigen flag taken as measured on
+# this jaxlib, and tells whether the flag is in XLA_FLAGS then.
+_ENTRY_POINT = '''
+import importlib, os, sys, types
+from absl import flags
+import jaxlib.version
+from hded_jax import eval_lib, predict_lib, runtime, train_lib
+entry, workdir = sys.argv[1:]
+script = importlib.import_module(entry)
+runtime._EIGEN_CONVOLUTIONS_JAXLIBS = (jaxlib.version.__version_info__[:2],)
+train_lib.train = eval_lib.evaluate = lambda *args, **kwargs: None
+predict_lib.run = lambda *args, **kwargs: types.SimpleNamespace(written=[1], skipped=[])
+eval_lib.run_dir = lambda path, once: path
+arguments = (['--checkpoint', '--input', '--output_dir'] if entry == 'predict' else
+             ['--config=configs/smoke.py', '--workdir'])
+flags.FLAGS([entry] + [a if '=' in a else f'{a}={workdir}' for a in arguments])
+script.main([entry])
+print(runtime._EIGEN_CONVOLUTIONS_FLAG in os.environ.get('XLA_FLAGS', '').split())
+'''
+
+
+@pytest.mark.parametrize('entry, eigen', [('train', True), ('eval', False), ('predict', False)])
+def test_only_training_gets_eigen_convolutions(entry, eigen, tmp_path):
+  # The forward alone is faster on XLA's default (runtime.use_eigen_convolutions).
+  assert _child_stdout(_ENTRY_POINT, entry, str(tmp_path), env=_env_without_xla_flags(
+      JAX_PLATFORMS='cpu')).split()[-1] == str(eigen)
 
 
 # Tells where runtime thinks the computation runs (for JAX_PLATFORMS, then for each jax_platforms
@@ -175,7 +204,7 @@ import os, sys
 import jax
 from hded_jax import runtime
 from jax._src import xla_bridge
-platform, applied = runtime.computation_platform(), runtime.tune_for_platform()
+platform, applied = runtime.computation_platform(), runtime.tune_for_platform(training=True)
 flags = os.environ.get('XLA_FLAGS', '')
 for value in sys.argv[1:]:
   jax.config.update('jax_platforms', value)

@@ -20,7 +20,7 @@ from tests.conftest import tiny_config
 
 def main(data_dir: str, workdir: str, num_steps: str, batch_size: str,
          checkpoint_every_steps: str | None = None, focus_range: str | None = None) -> None:
-  runtime.setup(workdir)
+  runtime.setup(workdir, training=True)
   config = tiny_config(data_dir, num_train_steps=int(num_steps), batch_size=int(batch_size),
                        checkpoint_every_steps=int(checkpoint_every_steps or num_steps))
   if focus_range:
