@@ -105,7 +105,9 @@ def test_aif_head_is_a_residual_onto_the_input(tiny):
 
 def test_upconv_is_pytorchs_transposed_conv():
   """UpConv computes lax.conv_transpose with PyTorch's padding (k=4, s=2, p=1 -> 2x size)."""
-  up = layers.UpConv(5, 7, mode='transpose', dtype=jnp.float32, rngs=nnx.Rngs(0))
+  formulations = layers.Formulations(up_conv='transpose', conv_gradients='xla',
+                                     pointwise_convs='conv')
+  up = layers.UpConv(5, 7, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
   up.bias[...] = jax.random.normal(jax.random.key(2), (7,))
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
   expected = jax.lax.conv_transpose(x, up.kernel[...], (2, 2), ((2, 2), (2, 2)),
@@ -524,18 +526,49 @@ def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_resi
     models.create_model(configs['none'])
 
 
-@pytest.mark.parametrize('mode', ['phases', 'transpose_strided_grads'])
-def test_up_conv_formulations_compute_the_transposed_conv(mode):
-  """Values and both gradients of each up-convolution formulation against 'transpose'."""
+@pytest.mark.parametrize('gradients', sorted(layers.CONV_GRADIENTS))
+@pytest.mark.parametrize('mode', sorted(layers.UP_CONVS))
+def test_up_conv_formulations_compute_the_transposed_conv(mode, gradients):
+  """Values and both gradients of each up-convolution formulation, built from convolutions
+  with either kind of gradient, against 'transpose' with XLA's own."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
-  outputs = {}
-  for m in (mode, 'transpose'):
-    up = layers.UpConv(5, 7, mode=m, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+  def value_and_grads(up_conv, conv_gradients):
+    formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
+                                       pointwise_convs='conv')
+    up = layers.UpConv(5, 7, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(up)
-    outputs[m] = jax.jit(jax.value_and_grad(
+    return jax.jit(jax.value_and_grad(
         lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
-  for a, b in zip(*map(jax.tree.leaves, outputs.values())):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  for ours, expected in zip(jax.tree.leaves(value_and_grads(mode, gradients)),
+                            jax.tree.leaves(value_and_grads('transpose', 'xla'))):
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode, expected', [
+    # Four phase convolutions, the stride-2 input gradient, the phases' kernel gradient.
+    ('phases', [(1, 1)] * 4 + [(2, 2)] + [(1, 1)] * 4),
+    ('transpose', ['dilated']),  # JAX differentiates it.
+    ('transpose_strided_grads', ['dilated', (2, 2)]),
+])
+def test_up_convs_are_made_of_the_chosen_convolutions(mode, expected, monkeypatch):
+  """Every convolution an up-convolution's value and gradients are computed with is the
+  ``conv_gradients`` one: on the CPU the phases' kernel gradients are then NHWC convolutions,
+  faster than XLA's own (docs/performance.md)."""
+  calls = []
+
+  def recording(lhs, rhs, window_strides, padding, **kwargs):
+    calls.append('dilated' if kwargs.get('lhs_dilation') else tuple(window_strides))
+    return layers.conv_with_nhwc_gradients(lhs, rhs, window_strides, padding, **kwargs)
+
+  monkeypatch.setitem(layers.CONV_GRADIENTS, 'nhwc', recording)
+  formulations = layers.Formulations(up_conv=mode, conv_gradients='nhwc', pointwise_convs='conv')
+  up = layers.UpConv(5, 7, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(up)
+  jax.grad(lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1))(
+      params, jnp.ones((2, 6, 10, 5)))
+  assert calls == expected
 
 
 def test_strided_grads_up_conv_has_a_stride_two_kernel_gradient():
@@ -558,10 +591,13 @@ def test_strided_grads_up_conv_has_a_stride_two_kernel_gradient():
 
 
 def _formulations(model):
-  """(the convolutions' conv_general_dilated functions, the up-convolutions' modes)."""
+  """(the conv_general_dilated functions of the convolutions and of those the up-convolutions
+  are made of, the up-convolutions' modes)."""
   nodes = [node for _, node in nnx.iter_graph(model)]
-  return ({node.conv_general_dilated for node in nodes if isinstance(node, nnx.Conv)},
-          {node.mode for node in nodes if isinstance(node, layers.UpConv)})
+  up_convs = [node for node in nodes if isinstance(node, layers.UpConv)]
+  return ({node.conv_general_dilated for node in nodes if isinstance(node, nnx.Conv)}
+          | {layers.CONV_GRADIENTS[node.conv_gradients] for node in up_convs},
+          {node.mode for node in up_convs})
 
 
 def test_auto_formulations_are_the_platforms():

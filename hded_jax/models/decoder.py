@@ -13,8 +13,8 @@ class DecoderBlock(nnx.Module):
   """ConvT4x4/2 -> BN -> [Dropout] -> ReLU -> Conv3x3 -> BN -> [Dropout] -> ReLU."""
 
   def __init__(self, in_features, out_features, *, dropout_rate, formulations, dtype, rngs):
-    self.conv1 = layers.UpConv(in_features, out_features, mode=formulations.up_conv,
-                               dtype=dtype, rngs=rngs)
+    self.conv1 = layers.UpConv(in_features, out_features, formulations=formulations, dtype=dtype,
+                               rngs=rngs)
     self.bn1 = layers.BatchNorm(out_features, dtype=dtype, rngs=rngs)
     self.conv2 = layers.conv(out_features, out_features, 3, padding=1, formulations=formulations,
                              dtype=dtype, rngs=rngs)

@@ -175,50 +175,54 @@ class UpConv(nnx.Module):
   ``kernel`` (4, 4, in, out) is the plain conv kernel that a transposed conv applies to the
   stride-dilated input padded by ``k - 1 - p`` = 2 (what ``nnx.ConvTranspose`` with that padding
   computes); importing PyTorch weights (in, out, kh, kw) means transposing to (kh, kw, in, out)
-  and flipping both spatial axes. Computed as ``UP_CONVS[mode]``.
+  and flipping both spatial axes. Computed as ``formulations.up_conv`` says (``UP_CONVS``), from
+  convolutions whose gradients ``formulations.conv_gradients`` chooses.
   """
 
-  def __init__(self, in_features, out_features, *, mode, dtype, rngs):
+  def __init__(self, in_features, out_features, *, formulations: 'Formulations', dtype, rngs):
     self.kernel = nnx.Param(conv_init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
-    self.mode = mode
+    self.mode = formulations.up_conv
+    self.conv_gradients = formulations.conv_gradients
     self.dtype = dtype
 
   def __call__(self, x):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    return UP_CONVS[self.mode](x, kernel) + self.bias[...].astype(self.dtype)
+    return (UP_CONVS[self.mode](x, kernel, CONV_GRADIENTS[self.conv_gradients])
+            + self.bias[...].astype(self.dtype))
 
 
-def _conv_transpose(x, kernel):
-  return jax.lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC)
+def _conv_transpose(x, kernel, conv=jax.lax.conv_general_dilated):
+  """``lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)))``."""
+  return conv(x, kernel, (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=_NHWC)
 
 
-def _conv_transpose_adjoint(g, kernel):
+def _conv_transpose_adjoint(g, kernel, conv=jax.lax.conv_general_dilated):
   """The stride-2 conv that the up-convolution is the adjoint of: its input gradient."""
-  return jax.lax.conv_general_dilated(
-      g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), window_strides=(2, 2),
-      padding=((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  return conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (2, 2), ((1, 1), (1, 1)),
+              dimension_numbers=_NHWC)
 
 
-@jax.custom_vjp
-def _conv_transpose_strided_grads(x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_transpose_strided_grads(x, kernel, conv=jax.lax.conv_general_dilated):
   """One ``conv_transpose`` whose kernel gradient is that of the stride-2 conv it is the adjoint
   of (``<conv_transpose(x, k), g> = <x, adjoint(g, k)>``, so both have the same derivative in
   k). JAX's own kernel gradient of ``conv_transpose`` is a convolution with a reversed window the
   size of the image, which XLA's GPU backend cannot hand cuDNN as a kernel gradient: on an H100
   four of them took 9.7 ms of a 60 ms step (docs/performance.md). A stride-2 conv's kernel
   gradient has no reversed window."""
-  return _conv_transpose(x, kernel)
+  return _conv_transpose(x, kernel, conv)
 
 
-def _conv_transpose_strided_grads_fwd(x, kernel):
-  return _conv_transpose(x, kernel), (x, kernel)
+def _conv_transpose_strided_grads_fwd(x, kernel, conv):
+  return _conv_transpose(x, kernel, conv), (x, kernel)
 
 
-def _conv_transpose_strided_grads_bwd(residuals, g):
+def _conv_transpose_strided_grads_bwd(conv, residuals, g):
   x, kernel = residuals
-  input_gradient, kernel_vjp = jax.vjp(lambda kernel: _conv_transpose_adjoint(g, kernel), kernel)
+  input_gradient, kernel_vjp = jax.vjp(
+      lambda kernel: _conv_transpose_adjoint(g, kernel, conv), kernel)
   return input_gradient, *kernel_vjp(x)
 
 
@@ -226,36 +230,35 @@ _conv_transpose_strided_grads.defvjp(_conv_transpose_strided_grads_fwd,
                                      _conv_transpose_strided_grads_bwd)
 
 
-@jax.custom_vjp
-def _phase_upsampling_conv(x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _phase_upsampling_conv(x, kernel, conv=jax.lax.conv_general_dilated):
   """The transposed conv as four 2x2 convs, one per output phase: the same function without
   the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
   20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower). The
   input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead of the
   four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md).
   """
-  return _phase_convs(x, kernel)
+  return _phase_convs(x, kernel, conv)
 
 
-def _phase_convs(x, kernel):
+def _phase_convs(x, kernel, conv):
   n, h, w, _ = x.shape
   # Output row 2i + a sees input rows (i - 1, i) through taps (0, 2) for a = 0, and rows
   # (i, i + 1) through taps (1, 3) for a = 1; likewise for columns.
-  phases = [[jax.lax.conv_general_dilated(
-      x, kernel[a::2, b::2], window_strides=(1, 1), padding=((1 - a, a), (1 - b, b)),
-      dimension_numbers=_NHWC) for b in (0, 1)] for a in (0, 1)]
+  phases = [[conv(x, kernel[a::2, b::2], (1, 1), ((1 - a, a), (1 - b, b)),
+                  dimension_numbers=_NHWC) for b in (0, 1)] for a in (0, 1)]
   y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (n, h, a, w, b, c)
   return y.reshape(n, 2 * h, 2 * w, -1)
 
 
-def _upsampling_conv_fwd(x, kernel):
-  return _phase_convs(x, kernel), (x, kernel)
+def _upsampling_conv_fwd(x, kernel, conv):
+  return _phase_convs(x, kernel, conv), (x, kernel)
 
 
-def _upsampling_conv_bwd(residuals, g):
+def _upsampling_conv_bwd(conv, residuals, g):
   x, kernel = residuals
-  input_gradient = _conv_transpose_adjoint(g, kernel)
-  _, kernel_vjp = jax.vjp(lambda kernel: _phase_convs(x, kernel), kernel)
+  input_gradient = _conv_transpose_adjoint(g, kernel, conv)
+  _, kernel_vjp = jax.vjp(lambda kernel: _phase_convs(x, kernel, conv), kernel)
   return input_gradient, *kernel_vjp(g)
 
 
@@ -266,6 +269,8 @@ _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
 # one that XLA's GPU backend compiles faster (docs/performance.md). ``formulations`` says which
 # one 'auto' picks on a platform.
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
+# Each up-convolution is (x, kernel, conv): ``conv``, one of ``CONV_GRADIENTS``, computes the
+# convolutions it is made of.
 UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv,
             'transpose_strided_grads': _conv_transpose_strided_grads}
 # The 1x1 convolutions (dense layers, transitions) as convolutions or as matrix products.
