@@ -448,6 +448,40 @@ def test_conv_gradients_are_xlas(kernel_size, padding, in_features, out_features
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('size, kernel_size, padding', [
+    ((8, 8), 4, ((1, 1), (1, 1))),  # The stem's.
+    ((7, 9), 4, ((1, 1), (1, 1))),  # Odd sizes: the last row and column are read by no output.
+    ((9, 6), 2, ((0, 0), (0, 1))),
+    ((10, 7), 4, ((2, 1), (0, 2))),
+    ((6, 6), 6, ((2, 2), (2, 2))),
+])
+def test_stride_two_conv_gradients_are_xlas(size, kernel_size, padding):
+  """``layers.conv_with_nhwc_gradients``' stride-2 convs with even kernels: XLA's values and
+  gradients, the gradients computed by convolutions with neither operand dilated, the forward
+  by the stride-2 convolution alone."""
+  x = jax.random.normal(jax.random.key(1), (2, *size, 3))
+  kernel = jax.random.normal(jax.random.key(2), (kernel_size, kernel_size, 3, 5))
+  plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(2, 2), padding=padding,
+                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = functools.partial(layers.conv_with_nhwc_gradients, window_strides=(2, 2),
+                           padding=padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  weights = jax.random.normal(jax.random.key(3), plain(x, kernel).shape)
+  loss = lambda f: lambda x, k: jnp.sum(weights * jnp.sin(f(x, k)))
+  results = [jax.jit(jax.value_and_grad(loss(f), (0, 1)))(x, kernel) for f in (ours, plain)]
+  for a, b in zip(*map(jax.tree.leaves, results)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def convolutions(function, *args):
+    text = jax.export.export(jax.jit(function), platforms=('cpu',))(*args).mlir_module()
+    return [line for line in text.splitlines() if 'stablehlo.convolution' in line]
+
+  forward = convolutions(ours, x, kernel)
+  assert len(forward) == 1 and 'stride = [2, 2]' in forward[0]
+  gradients = convolutions(jax.grad(loss(ours), (0, 1)), x, kernel)
+  assert gradients and not any('dilate' in c for c in gradients), gradients
+  assert any('dilate' in c for c in convolutions(jax.grad(loss(plain), (0, 1)), x, kernel))
+
+
 def test_conv_kernel_gradient_moves_the_fewer_channels():
   """The kernel gradient of a 16 -> 2 conv with NHWC gradients moves the output gradient's 2
   channels in front of the images, not the input's 16 (XLA's CPU backend does, a copy 8x
