@@ -58,8 +58,10 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       # convolutions on CPU and GPU, one conv_transpose on TPU), 'phases', 'transpose' or
       # 'transpose_strided_grads' (layers.UP_CONVS).
       up_conv='auto',
-      # The gradients of the stride-1 convolutions: 'auto' (XLA's own on GPU and TPU, NHWC
-      # convolutions moving the fewer channels on CPU, as measured), 'xla' or 'nhwc'.
+      # The convolutions' gradients: 'auto' (XLA's own on GPU and TPU; on CPU, as measured,
+      # NHWC convolutions moving the fewer channels for stride-1 ones, up-convolutions' phases
+      # included, and a stride-1 conv's over the space-to-depth input for the stem's stride-2
+      # 4x4), 'xla' or 'nhwc' (layers.conv_with_nhwc_gradients).
       conv_gradients='auto',
       # The 1x1 convolutions (dense layers, transitions): 'auto' (matrix products on GPUs, which
       # XLA compiles faster than cuDNN convolutions; convolutions elsewhere), 'conv' or 'dot'.
