@@ -427,14 +427,16 @@ def test_scanned_dense_blocks_keep_the_parameter_tree():
     models.create_model(config)
 
 
-@pytest.mark.parametrize('in_features, out_features', [(5, 7), (7, 5)])
+# 64 -> 3: few outputs per input, computed as shifted products (but the 1x1).
+@pytest.mark.parametrize('in_features, out_features', [(5, 7), (7, 5), (64, 3)])
 @pytest.mark.parametrize('kernel_size, padding', [(1, 0), (3, 1), (4, 1)])
 def test_conv_gradients_are_xlas(kernel_size, padding, in_features, out_features):
   """``layers.conv_with_nhwc_gradients`` writes its gradients as NHWC convolutions, the kernel
   gradient in either orientation; the values are XLA's."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 8, in_features))
-  kernel = jax.random.normal(jax.random.key(2),
-                             (kernel_size, kernel_size, in_features, out_features))
+  # Scaled as initialised, so that outputs are about 1 and their sines well conditioned.
+  kernel = jax.random.normal(jax.random.key(2), (kernel_size, kernel_size, in_features,
+                                                 out_features)) / (kernel_size * in_features**0.5)
   pad = layers.symmetric_padding(padding)
   plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pad,
                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -480,6 +482,36 @@ def test_stride_two_conv_gradients_are_xlas(size, kernel_size, padding):
   gradients = convolutions(jax.grad(loss(ours), (0, 1)), x, kernel)
   assert gradients and not any('dilate' in c for c in gradients), gradients
   assert any('dilate' in c for c in convolutions(jax.grad(loss(plain), (0, 1)), x, kernel))
+
+
+@pytest.mark.parametrize('in_features, out_features, kernel_size, padding, shifted', [
+    (64, 3, 3, ((1, 1), (1, 1)), True),  # The AiF output conv.
+    (64, 1, 3, ((1, 1), (1, 1)), True),  # The depth output conv.
+    (64, 16, 2, ((1, 0), (0, 1)), True),  # An up-convolution's phase, 4 x 16 outputs per input.
+    (64, 32, 2, ((1, 0), (0, 1)), False),
+    (128, 32, 3, ((1, 1), (1, 1)), False),  # A dense layer's.
+    (64, 32, 1, ((0, 0), (0, 0)), False),  # One tap: a conv already reads each input once.
+])
+def test_convs_with_few_outputs_are_shifted_products(in_features, out_features, kernel_size,
+                                                     padding, shifted):
+  """Where a conv has at most one output per input and tap, its forward is one matrix product
+  and a sum of shifted windows instead of a convolution (faster on XLA's CPU backend); its
+  gradients stay convolutions."""
+  conv = lambda x, k: layers.conv_with_nhwc_gradients(
+      x, k, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = jnp.ones((1, 6, 6, in_features))
+  kernel = jnp.ones((kernel_size, kernel_size, in_features, out_features))
+
+  def ops(function, *args):
+    text = jax.jit(function).lower(*args).as_text()
+    return {op: text.count(f'stablehlo.{op}') for op in ('convolution', 'dot_general')}
+
+  forward = ops(conv, x, kernel)
+  assert forward == ({'convolution': 0, 'dot_general': 1} if shifted else
+                     {'convolution': 1, 'dot_general': 0})
+  # The forward's and two convolutions.
+  gradients = ops(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1)), x, kernel)
+  assert gradients == {**forward, 'convolution': forward['convolution'] + 2}
 
 
 def test_conv_kernel_gradient_moves_the_fewer_channels():
