@@ -217,14 +217,14 @@ def _space_to_depth_conv(x, kernel, padding):
   """The stride-2 conv as a stride-1 one: each 2x2 block of the padded input becomes one
   position with 4x the channels, and each 2x2 block of the kernel one tap, so that output
   (i, j) = sum over taps (p, q) of block (i + p, j + q) times kernel block (p, q)."""
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   kh, kw, _, out_features = kernel.shape
   (top, bottom), (left, right) = padding
   # An odd padded size's last row (column) is read by no output: cropped.
   x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom - (h + top + bottom) % 2, 0),
                                                (left, right - (w + left + right) % 2, 0),
                                                (0, 0, 0)))
-  n, h, w, c = x.shape
+  n, h, w, c = x.shape  # Even now.
   blocks = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
   kernel_blocks = kernel.reshape(kh // 2, 2, kw // 2, 2, c, out_features).transpose(
       0, 2, 1, 3, 4, 5)
