@@ -281,12 +281,15 @@ def run_programs_on_the_calling_thread() -> bool:
 
 def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:
   """asyncio's report of an Orbax task whose exception nobody read (it comes when the task is
-  garbage-collected, so at a random later moment)."""
+  garbage-collected, so at a random later moment): raised in Orbax's code, or by a TensorStore
+  future that Orbax awaits, whose traceback holds asyncio's frames only and whose error names
+  its ``tensorstore_spec``."""
   if record.name != 'asyncio' or not record.exc_info or not str(record.msg).startswith(
       'Task exception was never retrieved'):
     return False
   frames = traceback.extract_tb(record.exc_info[2])
-  return any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
+  return (any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
+          or 'tensorstore_spec=' in str(record.exc_info[1]))
 
 
 def readable_logs() -> None:
