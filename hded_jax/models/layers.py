@@ -132,8 +132,7 @@ def _conv_as_shifted_products(x, kernel, padding):
   weights = kernel.transpose(2, 0, 1, 3).reshape(in_features, kh * kw * out_features)
   # Summed in float32 whatever the inputs, as a conv accumulates.
   products = jnp.dot(x, weights, preferred_element_type=jnp.float32)
-  products = jax.lax.pad(products, jnp.float32(0),
-                         ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  products = _pad_spatially(products, padding)
   n, h, w, _ = products.shape
   rows, columns = h - kh + 1, w - kw + 1
   taps = products.reshape(n, h, w, kh, kw, out_features)
@@ -157,30 +156,40 @@ def _nhwc_gradient_conv_bwd(padding, residuals, g):
   if out_features < in_features:
     # Output channels as the batch, images as the features, the input as a flipped kernel.
     kernel_gradient = jax.lax.conv_general_dilated(
-        _written_channels_first(g, kernel), x.transpose(1, 2, 0, 3), (1, 1), adjoint_padding,
-        dimension_numbers=_NHWC)
+        _padded_channels_first(g, adjoint_padding, kernel), x.transpose(1, 2, 0, 3), (1, 1),
+        'VALID', dimension_numbers=_NHWC)
     return input_gradient, jnp.flip(kernel_gradient, (1, 2)).transpose(1, 2, 3, 0)
   # Input channels as the batch, images as the features, the output gradient as the kernel.
   kernel_gradient = jax.lax.conv_general_dilated(
-      _written_channels_first(x, kernel), g.transpose(1, 2, 0, 3), (1, 1), padding,
+      _padded_channels_first(x, padding, kernel), g.transpose(1, 2, 0, 3), (1, 1), 'VALID',
       dimension_numbers=_NHWC)
   return input_gradient, kernel_gradient.transpose(1, 2, 0, 3)
 
 
-def _written_channels_first(x, kernel):
-  """``x`` (N, H, W, C) as (C, H, W, N), copied from ``x`` once XLA has written it.
+def _padded_channels_first(x, padding, kernel):
+  """``x`` (N, H, W, C) padded as ``padding`` says and laid out as (C, H, W, N), copied from
+  ``x`` once XLA has written it.
 
-  XLA's CPU backend otherwise fuses the elementwise work that made ``x`` (BatchNorm and ReLU, or
-  their gradients) into the copy and recomputes it in the copy's order, reading its inputs C
-  floats apart: 58 against 11 ms (5 + 6) for a (4, 256, 256, 64) input (docs/performance.md). A
-  conditional's operands are written before it runs, and XLA keeps one whose predicate is known
-  only at run time: here a value of the kernel, which every device holds (one of ``x``'s,
-  sharded over the batch, would cost a collective). Both branches are the same copy, so the
-  predicate's value (false only for a NaN) changes nothing.
+  The kernel gradient's conv over it is then unpadded: Eigen checks every element of a padded
+  conv's image-sized patches against the bounds, which took a fifth of a kernel gradient (one
+  64 -> 64 conv at 256x256: 147 against 129 ms; docs/performance.md). XLA's CPU backend otherwise
+  fuses the elementwise work that made ``x`` (BatchNorm and ReLU, or their gradients) into the
+  copy and recomputes it in the copy's order, reading its inputs C floats apart: 58 against
+  11 ms (5 + 6) for a (4, 256, 256, 64) input. A conditional's operands are written before it
+  runs, and XLA keeps one whose predicate is known only at run time: here a value of the kernel,
+  which every device holds (one of ``x``'s, sharded over the batch, would cost a collective).
+  Both branches are the same copy, so the predicate's value (false only for a NaN) changes
+  nothing.
   """
-  to_channels_first = lambda x: x.transpose(3, 1, 2, 0)
+  padded_channels_first = lambda x: _pad_spatially(x, padding).transpose(3, 1, 2, 0)
   first = kernel[0, 0, 0, 0]
-  return jax.lax.cond(first == first, to_channels_first, to_channels_first, x)
+  return jax.lax.cond(first == first, padded_channels_first, padded_channels_first, x)
+
+
+def _pad_spatially(x, padding):
+  """NHWC ``x`` with H and W padded by zeros as a conv's ``padding`` says (negative crops)."""
+  return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
 
 
 _nhwc_gradient_conv.defvjp(_nhwc_gradient_conv_fwd, _nhwc_gradient_conv_bwd)
@@ -221,9 +230,8 @@ def _space_to_depth_conv(x, kernel, padding):
   kh, kw, _, out_features = kernel.shape
   (top, bottom), (left, right) = padding
   # An odd padded size's last row (column) is read by no output: cropped.
-  x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom - (h + top + bottom) % 2, 0),
-                                               (left, right - (w + left + right) % 2, 0),
-                                               (0, 0, 0)))
+  x = _pad_spatially(x, ((top, bottom - (h + top + bottom) % 2),
+                         (left, right - (w + left + right) % 2)))
   n, h, w, c = x.shape  # Even now.
   blocks = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
   kernel_blocks = kernel.reshape(kh // 2, 2, kw // 2, 2, c, out_features).transpose(
