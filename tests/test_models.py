@@ -627,6 +627,31 @@ def test_up_conv_formulations_compute_the_transposed_conv(mode, gradients):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('gradients, backward_convolutions', [('nhwc', 0), ('xla', 5)])
+def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
+    gradients, backward_convolutions):
+  """With the CPU's conv gradients, an up-convolution with more input channels than input
+  positions (the first one at 8x8) takes both gradients from matrix products with the output
+  gradient's windows instead of convolutions: XLA's values."""
+  x = jax.random.normal(jax.random.key(1), (1, 2, 3, 8))
+
+  def value_and_grads(up_conv, conv_gradients):
+    formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
+                                       pointwise_convs='conv')
+    up = layers.UpConv(8, 5, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(up)
+    function = jax.value_and_grad(
+        lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1))
+    text = jax.jit(function).lower(params, x).as_text()
+    return jax.jit(function)(params, x), text.count('stablehlo.convolution')
+
+  (ours, convolutions), (expected, _) = (value_and_grads('phases', gradients),
+                                         value_and_grads('transpose', 'xla'))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert convolutions == 4 + backward_convolutions  # The four phases forward.
+
+
 @pytest.mark.parametrize('mode, expected', [
     # Four phase convolutions, the stride-2 input gradient, the phases' kernel gradient.
     ('phases', [(1, 1)] * 4 + [(2, 2)] + [(1, 1)] * 4),

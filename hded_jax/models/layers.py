@@ -343,12 +343,41 @@ def _upsampling_conv_fwd(x, kernel, conv):
 
 def _upsampling_conv_bwd(conv, residuals, g):
   x, kernel = residuals
+  n, h, w, in_features = x.shape
+  if conv is conv_with_nhwc_gradients and in_features > n * h * w:
+    return _upsampling_conv_gradients_as_products(x, kernel, g)
   input_gradient = _conv_transpose_adjoint(g, kernel, conv)
   _, kernel_vjp = jax.vjp(lambda kernel: _phase_convs(x, kernel, conv), kernel)
   return input_gradient, *kernel_vjp(g)
 
 
 _phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+
+
+def _upsampling_conv_gradients_as_products(x, kernel, g):
+  """Both gradients of the up-convolution as matrix products with the output gradient's 4x4
+  windows, one per input position, for XLA's CPU backend where the kernel is larger than those
+  windows (more input channels than input positions: the first up-convolution at 256x256,
+  batch 4). Its convolutions would copy the kernel, transposed, and pad each phase's kernel
+  gradient to the full kernel (one 1024 -> 512 at 8x8: 73 against 54 ms; docs/performance.md).
+
+  Input (i, j) reaches output (2i + 2 - p, 2j + 2 - q) through tap (p, q).
+  """
+  n, h, w, in_features = x.shape
+  out_features = kernel.shape[-1]
+  padded = _pad_spatially(g, ((1, 1), (1, 1)))
+  windows = jnp.stack([padded[:, 3 - p:3 - p + 2 * h:2, 3 - q:3 - q + 2 * w:2]
+                       for p in range(4) for q in range(4)], axis=3)
+  windows = windows.reshape(n * h * w, 16, out_features)
+  # Summed in float32 whatever the inputs, as a conv accumulates.
+  input_gradient = jax.lax.dot_general(
+      windows, kernel.reshape(16, in_features, out_features), (((1, 2), (0, 2)), ((), ())),
+      preferred_element_type=jnp.float32)
+  kernel_gradient = jax.lax.dot_general(
+      x.reshape(n * h * w, in_features), windows, (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+  return (input_gradient.reshape(x.shape).astype(x.dtype),
+          kernel_gradient.transpose(1, 0, 2).reshape(kernel.shape).astype(kernel.dtype))
 
 
 # Ways to compute the same functions: XLA's own, one that XLA's CPU backend runs faster, and
