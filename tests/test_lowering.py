@@ -1,5 +1,7 @@
 """The GPU and TPU programs, lowered on this machine: no CPU-only path leaks into them."""
 
+from unittest import mock
+
 from flax import nnx
 
 from hded_jax import benchmark_lib
@@ -12,13 +14,17 @@ _ALL = (*lowering.PLATFORMS, 'cpu')
 
 
 def _lowered(**model_overrides):
-  """The op counts of the tiny config's train step and eval forward, and its convolution and
-  up-convolution counts."""
+  """The op counts of the tiny config's train step and eval forward, its convolution and
+  up-convolution counts, and how many up-convolutions took their gradients from matrix
+  products (on the CPU, where the kernel is larger than the output gradient's windows)."""
   config = tiny_config('unused')
   config.model.update(model_overrides)
   model = models.create_model(config.model)
   count = lambda kind: sum(isinstance(node, kind) for _, node in nnx.iter_graph(model))
-  return benchmark_lib.lowered_op_counts(config, _ALL), count(nnx.Conv), count(layers.UpConv)
+  with mock.patch.object(layers, '_upsampling_conv_gradients_as_products',
+                         wraps=layers._upsampling_conv_gradients_as_products) as products:
+    counts = benchmark_lib.lowered_op_counts(config, _ALL)
+  return counts, count(nnx.Conv), count(layers.UpConv), products.call_count
 
 
 def _pointwise_convs(config):
@@ -27,7 +33,7 @@ def _pointwise_convs(config):
 
 
 def test_gpu_and_tpu_programs_have_their_platforms_convolutions_and_no_cpu_paths():
-  counts, convs, up_convs = _lowered()
+  counts, convs, up_convs, product_gradients = _lowered()
   # Forward, kernel gradient and input gradient of every convolution; the first one's input
   # (the image) needs no gradient. An up-convolution is one conv_transpose on TPUs; on GPUs four
   # phase convolutions (and their kernel gradients) with a one-convolution input gradient, and
@@ -46,12 +52,15 @@ def test_gpu_and_tpu_programs_have_their_platforms_convolutions_and_no_cpu_paths
       assert c['constant_bytes'] < 1024, (program, platform)  # No arrays baked in.
     assert counts['train'][platform]['ops'] < 7_200, platform  # 6,275 with jax 0.10.
   # The CPU program computes each up-convolution as four phase convolutions (and their kernel
-  # gradients) with a one-convolution input gradient: 9 instead of 3. A convolution with at
-  # most one output per input and tap, a phase included, is a matrix product forward.
+  # gradients) with a one-convolution input gradient: 9 instead of 3, or 4 where its gradients
+  # are matrix products. A convolution with at most one output per input and tap, a phase
+  # included, is a matrix product forward.
   train = 3 * (convs + up_convs) - 1
   forward_products = _forward_products()
   assert forward_products  # The output convolution to the depth map (16 -> 1).
-  assert counts['train']['cpu']['convolutions'] == train + 6 * up_convs - forward_products
+  assert product_gradients  # The first up-convolution's, at 1x1 with 4 images.
+  assert counts['train']['cpu']['convolutions'] == (
+      train + 6 * up_convs - forward_products - 5 * product_gradients)
   assert counts['eval']['cpu']['convolutions'] == convs + 4 * up_convs - forward_products
 
 
@@ -76,11 +85,12 @@ def test_up_conv_option_picks_one_formulation_on_every_backend():
   and TPU programs, 'transpose' (and 'transpose_strided_grads') one conv_transpose in the CPU
   one (where the convolutions with few outputs per input are matrix products forward)."""
   for mode, extra in (('phases', 6), ('transpose', 0), ('transpose_strided_grads', 0)):
-    counts, convs, up_convs = _lowered(up_conv=mode, pointwise_convs='conv')
+    counts, convs, up_convs, product_gradients = _lowered(up_conv=mode, pointwise_convs='conv')
     expected = 3 * (convs + up_convs) - 1 + extra * up_convs
     forward_products = _forward_products(up_conv=mode, pointwise_convs='conv')
     assert {p: c['convolutions'] for p, c in counts['train'].items()} == {
-        **dict.fromkeys(_ALL, expected), 'cpu': expected - forward_products}, mode
+        **dict.fromkeys(_ALL, expected),
+        'cpu': expected - forward_products - 5 * product_gradients}, mode
 
 
 def test_pointwise_convs_as_dots_leave_the_programs_convolutions():

@@ -635,13 +635,13 @@ def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
   gradient's windows instead of convolutions: XLA's values."""
   x = jax.random.normal(jax.random.key(1), (1, 2, 3, 8))
 
-  def value_and_grads(up_conv, conv_gradients):
+  def value_and_grads(up_conv, conv_gradients, dtype=jnp.float32):
     formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
                                        pointwise_convs='conv')
-    up = layers.UpConv(8, 5, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    up = layers.UpConv(8, 5, formulations=formulations, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(up)
-    function = jax.value_and_grad(
-        lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1))
+    function = jax.value_and_grad(lambda params, x: jnp.sum(jnp.sin(
+        nnx.merge(graphdef, params)(x.astype(dtype)).astype(jnp.float32))), (0, 1))
     text = jax.jit(function).lower(params, x).as_text()
     return jax.jit(function)(params, x), text.count('stablehlo.convolution')
 
@@ -650,6 +650,10 @@ def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert convolutions == 4 + backward_convolutions  # The four phases forward.
+  # In bfloat16 too (XLA's CPU matrix products take no bfloat16 operands with float32 results).
+  for a, b in zip(jax.tree.leaves(value_and_grads('phases', gradients, jnp.bfloat16)[0]),
+                  jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize('mode, expected', [

@@ -60,8 +60,9 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       up_conv='auto',
       # The convolutions' gradients: 'auto' (XLA's own on GPU and TPU; on CPU, as measured,
       # NHWC convolutions moving the fewer channels for stride-1 ones, up-convolutions' phases
-      # included, and a stride-1 conv's over the space-to-depth input for the stem's stride-2
-      # 4x4), 'xla' or 'nhwc' (layers.conv_with_nhwc_gradients).
+      # included, a stride-1 conv's over the space-to-depth input for the stem's stride-2 4x4,
+      # matrix products for an up-conv with more input channels than positions), 'xla' or
+      # 'nhwc' (layers.conv_with_nhwc_gradients).
       conv_gradients='auto',
       # The 1x1 convolutions (dense layers, transitions): 'auto' (matrix products on GPUs, which
       # XLA compiles faster than cuDNN convolutions; convolutions elsewhere), 'conv' or 'dot'.

@@ -322,7 +322,9 @@ def _phase_upsampling_conv(x, kernel, conv=jax.lax.conv_general_dilated):
   the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
   20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower). The
   input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead of the
-  four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md).
+  four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md). With the CPU's
+  conv gradients, where the kernel is larger than the output gradient's windows, both gradients
+  are matrix products instead (``_upsampling_conv_gradients_as_products``).
   """
   return _phase_convs(x, kernel, conv)
 
@@ -365,17 +367,18 @@ def _upsampling_conv_gradients_as_products(x, kernel, g):
   """
   n, h, w, in_features = x.shape
   out_features = kernel.shape[-1]
-  padded = _pad_spatially(g, ((1, 1), (1, 1)))
+  # In float32 whatever the inputs, as a conv accumulates (XLA's CPU matrix products take no
+  # bfloat16 operands with a float32 result).
+  as_float32 = lambda a: jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
+  padded = _pad_spatially(as_float32(g), ((1, 1), (1, 1)))
   windows = jnp.stack([padded[:, 3 - p:3 - p + 2 * h:2, 3 - q:3 - q + 2 * w:2]
                        for p in range(4) for q in range(4)], axis=3)
   windows = windows.reshape(n * h * w, 16, out_features)
-  # Summed in float32 whatever the inputs, as a conv accumulates.
   input_gradient = jax.lax.dot_general(
-      windows, kernel.reshape(16, in_features, out_features), (((1, 2), (0, 2)), ((), ())),
-      preferred_element_type=jnp.float32)
+      windows, as_float32(kernel).reshape(16, in_features, out_features),
+      (((1, 2), (0, 2)), ((), ())))
   kernel_gradient = jax.lax.dot_general(
-      x.reshape(n * h * w, in_features), windows, (((0,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32)
+      as_float32(x).reshape(n * h * w, in_features), windows, (((0,), (0,)), ((), ())))
   return (input_gradient.reshape(x.shape).astype(x.dtype),
           kernel_gradient.transpose(1, 0, 2).reshape(kernel.shape).astype(kernel.dtype))
 
