@@ -83,7 +83,8 @@ def _forward_products(**model_overrides):
 def test_up_conv_option_picks_one_formulation_on_every_backend():
   """For measuring them against each other: 'phases' puts the phase convolutions in the GPU
   and TPU programs, 'transpose' (and 'transpose_strided_grads') one conv_transpose in the CPU
-  one (where the convolutions with few outputs per input are matrix products forward)."""
+  one (where the convolutions with few outputs per input are matrix products forward, and the
+  phases' gradients where the kernel is larger than the output gradient's windows)."""
   for mode, extra in (('phases', 6), ('transpose', 0), ('transpose_strided_grads', 0)):
     counts, convs, up_convs, product_gradients = _lowered(up_conv=mode, pointwise_convs='conv')
     expected = 3 * (convs + up_convs) - 1 + extra * up_convs
