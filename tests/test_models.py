@@ -547,7 +547,7 @@ def test_conv_kernel_gradient_copies_its_input_once_written():
 def test_conv_kernel_gradient_is_an_unpadded_conv(in_features, out_features):
   """The kernel gradient, a conv whose window is the size of the image, reads an operand padded
   in its channels-first copy and pads nothing itself: Eigen checks each element of a padded
-  window against the bounds (a fifth of the time at 256x256)."""
+  window against the bounds (an eighth to a fifth of the time)."""
   loss = lambda kernel, x: jnp.sum(jnp.sin(layers.conv_with_nhwc_gradients(
       jax.nn.relu(x), kernel, (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))))
