@@ -607,24 +607,29 @@ def test_remat_keeping_conv_outputs_recomputes_the_same_function_from_fewer_resi
     models.create_model(configs['none'])
 
 
+def _up_conv_value_and_grads(x, out_features, up_conv, conv_gradients, dtype=jnp.float32):
+  """An ``UpConv``'s sum of sines over ``x`` and its gradients (parameters, ``x``), and how many
+  convolutions that program holds."""
+  formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
+                                     pointwise_convs='conv')
+  up = layers.UpConv(x.shape[-1], out_features, formulations=formulations, dtype=dtype,
+                     rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(up)
+  function = jax.jit(jax.value_and_grad(lambda params, x: jnp.sum(jnp.sin(
+      nnx.merge(graphdef, params)(x.astype(dtype)).astype(jnp.float32))), (0, 1)))
+  return function(params, x), function.lower(params, x).as_text().count('stablehlo.convolution')
+
+
 @pytest.mark.parametrize('gradients', sorted(layers.CONV_GRADIENTS))
 @pytest.mark.parametrize('mode', sorted(layers.UP_CONVS))
 def test_up_conv_formulations_compute_the_transposed_conv(mode, gradients):
   """Values and both gradients of each up-convolution formulation, built from convolutions
   with either kind of gradient, against 'transpose' with XLA's own."""
   x = jax.random.normal(jax.random.key(1), (2, 6, 10, 5))
-
-  def value_and_grads(up_conv, conv_gradients):
-    formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
-                                       pointwise_convs='conv')
-    up = layers.UpConv(5, 7, formulations=formulations, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(up)
-    return jax.jit(jax.value_and_grad(
-        lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x))), (0, 1)))(params, x)
-
-  for ours, expected in zip(jax.tree.leaves(value_and_grads(mode, gradients)),
-                            jax.tree.leaves(value_and_grads('transpose', 'xla'))):
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+  (ours, _), (expected, _) = (_up_conv_value_and_grads(x, 7, mode, gradients),
+                              _up_conv_value_and_grads(x, 7, 'transpose', 'xla'))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('gradients, backward_convolutions', [('nhwc', 0), ('xla', 5)])
@@ -634,25 +639,14 @@ def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
   positions (the first one at 8x8) takes both gradients from matrix products with the output
   gradient's windows instead of convolutions: XLA's values."""
   x = jax.random.normal(jax.random.key(1), (1, 2, 3, 8))
-
-  def value_and_grads(up_conv, conv_gradients, dtype=jnp.float32):
-    formulations = layers.Formulations(up_conv=up_conv, conv_gradients=conv_gradients,
-                                       pointwise_convs='conv')
-    up = layers.UpConv(8, 5, formulations=formulations, dtype=dtype, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(up)
-    function = jax.value_and_grad(lambda params, x: jnp.sum(jnp.sin(
-        nnx.merge(graphdef, params)(x.astype(dtype)).astype(jnp.float32))), (0, 1))
-    text = jax.jit(function).lower(params, x).as_text()
-    return jax.jit(function)(params, x), text.count('stablehlo.convolution')
-
-  (ours, convolutions), (expected, _) = (value_and_grads('phases', gradients),
-                                         value_and_grads('transpose', 'xla'))
+  (ours, convolutions), (expected, _) = (_up_conv_value_and_grads(x, 5, 'phases', gradients),
+                                         _up_conv_value_and_grads(x, 5, 'transpose', 'xla'))
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert convolutions == 4 + backward_convolutions  # The four phases forward.
   # In bfloat16 too (XLA's CPU matrix products take no bfloat16 operands with float32 results).
-  for a, b in zip(jax.tree.leaves(value_and_grads('phases', gradients, jnp.bfloat16)[0]),
-                  jax.tree.leaves(expected)):
+  bfloat16, _ = _up_conv_value_and_grads(x, 5, 'phases', gradients, jnp.bfloat16)
+  for a, b in zip(jax.tree.leaves(bfloat16), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
 
 
