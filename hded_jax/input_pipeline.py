@@ -28,6 +28,7 @@ from PIL import Image
 
 from hded_jax import defocus
 from hded_jax import images
+from hded_jax import runtime
 
 PREPARE_HINT = 'Build it once with `{command}` (see README.md, "Datasets").'
 
@@ -50,6 +51,7 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
             command=registry.prepare_command(builder)))
   logging.info('Building %s/%s in %s (first run only).', name, builder.builder_config.name,
                builder.data_dir_root)
+  runtime.tensorflow()  # Before TFDS's build starts its runtime.
   if jax.process_count() == 1:
     builder.download_and_prepare()
     return builder

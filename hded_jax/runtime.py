@@ -10,6 +10,7 @@ import os
 import pkgutil
 import sys
 import traceback
+import types
 import typing
 
 from absl import logging
@@ -25,12 +26,6 @@ def setup(workdir: str, *, training: bool, distributed: bool = True) -> None:
   """``training``: whether this process trains (train.py) or only evaluates (eval.py), which
   decides the CPU's convolutions (``tune_for_platform``)."""
   tune_for_platform(training=training)
-  # TFDS uses TensorFlow for I/O only; keep it off the accelerators. Imported here and in
-  # `metric_writer`, not with this module: predict.py, which needs neither, then starts without
-  # it (2-3 s sooner).
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for kind in ('GPU', 'TPU'):
-    tf.config.set_visible_devices([], kind)
   if distributed and _is_multihost_env():
     # Cluster environments (TPU, SLURM) are detected by JAX; elsewhere these variables say it.
     env = {k: int(os.environ[v]) for k, v in (('num_processes', 'JAX_NUM_PROCESSES'),
@@ -67,12 +62,24 @@ def enable_compilation_cache(cache_dir: str) -> None:
   compilation_cache.reset_cache()
 
 
+def tensorflow() -> types.ModuleType:
+  """TensorFlow, kept off the accelerators: TFDS's dataset builds and clu's TensorBoard writer
+  use it for I/O only, and on a GPU its runtime would claim memory that JAX needs. Imported
+  where first needed, not at start-up: its import takes ~2 s, which train.py spends beside
+  XLA's compile or program load, and predict.py never."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if hasattr(tf, 'config'):  # A stand-in for TensorFlow may have none.
+    for kind in ('GPU', 'TPU'):
+      tf.config.set_visible_devices([], kind)
+  return tf
+
+
 def metric_writer(logdir: str) -> 'metric_writers.MetricWriter':
   """clu's writer: metrics to the log, and to TensorBoard event files in ``logdir`` from process
   0. Where TensorFlow lacks its summary ops (a stand-in for TensorFlow, as on machines set up to
   measure only) training goes on with the log alone."""
+  tf = tensorflow()  # Before clu's writers import it.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   just_logging = jax.process_index() > 0
   if not just_logging and not hasattr(tf, 'summary'):
     logging.warning('This TensorFlow (%s) has no tf.summary: no TensorBoard event files, metrics '

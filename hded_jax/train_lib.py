@@ -12,11 +12,10 @@ import os
 import signal
 import threading
 import time
+import typing
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 from flax import nnx
 from flax import traverse_util
 import jax
@@ -35,6 +34,9 @@ from hded_jax import program_cache
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax.train_state import TrainState
+
+if typing.TYPE_CHECKING:
+  from clu import metric_writers
 
 
 class NonFiniteError(FloatingPointError):
@@ -334,7 +336,7 @@ class CameraLog:
   def add(self, local_batch: Mapping[str, np.ndarray]) -> None:
     self._cameras.append(local_batch['camera'])
 
-  def write(self, writer: metric_writers.MetricWriter, step: int) -> None:
+  def write(self, writer: 'metric_writers.MetricWriter', step: int) -> None:
     if self._cameras:
       cameras = np.concatenate(self._cameras)
       writer.write_histograms(step, {f'camera/{name}': cameras[:, i]
@@ -402,7 +404,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
                              'missing).')
   clock = StartupClock()
-  writer = runtime.metric_writer(workdir)
   source = input_pipeline.data_source(config, config.dataset.train_split)
   trainer = Trainer(config, len(source))
   # Saved with every checkpoint: evaluation reads the run's length from it.
@@ -430,6 +431,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
     first_step = int(state.step)
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
+    # clu's writers and periodic actions import TensorFlow (~2 s): here, beside XLA's compile
+    # or program load, rather than before the restore.
+    writer = runtime.metric_writer(workdir)
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    clock.lap('the metric writer (importing TensorFlow)')
     # Called as it is: the jitted function would trace the step again.
     future, loaded_from = compiling[0]
     train_step_program = future.result()  # Or XLA's error.

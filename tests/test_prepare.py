@@ -183,7 +183,11 @@ def test_auto_prepare_in_two_processes_builds_once(tmp_path):
       jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
       import ml_collections
       from hded_jax import input_pipeline
+      from hded_jax import runtime
       from tfds_builders import synthetic_defocus
+
+      tensorflow = runtime.tensorflow
+      runtime.tensorflow = lambda: print('TensorFlow kept off the accelerators') or tensorflow()
 
       prepare = synthetic_defocus.Builder._download_and_prepare
       def announce_and_prepare(*args, **kwargs):
@@ -208,4 +212,7 @@ def test_auto_prepare_in_two_processes_builds_once(tmp_path):
     assert process.returncode == 0, output
     assert f'process {i} reads 8' in output
   assert 'building in process 0' in outputs[0]
+  # Before TFDS's build can start TensorFlow's runtime.
+  assert (outputs[0].index('TensorFlow kept off the accelerators') <
+          outputs[0].index('building in process 0')), outputs[0]
   assert 'building in process' not in outputs[1]

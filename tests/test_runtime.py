@@ -398,6 +398,23 @@ def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, mo
   assert 'no tf.summary' in caplog.text and 'tensorflow-cpu' in caplog.text
 
 
+def test_tensorflow_is_kept_off_the_accelerators(monkeypatch):
+  hidden = []
+  stand_in = types.SimpleNamespace(config=types.SimpleNamespace(
+      set_visible_devices=lambda devices, kind: hidden.append((devices, kind))))
+  monkeypatch.setitem(sys.modules, 'tensorflow', stand_in)
+  assert runtime.tensorflow() is stand_in and hidden == [([], 'GPU'), ([], 'TPU')]
+
+
+def test_train_py_imports_tensorflow_only_for_its_writer(tmp_path):
+  """Neither train.py's imports nor its set-up import TensorFlow (~2 s): train_lib.train makes
+  its writer once the state is restored, beside XLA loading the step (test_train checks where)."""
+  assert _child_stdout(
+      'import sys, train\nfrom hded_jax import runtime\n'
+      'runtime.setup(sys.argv[1], training=True)\nprint("tensorflow" in sys.modules)',
+      str(tmp_path)).split()[-1] == 'False'
+
+
 def test_process_age_counts_from_the_process_start():
   age = float(_child_stdout('import time; time.sleep(1.0)\n'
                             'from hded_jax import runtime; print(runtime.process_age_s())'))

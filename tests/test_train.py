@@ -103,7 +103,8 @@ def test_resume_continues_exactly_where_it_stopped(tiny_data_dir, tmp_path, capl
   assert list(parts) == ['imports and set-up',
                          'the dataset (built if missing), model and checkpoint config',
                          'finding the step in the program cache', 'restoring the checkpoint',
-                         'waiting for XLA', 'the first batch and step'], parts
+                         'the metric writer (importing TensorFlow)', 'waiting for XLA',
+                         'the first batch and step'], parts
   assert int(resumed.step) == 6 and steps_in(resumed_dir) == [3, 4, 6]  # keeps 3
   assert_trees_equal(params_of(straight), params_of(resumed))
 
