@@ -568,7 +568,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
   input pipeline alone (is it faster than the step?), nothing compiled."""
   h, w = config.dataset.image_size
   results = {
-      'config': {'model': config.model.to_dict(),
+      'config': {'model': config.model.to_dict(), 'optimizer': config.optimizer.to_dict(),
                  'image_size': [h, w], 'batch_size': config.batch_size,
                  'dtype': config.model.dtype},
       'machine': {'cpu_count': os.cpu_count(), 'jax': jax.__version__,

@@ -79,6 +79,8 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.Gradien
     tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2)
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  if opt.get('flatten', False):  # Configs saved before the field: per-parameter.
+    tx = optax.flatten(tx)
   return tx
 
 

@@ -171,7 +171,8 @@ def test_only_changes_to_the_state_layout_block_resuming(trainer):
                                       ('optimizer', 'learning_rate', 1e-5, True),
                                       ('model', 'growth_rate', 12, False),
                                       ('model', 'heads', ('depth',), False),
-                                      ('optimizer', 'weight_decay', 1e-4, False)):
+                                      ('optimizer', 'weight_decay', 1e-4, False),
+                                      ('optimizer', 'flatten', True, False)):
     changed = config.copy_and_resolve_references()
     changed[section][field] = value
     assert train_lib.same_state_layout(changed, state) == same, field

@@ -15,15 +15,15 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
              SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
              TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
-             ONLY='platform bf16_b32 restart autotune train_restart max_solutions pipeline '
-                  'smoke_train smoke_eval transpose_b32')
+             ONLY='platform bf16_b32 restart autotune train_restart max_solutions flat_b32 '
+                  'pipeline smoke_train smoke_eval transpose_b32')
   subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
                  capture_output=True)
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   log = (tmp_path / 'out' / 'log.txt').read_text()
   ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
   assert ran == {'platform', 'bf16_b32', 'restart', 'autotune', 'train_restart',
-                 'max_solutions', 'pipeline', 'smoke_train', 'smoke_eval',
+                 'max_solutions', 'flat_b32', 'pipeline', 'smoke_train', 'smoke_eval',
                  'transpose_b32'}, log[-3000:]
   assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
       'strided_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest'}
@@ -34,6 +34,7 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   assert ('--xla_gpu_autotune_max_solutions=8' in
           results['max_solutions']['machine']['xla_flags'])
   assert results['max_solutions']['jax']['train']['images_per_s'] > 0
+  assert results['flat_b32']['config']['optimizer']['flatten'] is True
   # Each cold compile is profiled: XLA's phases by time (on the CPU, its CPU compiler's).
   for name in ('bf16_b32', 'autotune', 'transpose_b32'):
     phases = results[name]['jax']['compile_profile']

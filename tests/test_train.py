@@ -375,6 +375,39 @@ def test_remat_trains_identically(tiny_data_dir, tmp_path):
                plain_stats, remat_stats)
 
 
+def test_flattened_adam_gives_the_per_parameter_updates(tiny_data_dir):
+  """optimizer.flatten: Adam (here AdamW, after clipping) over one vector of all the
+  parameters updates each as the per-parameter one does; its moments are one vector each."""
+  config = tiny_config(tiny_data_dir)
+  config.optimizer.update(weight_decay=0.1, grad_clip_norm=1.0)
+  params = {'kernel': np.arange(12.0, dtype=np.float32).reshape(3, 4) / 10,
+            'scale': np.ones(5, np.float32)}
+  results = {}
+  for flatten in (False, True):
+    config.optimizer.flatten = flatten
+    tx = train_lib.make_optimizer(config, optax.constant_schedule(1e-2))
+    opt_state, updated = tx.init(params), params
+    for seed in range(3):
+      grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed), x.shape), params)
+      updates, opt_state = tx.update(grads, opt_state, updated)
+      updated = optax.apply_updates(updated, updates)
+    results[flatten] = updated, opt_state
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6),
+               results[False][0], results[True][0])
+  assert {x.shape for x in jax.tree.leaves(results[True][1])} == {(), (17,)}
+
+
+def test_a_run_with_flattened_adam_resumes(tiny_data_dir, tmp_path):
+  config = tiny_config(tiny_data_dir, num_train_steps=2)
+  config.optimizer.flatten = True
+  workdir = str(tmp_path / 'run')
+  train_lib.train(config, workdir)
+  config.num_train_steps = 3
+  state = train_lib.train(config, workdir)
+  assert int(state.step) == 3 and steps_in(workdir) == [2, 3]
+  assert {x.ndim for x in jax.tree.leaves(state.opt_state)} == {0, 1}
+
+
 def test_native_resolution_protocol_scores_the_resized_prediction(tiny_data_dir):
   """make3d_literature's scoring: the prediction at the input size (64x64 here), resized to the
   stored 32x32 ground truth, against the ground truth as stored."""
