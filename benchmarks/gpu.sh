@@ -21,7 +21,7 @@
 #              66 s compile, ~60 candidates per convolution): compile time against step time,
 #              no compile profile (it adds ~25 s); bf16_b32 is its baseline
 #   flat_b32   bf16 batch 32, cold, with Adam over one vector of all the parameters
-#              (optimizer.flatten: 41% fewer ops in the step; on the CPU the same compile and
+#              (optimizer.flatten: 37% fewer ops in the step; on the CPU the same compile and
 #              step time): compile time against step time, as max_solutions
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2

@@ -56,8 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
       decay_factor=0.1,
       grad_clip_norm=0.0,  # 0 = no clipping.
       # Adam over one vector of all the parameters (optax.flatten) instead of each parameter
-      # apart: the same updates from 41% fewer ops in the full model's train step (23,449 ->
-      # 13,739 lowered for cuda), for XLA's GPU compile to measure (benchmarks/gpu.sh
+      # apart: the same updates from ~40% fewer ops in the full model's train step (lowered for
+      # cuda, bf16 batch 32: 25,892 -> 16,182), for XLA's GPU compile to measure (benchmarks/gpu.sh
       # flat_b32); on the CPU the same compile and step time. The optimizer state's layout
       # follows it: a run resumes only with the setting it started with.
       flatten=False,

@@ -120,7 +120,7 @@ def test_scanned_dense_blocks_lower_each_block_once():
 
 def test_flattened_adam_takes_fewer_ops_on_every_platform():
   """optimizer.flatten: one Adam update over all the parameters instead of one per parameter
-  (the full model's cuda train step: 23,449 -> 13,739 ops)."""
+  (the full model's cuda train step at bf16 batch 32: 25,892 -> 16,182 ops)."""
   config = tiny_config('unused')
   per_parameter = benchmark_lib.lowered_op_counts(config, _ALL)['train']
   config.optimizer.flatten = True
