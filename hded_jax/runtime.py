@@ -182,6 +182,17 @@ def _pjrt_plugins() -> set[str]:
   return modules
 
 
+def add_xla_flag(flag: str) -> bool:
+  """Adds ``flag`` ('--name=value') to XLA_FLAGS unless XLA_FLAGS already sets ``name``: the
+  user's choice stands. XLA reads XLA_FLAGS when its backend starts: call it before that.
+  Returns whether ``flag`` is in effect."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if flag.partition('=')[0] in flags:
+    return flag in flags.split()
+  os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+  return True
+
+
 # XLA flag and the jaxlib minor versions where it was measured faster (docs/performance.md):
 # 0.10 (Python 3.11's newest) and 0.12 (Python 3.12's); not 0.11 (no gain on the CPU).
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
@@ -204,16 +215,13 @@ def use_eigen_convolutions() -> bool:
   user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it
   before that. Returns whether the flag is in effect.
   """
-  flags = os.environ.get('XLA_FLAGS', '')
-  if _YNN_FUSION_TYPE in flags:
-    return _EIGEN_CONVOLUTIONS_FLAG in flags.split()
-  if jaxlib.version.__version_info__[:2] not in _EIGEN_CONVOLUTIONS_JAXLIBS:
+  if (_YNN_FUSION_TYPE not in os.environ.get('XLA_FLAGS', '') and
+      jaxlib.version.__version_info__[:2] not in _EIGEN_CONVOLUTIONS_JAXLIBS):
     logging.info('jaxlib %s: XLA CPU convolutions left to XLA (%s was measured faster on %s).',
                  jaxlib.version.__version__, _EIGEN_CONVOLUTIONS_FLAG,
                  ', '.join('%d.%d' % version for version in _EIGEN_CONVOLUTIONS_JAXLIBS))
     return False
-  os.environ['XLA_FLAGS'] = f'{flags} {_EIGEN_CONVOLUTIONS_FLAG}'.strip()
-  return True
+  return add_xla_flag(_EIGEN_CONVOLUTIONS_FLAG)
 
 
 _CUBLAS_GEMMS_FLAG = '--xla_gpu_enable_triton_gemm=false'
@@ -228,11 +236,7 @@ def use_cublas_gemms() -> bool:
   ``xla_gpu_enable_triton_gemm`` the user put in XLA_FLAGS; XLA reads XLA_FLAGS when its backend
   starts: call it before that. Returns whether the flag is in effect.
   """
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_gpu_enable_triton_gemm' in flags:
-    return _CUBLAS_GEMMS_FLAG in flags.split()
-  os.environ['XLA_FLAGS'] = f'{flags} {_CUBLAS_GEMMS_FLAG}'.strip()
-  return True
+  return add_xla_flag(_CUBLAS_GEMMS_FLAG)
 
 
 # glibc mallopt parameters (malloc.h).

@@ -23,9 +23,7 @@ runtime.use_eigen_convolutions()
 # of 12 and steps in 17 ms instead of 8), which cuts the suite by a third (2 cores: 13:56 ->
 # 9:21). Speed is the benchmark's (docs/performance.md), which keeps XLA's default, as do
 # train.py, eval.py and predict.py. Unless XLA_FLAGS already sets a level.
-if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+runtime.add_xla_flag('--xla_backend_optimization_level=0')
 
 
 @pytest.fixture(scope='session', autouse=True)
