@@ -26,6 +26,14 @@ runtime.use_eigen_convolutions()
 runtime.add_xla_flag('--xla_backend_optimization_level=0')
 
 
+def forced_devices_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a child process on ``devices`` forced CPU devices: this process's flags
+  less any device count of their own."""
+  flag = '--xla_force_host_platform_device_count'
+  inherited = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(flag)]
+  return ' '.join([*inherited, f'{flag}={devices}'])
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory) -> str:
   """Tests build the same tiny train step many times; compile it once per session (programs

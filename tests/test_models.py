@@ -18,6 +18,7 @@ from hded_jax import defocus
 from hded_jax import models
 from hded_jax.models import layers
 from tests.conftest import REPO
+from tests.conftest import forced_devices_xla_flags
 
 
 @nnx.jit
@@ -574,8 +575,7 @@ for conv in (layers.conv_with_nhwc_gradients, jax.lax.conv_general_dilated):
 def test_conv_kernel_gradient_copy_costs_no_collective_on_a_sharded_batch():
   """Over a batch sharded across devices, the written copy's predicate needs no collective: as
   many all-reduces as XLA's own gradient."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-         'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'XLA_FLAGS': forced_devices_xla_flags(2), 'JAX_PLATFORMS': 'cpu'}
   ours, xlas = subprocess.run([sys.executable, '-c', _COUNT_ALL_REDUCES], cwd=REPO, env=env,
                               capture_output=True, text=True, check=True).stdout.splitlines()
   assert ours == xlas and xlas != '0 0'

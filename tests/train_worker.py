@@ -15,6 +15,7 @@ import jax
 from hded_jax import runtime
 from hded_jax import train_lib
 from tests.conftest import REPO
+from tests.conftest import forced_devices_xla_flags
 from tests.conftest import tiny_config
 
 
@@ -32,9 +33,10 @@ def main(data_dir: str, workdir: str, num_steps: str, batch_size: str,
 
 def launch(data_dir, workdir, *, num_steps, batch_size, devices=1, checkpoint_every_steps=None,
            focus_range=None, extra_env=None) -> subprocess.Popen:
-  """Starts this worker in a fresh process on ``devices`` forced CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=REPO, JAX_PLATFORMS='cpu', **(extra_env or {}))
+  """Starts this worker in a fresh process on ``devices`` forced CPU devices, with this
+  process's other XLA flags (the tests' optimisation level: `conftest.py`)."""
+  env = dict(os.environ, XLA_FLAGS=forced_devices_xla_flags(devices), PYTHONPATH=REPO,
+             JAX_PLATFORMS='cpu', **(extra_env or {}))
   args = [data_dir, workdir, str(num_steps), str(batch_size),
           str(checkpoint_every_steps or num_steps)]
   if focus_range:
