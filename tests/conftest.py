@@ -16,6 +16,15 @@ import tfds_builders  # pylint: disable=unused-import  (registers the builders)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Triton, which pip's CUDA builds of torch install, crashes the process (SIGSEGV) when it is
+# imported after TensorFlow (TensorFlow 2.21, Triton 3.7.1, Python 3.11 and 3.12); torch imports
+# it at the first torch.optim call (the benchmark's PyTorch side), and tests import TensorFlow
+# long before that (the tiny dataset's build, the event files). Imported first, both work.
+try:
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:  # The CPU build of torch, or no torch.
+  pass
+
 # As the entry points do (runtime.setup): before any test starts the backend.
 runtime.use_eigen_convolutions()
 # Tests check what the programs compute, not how fast: XLA's CPU backend emits their machine

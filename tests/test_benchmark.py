@@ -67,6 +67,17 @@ def test_benchmark_writes_every_figure(tmp_path):
 
 
 
+def test_torch_optimizers_run_in_test_processes_that_imported_tensorflow():
+  """Where torch is a CUDA build, it brings Triton, which crashes a process that imported
+  TensorFlow first (the benchmark's PyTorch side in a test worker): conftest.py imports it
+  before anything imports TensorFlow."""
+  pytest.importorskip('triton')
+  code = ('import tests.conftest, tensorflow, torch\n'
+          'torch.optim.Adam([torch.zeros(1, requires_grad=True)])\nprint("ran")')
+  run = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 0 and 'ran' in run.stdout, run.stderr[-3000:]
+
+
 def test_torch_flag_without_torch_stops_at_once_and_says_how_to_install_it(tmp_path):
   (tmp_path / 'torch').mkdir()  # Found first on the path, and fails as a missing package does.
   (tmp_path / 'torch' / '__init__.py').write_text(
