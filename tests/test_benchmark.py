@@ -66,7 +66,6 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert text in table
 
 
-
 def test_torch_optimizers_run_in_test_processes_that_imported_tensorflow():
   """Where torch is a CUDA build, it brings Triton, which crashes a process that imported
   TensorFlow first (the benchmark's PyTorch side in a test worker): conftest.py imports it
