@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hded_jax import benchmark_lib
+from hded_jax import pytorch
 from hded_jax import runtime
 
 FLAGS = flags.FLAGS
@@ -61,6 +62,7 @@ def main(argv):
     except ImportError as error:
       raise app.UsageError(f'--torch times the PyTorch reference, which needs PyTorch ({error}): '
                            "pip install -e '.[torch]', or leave out --torch.") from error
+    pytorch.load_triton_first()  # Building a dataset for the pipeline's figure imports TensorFlow.
   # As train.py does (runtime.setup); PyTorch shares the allocator. Its eval figures are thus
   # those of the convolutions chosen for training (eval.py and predict.py keep XLA's on a CPU).
   runtime.tune_for_platform(training=True)

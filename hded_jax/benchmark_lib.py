@@ -47,6 +47,7 @@ import numpy as np
 from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import lowering
+from hded_jax import pytorch
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
@@ -446,6 +447,7 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
                     modes: Sequence[str] | None = None) -> dict:
   """The PyTorch reference on the same batch and device kind: an Adam step on the config's loss,
   and the eval forward, in each of ``modes`` (default: ``TORCH_MODES`` of the device)."""
+  pytorch.load_triton_first()
   import torch  # pylint: disable=g-import-not-at-top
   from hded_jax.pytorch import reference  # pylint: disable=g-import-not-at-top
 

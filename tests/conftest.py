@@ -10,20 +10,15 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import smoke
+from hded_jax import pytorch
 from hded_jax import runtime
 from hded_jax import train_lib
 import tfds_builders  # pylint: disable=unused-import  (registers the builders)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Triton, which pip's CUDA builds of torch install, crashes the process (SIGSEGV) when it is
-# imported after TensorFlow (TensorFlow 2.21, Triton 3.7.1, Python 3.11 and 3.12); torch imports
-# it at the first torch.optim call (the benchmark's PyTorch side), and tests import TensorFlow
-# long before that (the tiny dataset's build, the event files). Imported first, both work.
-try:
-  import triton  # pylint: disable=g-import-not-at-top,unused-import
-except ImportError:  # The CPU build of torch, or no torch.
-  pass
+# Before the tests import TensorFlow (the tiny dataset's build, event files): see there.
+pytorch.load_triton_first()
 
 # As the entry points do (runtime.setup): before any test starts the backend.
 runtime.use_eigen_convolutions()

@@ -77,6 +77,28 @@ def test_torch_optimizers_run_in_test_processes_that_imported_tensorflow():
   assert run.returncode == 0 and 'ran' in run.stdout, run.stderr[-3000:]
 
 
+def test_torch_baseline_runs_after_the_pipeline_figure_built_the_dataset(tmp_path):
+  """The pipeline's figure builds a dataset that is not prepared (TensorFlow imported), then the
+  PyTorch side's optimizer imports Triton: the benchmark loads Triton first."""
+  pytest.importorskip('triton')
+  run = subprocess.run(
+      [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/smoke.py', '--torch',
+       '--steps=1', '--warmup=0', '--pipeline_batches=1', '--max_wait=0'],
+      cwd=REPO, env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds')), capture_output=True,
+      text=True)
+  assert run.returncode == 0 and 'torch float32 train' in run.stdout, run.stderr[-3000:]
+  assert 'Building synthetic_defocus/tiny' in run.stderr
+
+
+def test_triton_after_tensorflow_is_reported_not_loaded():
+  pytest.importorskip('triton')
+  code = ('import sys, tensorflow\nfrom hded_jax import pytorch\npytorch.load_triton_first()\n'
+          'print("triton" in sys.modules)')
+  run = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 0 and run.stdout.split()[-1] == 'False', run.stderr[-3000:]
+  assert 'TensorFlow was imported before Triton' in run.stderr
+
+
 def test_torch_flag_without_torch_stops_at_once_and_says_how_to_install_it(tmp_path):
   (tmp_path / 'torch').mkdir()  # Found first on the path, and fails as a missing package does.
   (tmp_path / 'torch' / '__init__.py').write_text(
