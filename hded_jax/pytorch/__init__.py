@@ -1,5 +1,6 @@
 """The PyTorch original: its weights in hded-jax's layout (`weights`, numpy only) and a PyTorch
-re-implementation with the official module names (`reference`, needs the `torch` extra)."""
+re-implementation with the official module names (`reference`, needs the `torch` extra); and
+`load_triton_first`, for processes that run torch beside TensorFlow."""
 
 import importlib.util
 import sys
