@@ -278,6 +278,7 @@ class StartupClock:
     age = runtime.process_age_s()
     self._parts = [('imports and set-up', age)] if age is not None else []
     self._compile = []  # [what, start, end] of the work on the other thread.
+    self._compiling, self._waiting_for = None, None
 
   def lap(self, what: str) -> None:
     """The time since the last lap was spent on ``what``."""
@@ -285,10 +286,21 @@ class StartupClock:
     self._parts.append((what, now - self._last))
     self._last = now
 
-  def time_compile(self, compiling: futures.Future, what: str) -> None:
-    """``what`` happens on another thread until ``compiling`` is done."""
+  def time_compile(self, compiling: futures.Future, what: str, waiting_for: str) -> None:
+    """``what`` happens on another thread until ``compiling`` is done; ``waiting_for`` names it
+    in the log while the main thread waits for it."""
     self._compile = [what, time.perf_counter()]
+    self._compiling, self._waiting_for = compiling, waiting_for
     compiling.add_done_callback(lambda _: self._compile.append(time.perf_counter()))
+
+  def wait_for_compile(self, log_every_s: float = 30.0):
+    """The compiled step (or XLA's error), logging every ``log_every_s`` until it is ready: a
+    cold compile of the full model takes over a minute on a GPU, and nothing else shows."""
+    while not self._compiling.done():
+      logging.info('Waiting for %s: %.0f s so far.', self._waiting_for,
+                   time.perf_counter() - self._compile[1])
+      futures.wait([self._compiling], timeout=log_every_s)
+    return self._compiling.result()
 
   def summary(self) -> str:
     parts = ', '.join(f'{what} {seconds:.1f} s' for what, seconds in self._parts)
@@ -425,10 +437,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         compiling.append(trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
         future, loaded_from = compiling[0]
-        clock.lap('finding the step in the program cache' if loaded_from
-                  else 'tracing and lowering the step')
-        clock.time_compile(future, 'loaded the step from the program cache' if loaded_from
-                           else 'XLA compiled the step or read it from the cache')
+        if loaded_from:
+          clock.lap('finding the step in the program cache')
+          clock.time_compile(future, 'loaded the step from the program cache',
+                             'the train step to load from the program cache')
+        else:
+          clock.lap('tracing and lowering the step')
+          clock.time_compile(future, 'XLA compiled the step or read it from the cache',
+                             "XLA's compile of the train step (kept in the workdir for "
+                             'restarts)')
 
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
     first_step = int(state.step)
@@ -439,8 +456,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     clock.lap('the metric writer (importing TensorFlow)')
     # Called as it is: the jitted function would trace the step again.
-    future, loaded_from = compiling[0]
-    train_step_program = future.result()  # Or XLA's error.
+    train_step_program = clock.wait_for_compile()  # Or XLA's error.
+    loaded_from = compiling[0][1]
     clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,

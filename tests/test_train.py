@@ -1,5 +1,6 @@
 """Training and evaluation end to end on the tiny synthetic dataset and model."""
 
+from concurrent import futures
 import functools
 import glob
 import json
@@ -8,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -127,6 +129,27 @@ def test_a_kept_step_that_fails_to_run_is_removed_and_the_rerun_compiles(
   monkeypatch.undo()
   assert int(train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir).step) == 6
   assert steps_in(workdir) == [4, 5, 6]
+
+
+def test_the_wait_for_a_slow_compile_is_logged_until_it_ends(caplog):
+  """A cold GPU compile of the full model takes over a minute with nothing else in the log:
+  the wait says what it waits for and for how long, again every `log_every_s`."""
+  caplog.set_level('INFO', logger='absl')
+  clock = train_lib.StartupClock()
+  with futures.ThreadPoolExecutor(1) as executor:
+    compiling = executor.submit(lambda: time.sleep(0.5) or 'program')
+    clock.time_compile(compiling, 'XLA compiled the step', "XLA's compile of the step")
+    assert clock.wait_for_compile(log_every_s=0.1) == 'program'
+  waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Waiting')]
+  assert len(waits) >= 3 and waits[0] == "Waiting for XLA's compile of the step: 0 s so far."
+  assert re.search(r'XLA compiled the step in [0-9.]+ s beside them', clock.summary())
+  caplog.clear()
+  done = futures.Future()
+  done.set_exception(RuntimeError('XLA ran out of memory'))
+  clock.time_compile(done, 'XLA compiled the step', "XLA's compile of the step")
+  with pytest.raises(RuntimeError, match='out of memory'):
+    clock.wait_for_compile()
+  assert not caplog.records  # Nothing to wait for.
 
 
 def test_step_settings_leave_out_only_what_the_step_does_not_read(tiny_data_dir):
