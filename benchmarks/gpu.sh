@@ -31,7 +31,8 @@
 #              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
 #              and point TFDS_DATA_DIR at it)
 #   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
-#              bf16_b32's compilation cache)
+#              bf16_b32's compilation cache; for each, two sizing compiles without autotuning
+#              and one step at the extrapolated batch)
 #   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
 #   bf16_b4    bf16 batch 4
 #   transpose_b32  bf16 batch 32, cold, with each up-convolution as one conv_transpose
@@ -186,7 +187,7 @@ run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/s
   --config.num_train_steps=20 --config.checkpoint_every_steps=10
 run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
   cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
-run largest 200 env XLA_FLAGS="$(autotune_log bf16_b32)" \
+run largest 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
   "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
   --cache_dir="$work/cache" --output="$work/largest.json"
 run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \

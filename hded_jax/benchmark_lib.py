@@ -520,7 +520,10 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
   """The largest global batch whose train step fits in ``memory_bytes`` (default: the device's
   limit). XLA's buffer sizes at two batch sizes give the bytes per image; the extrapolated
   batch (a multiple of the device count) is then run for one step, 10% smaller on each
-  out-of-memory."""
+  out-of-memory. The two sizing programs are compiled with XLA's GPU autotuning off (most of a
+  cold GPU compile, docs/performance.md): their buffers may leave out the workspace of the
+  convolution algorithms that autotuning picks, which the run, compiled as training compiles
+  it, includes."""
   if memory_bytes is None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if 'bytes_limit' not in stats:
@@ -536,7 +539,8 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
       batch = sharding.global_batch(input_pipeline.random_batch(config_b),
                                     trainer.batch_sharding)
       if not run:
-        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.abstract_state, batch).compile())
+        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.abstract_state, batch).compile(
+            compiler_options={'xla_gpu_autotune_level': 0}))
       jax.block_until_ready(trainer.step_fn(trainer.initial_state(), batch))
 
   small, large = unit, 4 * unit

@@ -147,9 +147,16 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
        'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
 
 
-def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir):
+def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir,
+                                                                     monkeypatch):
   config = tiny_config(tiny_data_dir)
+  compile_options = []
+  compile_lowered = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', lambda self, **kwargs: (
+      compile_options.append(kwargs.get('compiler_options')) or compile_lowered(self, **kwargs)))
   result = benchmark_lib.largest_batch(config, memory_bytes=64 << 20)
+  # Only the sizing programs skip the GPU autotuner (cold: most of a GPU compile).
+  assert compile_options == [{'xla_gpu_autotune_level': 0}] * 2
   assert _positive(result['bytes_per_image'])
   # The estimate ran one step without running out of memory.
   assert result['batch_size'] == result['estimate'] > 4
