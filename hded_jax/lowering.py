@@ -21,6 +21,8 @@ _OP = re.compile(r'^\s*(?:%[^=]*=\s*)?"?([a-z_]+\.[a-z_0-9.]+)', re.MULTILINE)
 _CUSTOM_CALL_TARGET = re.compile(r'stablehlo\.custom_call\s+@([\w.$-]+)')
 # Arrays baked into the program (e.g. host-computed weights) print as hex literals.
 _HEX_CONSTANT = re.compile(r'dense<"0x([0-9A-Fa-f]*)">')
+# A convolution's or matrix product's precision (its first operand's), as printed.
+_PRECISION = re.compile(r'precision(?:_config)? = \[(?:#stablehlo<precision )?([A-Z]+)')
 _SSA_NAME = re.compile(r'%[\w#:]+')
 _LOCATION = re.compile(r'\s*loc\(.*\)\s*$')
 
@@ -41,7 +43,9 @@ def count_ops(module_text: str) -> dict:
   ``convolutions`` counts convolution ops; ``distinct_convolutions`` the different ones among
   them (operand and result types, window, dimension numbers: what XLA tunes and compiles
   once); ``custom_calls`` by call target; ``ops`` every op statement, all dialects;
-  ``constant_bytes`` the size of the arrays written into the program as literals.
+  ``constant_bytes`` the size of the arrays written into the program as literals;
+  ``precisions`` the convolutions and matrix products by precision (``DEFAULT``: the
+  platform's own).
   """
   statements = [(match.group(1), line) for line in module_text.splitlines()
                 if (match := _OP.match(line))]
@@ -53,6 +57,10 @@ def count_ops(module_text: str) -> dict:
       'distinct_convolutions': len(set(convolutions)),
       'custom_calls': dict(sorted(Counter(_CUSTOM_CALL_TARGET.findall(module_text)).items())),
       'constant_bytes': sum(len(digits) // 2 for digits in _HEX_CONSTANT.findall(module_text)),
+      'precisions': dict(sorted(Counter(
+          (match.group(1) if (match := _PRECISION.search(line)) else 'DEFAULT')
+          for name, line in statements
+          if name in ('stablehlo.convolution', 'stablehlo.dot_general')).items())),
   }
 
 

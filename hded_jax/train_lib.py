@@ -85,10 +85,11 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.Gradien
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, tx, schedule,
-               loss_config, dropout_key,
+               loss_config, dropout_key, matmul_precision='default',
                rendering=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Dropout keys derive from (seed, step): resuming reproduces them.
 
+  ``matmul_precision``: the model's (`models.matmul_precision`), for its gradients.
   ``rendering`` (an `input_pipeline.Rendering`) renders the defocused inputs first.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
@@ -102,8 +103,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, t
     total, terms = losses.compute_loss(outputs, batch, loss_config)
     return total, (terms, nnx.state(model, nnx.BatchStat))
 
-  (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.batch_stats)
+  with jax.default_matmul_precision(matmul_precision):
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': global_norm(grads),
@@ -188,7 +190,9 @@ class Trainer:
     self.step_fn = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                           schedule=self.schedule, loss_config=config.loss,
-                          dropout_key=jax.random.key(config.seed), rendering=self.rendering),
+                          dropout_key=jax.random.key(config.seed),
+                          matmul_precision=models.matmul_precision(config.model),
+                          rendering=self.rendering),
         in_shardings=(self.state_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
         donate_argnums=0)

@@ -130,10 +130,28 @@ def test_flattened_adam_takes_fewer_ops_on_every_platform():
     assert flat[platform]['convolutions'] == per_parameter[platform]['convolutions'], platform
 
 
+def test_matmul_precision_reaches_every_convolution_and_product_gradients_included():
+  """model.matmul_precision='float32' makes every convolution and matrix product of the train
+  step and of the eval forward HIGHEST on every backend, the layers' custom gradients included
+  (traced after the model's call has returned); 'default' leaves each to the platform."""
+  config = tiny_config('unused')
+  default = benchmark_lib.lowered_op_counts(config, _ALL)
+  config.model.matmul_precision = 'float32'
+  full = benchmark_lib.lowered_op_counts(config, _ALL)
+  for program in ('train', 'eval'):
+    for platform in _ALL:
+      products = sum(default[program][platform]['precisions'].values())
+      assert products >= default[program][platform]['convolutions'] > 0, (program, platform)
+      assert default[program][platform]['precisions'] == {'DEFAULT': products}
+      assert full[program][platform]['precisions'] == {'HIGHEST': products}, (program, platform)
+
+
 def test_count_ops_reads_stablehlo_text():
   convolution = ('stablehlo.convolution({}, %arg1) dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->'
                  '[b, 0, 1, f], window = {{pad = [[1, 1], [1, 1]]}} : (tensor<1x4x4x2xf32>, '
                  'tensor<3x3x2x2xf32>) -> tensor<1x4x4x2xf32> loc(#loc{})')
+  product = ('stablehlo.dot_general %1, %1, contracting_dims = [2] x [2], precision = [HIGHEST, '
+             'HIGHEST] : (tensor<4x4x2xf32>, tensor<4x4x2xf32>) -> tensor<4x4xf32>')
   text = f'''
   func.func public @main(%arg0: tensor<1x4x4x2xf32>, %arg1: tensor<3x3x2x2xf32>) {{
     %0 = {convolution.format('%arg0', 1)}
@@ -141,11 +159,12 @@ def test_count_ops_reads_stablehlo_text():
     %2 = stablehlo.reduce(%1 init: %cst) applies stablehlo.add across dimensions = [0]
     %3 = stablehlo.custom_call @Sharding(%2) : (tensor<4x4x2xf32>) -> tensor<4x4x2xf32>
     %cst = stablehlo.constant dense<"0x0000803F00000040"> : tensor<2xf32>
+    %5 = {product}
     %4:2 = "stablehlo.case"(%c) ({{
       stablehlo.return %3, %3 : tensor<4x4x2xf32>, tensor<4x4x2xf32>
     }}) : (tensor<i32>) -> (tensor<4x4x2xf32>, tensor<4x4x2xf32>)
     return %4#0 : tensor<4x4x2xf32>
   }}'''
   assert lowering.count_ops(text) == {
-      'ops': 8, 'convolutions': 2, 'distinct_convolutions': 1, 'custom_calls': {'Sharding': 1},
-      'constant_bytes': 8}
+      'ops': 9, 'convolutions': 2, 'distinct_convolutions': 1, 'custom_calls': {'Sharding': 1},
+      'constant_bytes': 8, 'precisions': {'DEFAULT': 2, 'HIGHEST': 1}}

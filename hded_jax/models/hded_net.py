@@ -13,6 +13,10 @@ from hded_jax.models.densenet import DenseNetEncoder
 
 HEADS = ('depth', 'aif')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# How float32 convolutions and matrix products compute, by JAX's names
+# (`jax.default_matmul_precision`): 'default' is each backend's own (float32 on CPUs, TF32 on
+# NVIDIA GPUs from Ampere on, one bfloat16 pass on TPUs), 'float32' full float32 everywhere.
+MATMUL_PRECISIONS = ('default', 'tensorfloat32', 'float32')
 # The encoder halves the resolution five times.
 INPUT_MULTIPLE = 32
 # With model.camera_input, input channels beyond RGB (`camera_channels`).
@@ -42,6 +46,10 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       depth_scale=1.0,
       # Compute dtype; parameters and BatchNorm statistics always stay float32.
       dtype='float32',
+      # The precision of the float32 convolutions and matrix products, gradients included
+      # (MATMUL_PRECISIONS): 'default' leaves it to the backend, which on GPUs and TPUs is less
+      # than float32 (docs/model.md); 'float32' computes as the CPU and PyTorch with TF32 off.
+      matmul_precision='default',
       # Recompute each dense layer's and decoder block's activations in the backward pass:
       # less memory per image (larger batches fit), more compute (docs/performance.md).
       remat=False,
@@ -82,6 +90,7 @@ class HDEDNet(nnx.Module):
     if config.dtype not in DTYPES:
       raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
     dtype = DTYPES[config.dtype]
+    self.matmul_precision = matmul_precision(config)
     # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
     remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
     layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
@@ -110,6 +119,10 @@ class HDEDNet(nnx.Module):
                rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
     """``camera``: (N, 4) in ``defocus.CAMERA_FIELDS`` order, read with ``camera_input`` only.
     ``rngs`` (a ``dropout`` stream) is needed in training mode only."""
+    with jax.default_matmul_precision(self.matmul_precision):
+      return self._forward(image, camera, rngs)
+
+  def _forward(self, image, camera, rngs) -> dict[str, jax.Array]:
     check_input_shape(image.shape)
     x = image
     if self.camera_input:
@@ -128,6 +141,18 @@ class HDEDNet(nnx.Module):
              + image.astype(jnp.float32))
       outputs['aif'] = jnp.tanh(aif) if self.aif_tanh else aif
     return outputs
+
+
+def matmul_precision(config: ml_collections.ConfigDict) -> str:
+  """``config``'s (a model config's) ``matmul_precision``, checked. Programs that differentiate
+  the model trace its gradients inside ``jax.default_matmul_precision`` of it too (the layers'
+  custom gradients are traced after the model's call has returned)."""
+  # Configs saved in checkpoints from before the option have no 'matmul_precision'.
+  precision = config.get('matmul_precision', 'default')
+  if precision not in MATMUL_PRECISIONS:
+    raise ValueError(f'model.matmul_precision={precision!r}: choose one of '
+                     f'{", ".join(MATMUL_PRECISIONS)}.')
+  return precision
 
 
 def camera_channels(camera: jax.Array, shape) -> jax.Array:
