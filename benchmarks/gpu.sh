@@ -33,8 +33,12 @@
 #   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
 #              bf16_b32's compilation cache; for each, two sizing compiles without autotuning
 #              and one step at the extrapolated batch)
-#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4
+#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4 with TF32 off
+#              and on: XLA computes float32 convolutions in TF32 on these GPUs (the JSON's
+#              jax.products_in), so 'tf32' is the like-for-like PyTorch mode (and its default)
 #   bf16_b4    bf16 batch 4
+#   f32_full_b4  float32 batch 4 with model.matmul_precision=float32 (full float32 products,
+#              as the CPU computes) + PyTorch float32 with TF32 off, like for like
 #   transpose_b32  bf16 batch 32, cold, with each up-convolution as one conv_transpose
 #              (model.up_conv=transpose; 'auto' builds the phase convolutions on GPUs)
 #   strided_b32  the same with the conv_transpose's kernel gradients written as the stride-2
@@ -190,10 +194,13 @@ run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeou
 run largest 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
   "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
   --cache_dir="$work/cache" --output="$work/largest.json"
-run f32_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
-  --torch_modes=float32 --output="$work/f32_b4.json"
+run f32_b4 180 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
+  --torch_modes="${TORCH_F32_MODES:-float32,tf32}" --output="$work/f32_b4.json"
 run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
   --output="$work/bf16_b4.json"
+run f32_full_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 \
+  --config.model.matmul_precision=float32 --torch --torch_modes=float32 \
+  --output="$work/f32_full_b4.json"
 run transpose_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
   --config.model.up_conv=transpose "$(compile_profile transpose_b32)" \
   --output="$work/transpose_b32.json"

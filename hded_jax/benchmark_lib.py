@@ -47,6 +47,7 @@ import numpy as np
 from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import lowering
+from hded_jax import models
 from hded_jax import pytorch
 from hded_jax import runtime
 from hded_jax import sharding
@@ -318,7 +319,8 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
                      f'{max(1, n // jax.device_count()) * jax.device_count()}.')
   batch = input_pipeline.random_batch(config)
   results = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-             'num_devices': jax.device_count()}
+             'num_devices': jax.device_count(),
+             'products_in': products_in(config.model, jax.devices()[0])}
   start = time.perf_counter()
   trainer = train_lib.Trainer(config, train_size=n)
   with jax.set_mesh(trainer.mesh):
@@ -390,6 +392,27 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
       'peak_memory_bytes_per_image': peak_bytes / n,
   })
   return results
+
+
+def products_in(model_config: ml_collections.ConfigDict, device: jax.Device) -> str:
+  """What the model's convolutions and matrix products compute in on ``device``: a float32
+  model's are float32 only on CPUs or with ``model.matmul_precision='float32'``; XLA's default
+  is TF32 on NVIDIA GPUs from Ampere (compute capability 8.0) on, unless
+  NVIDIA_TF32_OVERRIDE=0, and bfloat16 on TPUs. The PyTorch mode to compare with follows
+  ('float32' has TF32 off, 'tf32' is PyTorch's own default for convolutions)."""
+  precision = models.matmul_precision(model_config)
+  if model_config.dtype != 'float32':
+    return model_config.dtype
+  if precision == 'float32' or device.platform == 'cpu':
+    return 'float32'
+  if device.platform == 'tpu':
+    return 'bfloat16, three passes' if precision == 'tensorfloat32' else 'bfloat16, one pass'
+  try:
+    ampere = float(getattr(device, 'compute_capability', '')) >= 8.0
+  except ValueError:  # No CUDA device (ROCm names its GPUs 'gfx...').
+    return 'unknown'
+  tf32 = ampere and os.environ.get('NVIDIA_TF32_OVERRIDE') != '0'
+  return 'tensorfloat32' if tf32 else 'float32'
 
 
 def eval_program(trainer: train_lib.Trainer, state, batch) -> tuple[Callable, tuple]:
@@ -635,7 +658,8 @@ def format_table(results: Mapping) -> str:
     return pipeline
   rows = [f'{cfg["image_size"][0]}x{cfg["image_size"][1]}, batch {cfg["batch_size"]}, '
           f'{results["jax"]["backend"]} ({results["jax"]["device"]}, '
-          f'{results["machine"]["cpu_count"]} CPUs)',
+          f'{results["machine"]["cpu_count"]} CPUs); convolutions and matrix products in '
+          f'{results["jax"]["products_in"]}',
           f'{"":18}{"compile s":>10}{"step s":>9}{"images/s":>10}{"GFLOP":>9}{"GFLOP/s":>9}'
           f'{"other busy cores":>18}']
   def row(name, r):

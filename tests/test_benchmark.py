@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +62,37 @@ def test_benchmark_writes_every_figure(tmp_path):
                       jx['train']['pipelined_images_per_s'] / torch_train['pipelined_images_per_s'])
 
   table = benchmark_lib.format_table(returned)
+  assert jx['products_in'] == 'float32'
   for text in ('jax float32 train', 'jax float32 eval', 'torch float32 train', 'input pipeline',
-               'dispatched back to back: jax'):
+               'dispatched back to back: jax', 'matrix products in float32'):
     assert text in table
+
+
+@pytest.mark.parametrize('platform, capability, overrides, expected', [
+    ('cpu', None, {}, 'float32'),
+    ('gpu', '9.0', {}, 'tensorfloat32'),  # H100: XLA's default for float32.
+    ('gpu', '9.0', {'NVIDIA_TF32_OVERRIDE': '0'}, 'float32'),
+    ('gpu', '9.0', {'matmul_precision': 'float32'}, 'float32'),
+    ('gpu', '7.0', {}, 'float32'),  # V100: no TF32.
+    ('gpu', 'gfx90a', {}, 'unknown'),
+    ('gpu', '9.0', {'dtype': 'bfloat16'}, 'bfloat16'),
+    ('tpu', None, {}, 'bfloat16, one pass'),
+    ('tpu', None, {'matmul_precision': 'tensorfloat32'}, 'bfloat16, three passes'),
+])
+def test_products_in_names_what_float32_products_compute_in(platform, capability, overrides,
+                                                             expected, monkeypatch):
+  """Which PyTorch mode a float32 run compares with: XLA computes float32 in TF32 on recent
+  NVIDIA GPUs unless told otherwise."""
+  monkeypatch.delenv('NVIDIA_TF32_OVERRIDE', raising=False)
+  overrides = dict(overrides)
+  if 'NVIDIA_TF32_OVERRIDE' in overrides:
+    monkeypatch.setenv('NVIDIA_TF32_OVERRIDE', overrides.pop('NVIDIA_TF32_OVERRIDE'))
+  config = tiny_config('unused').model
+  config.update(overrides)
+  device = types.SimpleNamespace(platform=platform)
+  if capability:
+    device.compute_capability = capability
+  assert benchmark_lib.products_in(config, device) == expected
 
 
 def test_torch_optimizers_run_in_test_processes_that_imported_tensorflow():
