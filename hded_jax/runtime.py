@@ -26,12 +26,8 @@ def setup(workdir: str, *, training: bool, distributed: bool = True) -> None:
   """``training``: whether this process trains (train.py) or only evaluates (eval.py), which
   decides the CPU's convolutions (``tune_for_platform``)."""
   tune_for_platform(training=training)
-  if distributed and _is_multihost_env():
-    # Cluster environments (TPU, SLURM) are detected by JAX; elsewhere these variables say it.
-    env = {k: int(os.environ[v]) for k, v in (('num_processes', 'JAX_NUM_PROCESSES'),
-                                              ('process_id', 'JAX_PROCESS_ID'))
-           if v in os.environ}
-    jax.distributed.initialize(**env)
+  if distributed and (_is_multihost_env() or computation_platform() == 'tpu'):
+    _initialize_distributed()
   cache_dir = os.environ.get('HDED_JAX_CACHE_DIR') or os.path.join(
       os.path.abspath(workdir), 'jax_cache')
   # Restarts (resume after preemption, eval beside train) reuse compiled programs.
@@ -87,6 +83,27 @@ def metric_writer(logdir: str) -> 'metric_writers.MetricWriter':
                     getattr(tf, '__file__', tf))
     just_logging = True
   return metric_writers.create_default_writer(logdir, just_logging=just_logging)
+
+
+def _initialize_distributed() -> None:
+  """``jax.distributed`` over the cluster JAX detects (a Cloud TPU slice from its VMs'
+  metadata, SLURM, Open MPI) or that JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID describe. Orbax's checkpoints need it wherever there are several processes,
+  and a TPU slice's hosts name no variable for `_is_multihost_env`, so every TPU host starts
+  it (one process on a single-host slice); one that JAX does not recognise as a Cloud TPU VM
+  trains as one process."""
+  env = {k: int(os.environ[v]) for k, v in (('num_processes', 'JAX_NUM_PROCESSES'),
+                                            ('process_id', 'JAX_PROCESS_ID'))
+         if v in os.environ}
+  try:
+    jax.distributed.initialize(**env)
+  except Exception as error:  # pylint: disable=broad-except
+    # JAX's TPU cluster detection queries the VM's metadata server (requests' errors).
+    if _is_multihost_env():
+      raise
+    logging.warning('No jax.distributed on this TPU host (%s: %s): it trains as one process. '
+                    'On a multi-host slice set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                    'JAX_PROCESS_ID.', type(error).__name__, error)
 
 
 def _is_multihost_env() -> bool:

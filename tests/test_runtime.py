@@ -249,6 +249,43 @@ def test_platform_settings_apply_only_where_they_were_measured(tmp_path):
   assert not flags or platforms[0] == 'gpu'
 
 
+@pytest.mark.parametrize('platform, variables, detected, outcome', [
+    ('tpu', {}, True, 'initialised'),  # A Cloud TPU slice: JAX reads its hosts from metadata.
+    ('tpu', {}, False, 'one process'),  # A TPU host outside Google Cloud.
+    ('cpu', {}, True, 'not asked'),
+    ('gpu', {'SLURM_NTASKS': '2'}, True, 'initialised'),
+    ('gpu', {'SLURM_NTASKS': '2'}, False, 'error'),  # A cluster that fails to connect.
+])
+def test_tpu_hosts_and_clusters_start_jax_distributed(platform, variables, detected, outcome,
+                                                      monkeypatch, caplog):
+  """Orbax's checkpoints need jax.distributed on every multi-process run, and a TPU slice's
+  hosts have no variable that says they are several."""
+  for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES',
+               'MEGASCALE_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in variables.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+
+  def initialize(**kwargs):
+    calls.append(kwargs)
+    if not detected:
+      raise ValueError('coordinator_address should be defined.')
+
+  monkeypatch.setattr(runtime, 'computation_platform', lambda: platform)
+  monkeypatch.setattr(runtime, 'tune_for_platform', lambda training: None)
+  monkeypatch.setattr(runtime, 'enable_compilation_cache', lambda cache_dir: None)
+  monkeypatch.setattr(runtime.jax.distributed, 'initialize', initialize)
+  with caplog.at_level(logging.WARNING):
+    if outcome == 'error':
+      with pytest.raises(ValueError, match='coordinator_address'):
+        runtime.setup('/tmp/unused', training=True)
+    else:
+      runtime.setup('/tmp/unused', training=True)
+  assert calls == ([] if outcome == 'not asked' else [{}])
+  assert ('trains as one process' in caplog.text) == (outcome == 'one process'), caplog.text
+
+
 @pytest.mark.skipif(runtime.computation_platform() != 'cpu' or bool(runtime._pjrt_plugins()),
                     reason='an accelerator or a PJRT plugin is installed')
 def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
