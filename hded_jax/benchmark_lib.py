@@ -396,10 +396,11 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
 
 def products_in(model_config: ml_collections.ConfigDict, device: jax.Device) -> str:
   """What the model's convolutions and matrix products compute in on ``device``: a float32
-  model's are float32 only on CPUs or with ``model.matmul_precision='float32'``; XLA's default
-  is TF32 on NVIDIA GPUs from Ampere (compute capability 8.0) on, unless
-  NVIDIA_TF32_OVERRIDE=0, and bfloat16 on TPUs. The PyTorch mode to compare with follows
-  ('float32' has TF32 off, 'tf32' is PyTorch's own default for convolutions)."""
+  model's are float32 on CPUs, on GPUs before Ampere and with
+  ``model.matmul_precision='float32'``; XLA's default is TF32 on NVIDIA GPUs from Ampere
+  (compute capability 8.0) on, unless NVIDIA_TF32_OVERRIDE=0, and bfloat16 on TPUs. The
+  PyTorch mode to compare with follows ('float32' has TF32 off, 'tf32' is PyTorch's own default
+  for convolutions)."""
   precision = models.matmul_precision(model_config)
   if model_config.dtype != 'float32':
     return model_config.dtype
