@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # The GPU check in one call, from the repository root of a machine with a CUDA GPU:
 #   bash benchmarks/gpu.sh            (on the lent GPU machine: . .device-kit/env.sh && bash ...)
-# Steps, most important first, each under its own time limit within BUDGET_S (default 540 s;
-# on an H100 all of them take well over 10 minutes, so the last ones are then skipped):
-#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache); XLA's autotuning
-#              log (every candidate algorithm of every convolution and GEMM) kept, and the
-#              time per XLA compiler pass and phase (a profile of the compile; so in every
-#              cold *_b32 step)
-#   restart    the same program again on bf16_b32's compilation cache (a restart: seconds from
-#              process start to the first step), a profile of three train steps (time per
-#              kernel; trace and compiled HLO kept), + PyTorch at batch 32 in its fastest CUDA
-#              mode (TORCH_B32_MODES, default bf16 autocast) in the same process
+# By default it runs the check, in this order, within BUDGET_S (default 480 s: 8 minutes):
+#   platform   JAX's devices, nvidia-smi's card, driver and memory
+#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache), + PyTorch at batch
+#              32 in its fastest CUDA mode (TORCH_B32_MODES, default bf16 autocast) in the same
+#              process; XLA's autotuning log (every candidate algorithm of every convolution and
+#              GEMM) kept
+#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4 with TF32 off
+#              and on (TORCH_F32_MODES): XLA computes float32 convolutions in TF32 on these
+#              GPUs (the JSON's jax.products_in), so 'tf32' is the like-for-like PyTorch mode
+#              (and its default)
+#   bf16_b4    bf16 batch 4
+#   smoke_train, smoke_eval  train.py on configs/smoke.py, then eval.py --once on its
+#              checkpoints (the lent machine's TensorFlow stand-in cannot build a dataset:
+#              carry a prepared one and point TFDS_DATA_DIR at it)
+#   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
+#              bf16_b32's compilation cache; for each, two sizing compiles without autotuning
+#              and one step at the extrapolated batch, compiled as training compiles it); last,
+#              as the longest: where the budget runs out, it is what is cut
+# ONLY="STEP ..." runs those steps instead, in that order: any of the above, and experiments
+# that the check leaves out (each is a question about the compile or the step):
+#   restart    bf16_b32's program again on its compilation cache (a restart: seconds from
+#              process start to the first step) and a profile of three train steps (time per
+#              kernel; trace and compiled HLO kept)
 #   train_restart  train.py with the full model (bf16, 256x256, batch 8 of the smoke dataset)
 #              for 2 steps, then resumed for a 3rd: seconds from each process's start to its
 #              first step, part by part (a cold start; a restart in the same workdir, which
@@ -18,42 +31,33 @@
 #   max_solutions  bf16 batch 32, cold, with XLA's autotuner trying at most MAX_SOLUTIONS
 #              (default 8) candidates per convolution and GEMM
 #              (--xla_gpu_autotune_max_solutions; on the H200 the autotuner took 37-39 s of a
-#              66 s compile, ~60 candidates per convolution): compile time against step time,
-#              no compile profile (it adds ~25 s); bf16_b32 is its baseline
+#              66 s compile, ~60 candidates per convolution): compile time against step time;
+#              bf16_b32 is its baseline
 #   flat_b32   bf16 batch 32, cold, with Adam over one vector of all the parameters
 #              (optimizer.flatten: 37% fewer ops in the step; on the CPU the same compile and
 #              step time): compile time against step time, as max_solutions
+#   f32_full_b4  float32 batch 4 with model.matmul_precision=float32 (full float32 products,
+#              as the CPU computes) + PyTorch float32 with TF32 off, like for like
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
 #              bf16 step trains
-#   smoke      train.py on configs/smoke.py, then eval.py --once on its checkpoints (the
-#              lent machine's TensorFlow stand-in cannot build a dataset: carry a prepared one
-#              and point TFDS_DATA_DIR at it)
-#   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
-#              bf16_b32's compilation cache; for each, two sizing compiles without autotuning
-#              and one step at the extrapolated batch)
-#   f32_b4     float32 batch 4 (the authors' setting) + PyTorch float32 batch 4 with TF32 off
-#              and on: XLA computes float32 convolutions in TF32 on these GPUs (the JSON's
-#              jax.products_in), so 'tf32' is the like-for-like PyTorch mode (and its default)
-#   bf16_b4    bf16 batch 4
-#   f32_full_b4  float32 batch 4 with model.matmul_precision=float32 (full float32 products,
-#              as the CPU computes) + PyTorch float32 with TF32 off, like for like
-#   transpose_b32  bf16 batch 32, cold, with each up-convolution as one conv_transpose
+#   profiled_b32  bf16 batch 32, cold, under the compile profiler: time per XLA compiler pass
+#              and phase (the profiler adds ~25 s; so do the next three)
+#   transpose_b32  the same with each up-convolution as one conv_transpose
 #              (model.up_conv=transpose; 'auto' builds the phase convolutions on GPUs)
 #   strided_b32  the same with the conv_transpose's kernel gradients written as the stride-2
 #              convolution's it is the adjoint of (model.up_conv=transpose_strided_grads)
+#   autotune   the same at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no correctness
+#              checks; on the H200 XLA's compile 66.0 -> 65.3 s, the step 2% slower; 0, no
+#              autotuning, compiled in 29 s but ran > 2.5 s a step)
 #   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
-#   autotune   bf16 batch 32, cold, at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no
-#              correctness checks; on the H200 XLA's compile 66.0 -> 65.3 s, the step 2%
-#              slower; 0, no autotuning, compiled in 29 s but ran > 2.5 s a step)
 #   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
 #              the config's dataset does, beside a small model: its compile and time per batch
 # Results go to $OUT (the device tool's folder) or benchmark_results/gpu: results.json (every
 # step's figures and exit status, rewritten after each step, so a cut-off run keeps what it got)
 # and log.txt. A step that hangs is stopped with SIGABRT, so faulthandler prints where it was.
-# ONLY="bf16_b4 largest" reruns just those steps (the rest are recorded as skipped). CONFIG,
-# BIG_BATCH, SMALL_BATCH and BUDGET_S rehearse it on a CPU with a tiny model
+# CONFIG, BIG_BATCH, SMALL_BATCH and BUDGET_S rehearse it on a CPU with a tiny model
 # (tests/test_gpu_script.py does).
 set -u
 cd "$(dirname "$0")/.."
@@ -61,22 +65,14 @@ out=${OUT:-benchmark_results/gpu}
 config=${CONFIG:-configs/nyu.py}
 big=${BIG_BATCH:-32}
 small=${SMALL_BATCH:-4}
-mkdir -p "$out"
-work=$(mktemp -d)
-deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
-export PYTHONFAULTHANDLER=1 TF_CPP_MIN_LOG_LEVEL=2
-# JAX and PyTorch share the GPU in the --torch steps.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-: > "$out/log.txt"
+steps=${ONLY:-platform bf16_b32 f32_b4 bf16_b4 smoke_train smoke_eval largest}
 
 # run NAME LIMIT_S COMMAND...: one step; a JSON it writes to $work/NAME.json joins the results.
 run() {
   local name=$1 limit=$2 left start rc
   shift 2
   left=$(( deadline - $(date +%s) ))
-  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
-    rc=skipped
-  elif (( left < 20 )); then
+  if (( left < 20 )); then
     echo "== $name: skipped, ${left} s of the budget left" >> "$out/log.txt"
     rc=skipped
   else
@@ -105,49 +101,69 @@ with open(output, 'w') as f:
 PY
 }
 
-bench=(python3 -m hded_jax.benchmark --config="$config" --max_wait=0 --warmup=2)
+# XLA's autotuning log of a cold compile, moved to $out after its step. XLA flags are part of
+# the compilation cache's key, so every step on the shared cache sets the same ones (and, on a
+# cache hit, has nothing to log).
+autotune_log() { echo "${XLA_FLAGS:-} --xla_gpu_dump_autotune_logs_to=$work/autotune_log.txt"; }
+keep_autotune_log() { mv -f "$work/autotune_log.txt" "$out/autotune_log_$1.txt" 2>/dev/null; }
+compile_profile() { echo "--compile_profile_dir=$work/compile_profile_$1"; }
 
-run platform 60 python3 -c "
+step_platform() {
+  run platform 60 python3 -c "
 import json, shutil, subprocess, jax
 smi = shutil.which('nvidia-smi') and subprocess.run(
     ['nvidia-smi', '--query-gpu=name,memory.total,driver_version', '--format=csv,noheader'],
     capture_output=True, text=True).stdout.strip()
 json.dump({'jax': jax.__version__, 'devices': [d.device_kind for d in jax.devices()],
            'nvidia_smi': smi}, open('$work/platform.json', 'w'))"
-# XLA's autotuning log of a cold compile, moved to $out after its step. XLA flags are part of
-# the compilation cache's key, so the restart sets the same ones (and, on its cache hit, has
-# nothing to log).
-autotune_log() { echo "${XLA_FLAGS:-} --xla_gpu_dump_autotune_logs_to=$work/autotune_log_$1.txt"; }
-if ! env XLA_FLAGS="$(autotune_log check)" \
-    python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' >> "$out/log.txt" 2>&1; then
-  echo "== this XLA has no --xla_gpu_dump_autotune_logs_to: no autotuning logs" >> "$out/log.txt"
-  autotune_log() { echo "${XLA_FLAGS:-}"; }
-fi
-keep_autotune_log() { mv -f "$work/autotune_log_$1.txt" "$out/" 2>/dev/null; }
-compile_profile() { echo "--compile_profile_dir=$work/compile_profile_$1"; }
-run bf16_b32 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 --cache_dir="$work/cache" \
-  "$(compile_profile bf16_b32)" --output="$work/bf16_b32.json"
-keep_autotune_log bf16_b32
-run restart 150 env XLA_FLAGS="$(autotune_log bf16_b32)" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --cache_dir="$work/cache" --profile_dir="$work/profile" --torch \
-  --torch_modes="${TORCH_B32_MODES:-bfloat16}" --output="$work/restart.json"
-# The trace and the compiled program come back where they are small enough.
-find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
-  -exec cp {} "$out" \; 2>/dev/null
-# RESTART_MODEL: the model and batch of train_restart (the rehearsal on a CPU makes it small).
-restart_train=(python3 train.py --config=configs/smoke.py --workdir="$work/restart"
-  ${RESTART_MODEL:---config.model.block_sizes=(6,12,24,16) --config.model.growth_rate=32
-  --config.model.num_init_features=64 --config.model.dtype=bfloat16
-  --config.dataset.image_size=(256,256) --config.batch_size=8}
-  --config.checkpoint_every_steps=100)
-run train_restart 240 sh -c '
-  "$@" --config.num_train_steps=2 > "$0/restart_cold.log" 2>&1 &&
-  "$@" --config.num_train_steps=3 > "$0/restart_resumed.log" 2>&1
-  status=$?
-  cat "$0/restart_cold.log" "$0/restart_resumed.log"
-  python3 - "$0" <<"PY"
+}
+step_bf16_b32() {
+  run bf16_b32 240 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=10 --torch \
+    --torch_modes="${TORCH_B32_MODES:-bfloat16}" --output="$work/bf16_b32.json"
+  keep_autotune_log bf16_b32
+}
+step_f32_b4() {
+  run f32_b4 180 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
+    --torch_modes="${TORCH_F32_MODES:-float32,tf32}" --output="$work/f32_b4.json"
+}
+step_bf16_b4() {
+  run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
+    --output="$work/bf16_b4.json"
+}
+step_smoke_train() {
+  run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
+    --config.num_train_steps=20 --config.checkpoint_every_steps=10
+}
+step_smoke_eval() {
+  run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
+    cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
+}
+step_largest() {
+  run largest 300 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=2 --largest_batch \
+    --output="$work/largest.json"
+  keep_autotune_log largest
+}
+step_restart() {
+  run restart 150 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=10 \
+    --profile_dir="$work/profile" --output="$work/restart.json"
+  keep_autotune_log restart
+  # The trace and the compiled program come back where they are small enough.
+  find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
+    -exec cp {} "$out" \; 2>/dev/null
+}
+step_train_restart() {
+  # RESTART_MODEL: the model and batch (the rehearsal on a CPU makes them small).
+  local restart_train=(python3 train.py --config=configs/smoke.py --workdir="$work/restart"
+    ${RESTART_MODEL:---config.model.block_sizes=(6,12,24,16) --config.model.growth_rate=32
+    --config.model.num_init_features=64 --config.model.dtype=bfloat16
+    --config.dataset.image_size=(256,256) --config.batch_size=8}
+    --config.checkpoint_every_steps=100)
+  run train_restart 240 sh -c '
+    "$@" --config.num_train_steps=2 > "$0/restart_cold.log" 2>&1 &&
+    "$@" --config.num_train_steps=3 > "$0/restart_resumed.log" 2>&1
+    status=$?
+    cat "$0/restart_cold.log" "$0/restart_resumed.log"
+    python3 - "$0" <<"PY"
 import json, re, sys
 work = sys.argv[1]
 def first_step(log):
@@ -166,54 +182,88 @@ for run, log in (("cold", "restart_cold.log"), ("restart", "restart_resumed.log"
    results[f"{run}_beside_s"]) = first_step(log)
 json.dump(results, open(f"{work}/train_restart.json", "w"))
 PY
-  exit $status' "$work" "${restart_train[@]}"
-run max_solutions 150 env \
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --output="$work/max_solutions.json"
-run flat_b32 150 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.optimizer.flatten=True --output="$work/flat_b32.json"
-run pipeline 120 sh -c '
-  workers_list=$1
-  shift
-  for workers in 0 $workers_list; do
-    threads=$(( workers ? 2 : 0 ))
-    "$@" --pipeline_only --config.dataset.num_workers=$workers \
-      --config.dataset.num_threads=$threads --output="$0/pipeline_$workers.json" || exit
-  done
-  python3 - "$0" $workers_list <<"PY"
+    exit $status' "$work" "${restart_train[@]}"
+}
+step_max_solutions() {
+  run max_solutions 150 env \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
+    "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+    --output="$work/max_solutions.json"
+}
+step_flat_b32() {
+  run flat_b32 150 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+    --config.optimizer.flatten=True --output="$work/flat_b32.json"
+}
+step_f32_full_b4() {
+  run f32_full_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 \
+    --config.model.matmul_precision=float32 --torch --torch_modes=float32 \
+    --output="$work/f32_full_b4.json"
+}
+step_pipeline() {
+  run pipeline 120 sh -c '
+    workers_list=$1
+    shift
+    for workers in 0 $workers_list; do
+      threads=$(( workers ? 2 : 0 ))
+      "$@" --pipeline_only --config.dataset.num_workers=$workers \
+        --config.dataset.num_threads=$threads --output="$0/pipeline_$workers.json" || exit
+    done
+    python3 - "$0" $workers_list <<"PY"
 import json, sys
 work, workers = sys.argv[1], [0, *sys.argv[2:]]
 json.dump({f"workers_{w}": json.load(open(f"{work}/pipeline_{w}.json"))["pipeline"]
            for w in workers}, open(f"{work}/pipeline.json", "w"))
 PY' "$work" "${PIPELINE_WORKERS:-4 8}" "${bench[@]}" --batch_size="$big"
-run smoke_train 60 python3 train.py --config=configs/smoke.py --workdir="$work/smoke" \
-  --config.num_train_steps=20 --config.checkpoint_every_steps=10
-run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
-  cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
-run largest 300 env XLA_FLAGS="$(autotune_log bf16_b32)" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=2 --largest_batch \
-  --cache_dir="$work/cache" --output="$work/largest.json"
-run f32_b4 180 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
-  --torch_modes="${TORCH_F32_MODES:-float32,tf32}" --output="$work/f32_b4.json"
-run bf16_b4 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$small" --steps=10 \
-  --output="$work/bf16_b4.json"
-run f32_full_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 \
-  --config.model.matmul_precision=float32 --torch --torch_modes=float32 \
-  --output="$work/f32_full_b4.json"
-run transpose_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=transpose "$(compile_profile transpose_b32)" \
-  --output="$work/transpose_b32.json"
-run strided_b32 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.up_conv=transpose_strided_grads "$(compile_profile strided_b32)" \
-  --output="$work/strided_b32.json"
-run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-  --config.model.dense_block=scan --output="$work/scan_b32.json"
-run autotune 200 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" \
-  "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$(compile_profile autotune)" \
-  --output="$work/autotune.json"
-run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \
-  --config.model.block_sizes="(1, 1, 1, 1)" --config.model.growth_rate=8 \
-  --config.model.num_init_features=16 --output="$work/rendering.json"
+}
+# profiled NAME [OVERRIDE...]: bf16 batch 32, cold, under the compile profiler.
+profiled() {
+  local name=$1
+  shift
+  run "$name" 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$@" \
+    "$(compile_profile "$name")" --output="$work/$name.json"
+}
+step_profiled_b32() { profiled profiled_b32; }
+step_transpose_b32() { profiled transpose_b32 --config.model.up_conv=transpose; }
+step_strided_b32() { profiled strided_b32 --config.model.up_conv=transpose_strided_grads; }
+step_autotune() {
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" profiled autotune
+}
+step_scan_b32() {
+  run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
+    --config.model.dense_block=scan --output="$work/scan_b32.json"
+}
+step_rendering() {
+  run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \
+    --config.model.block_sizes="(1, 1, 1, 1)" --config.model.growth_rate=8 \
+    --config.model.num_init_features=16 --output="$work/rendering.json"
+}
+
+for name in $steps; do
+  if ! declare -F "step_$name" > /dev/null; then
+    echo "gpu.sh: no step '$name' (ONLY names steps from the list at the top of $0)" >&2
+    exit 2
+  fi
+done
+mkdir -p "$out"
+work=$(mktemp -d)
+deadline=$(( $(date +%s) + ${BUDGET_S:-480} ))
+export PYTHONFAULTHANDLER=1 TF_CPP_MIN_LOG_LEVEL=2
+# JAX and PyTorch share the GPU in the --torch steps.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+: > "$out/log.txt"
+bench=(python3 -m hded_jax.benchmark --config="$config" --max_wait=0 --warmup=2)
+# The bf16 batch-32 programs share one compilation cache: restart and largest read what
+# bf16_b32 compiled.
+b32=("${bench[@]}" --dtype=bfloat16 --batch_size="$big" --cache_dir="$work/cache")
+if env XLA_FLAGS="$(autotune_log)" \
+    python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' >> "$out/log.txt" 2>&1; then
+  rm -f "$work/autotune_log.txt"
+else
+  echo "== this XLA has no --xla_gpu_dump_autotune_logs_to: no autotuning logs" >> "$out/log.txt"
+  autotune_log() { echo "${XLA_FLAGS:-}"; }
+fi
+for name in $steps; do
+  "step_$name"
+done
 gzip -f "$out"/autotune_log_*.txt 2>/dev/null
 echo "results in $out: $(ls "$out" | tr '\n' ' ')"

@@ -1,5 +1,6 @@
-"""benchmarks/gpu.sh rehearsed on the CPU with the tiny model: steps run, are skipped when not
-asked for, and their figures and exit codes are merged into one results.json."""
+"""benchmarks/gpu.sh rehearsed on the CPU with the tiny model: the default check and the
+experiments run, in the order asked, and their figures and exit codes are merged into one
+results.json."""
 
 import json
 import os
@@ -10,25 +11,58 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir, tmp_path):
-  pytest.importorskip('torch')  # The restart step times PyTorch beside JAX.
-  env = dict(os.environ, OUT=str(tmp_path / 'out'), CONFIG='configs/smoke.py', BIG_BATCH='8',
-             SMALL_BATCH='4', BUDGET_S='600', TFDS_DATA_DIR=tiny_data_dir,
-             TORCH_B32_MODES='float32', RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
-             ONLY='platform bf16_b32 restart train_restart max_solutions flat_b32 pipeline '
-                  'smoke_train smoke_eval f32_full_b4 transpose_b32')
-  subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, check=True,
-                 capture_output=True)
-  results = json.loads((tmp_path / 'out' / 'results.json').read_text())
-  log = (tmp_path / 'out' / 'log.txt').read_text()
-  ran = {name for name, r in results.items() if r['status']['exit'] == '0'}
-  assert ran == {'platform', 'bf16_b32', 'restart', 'train_restart', 'max_solutions',
-                 'flat_b32', 'pipeline', 'smoke_train', 'smoke_eval', 'f32_full_b4',
-                 'transpose_b32'}, log[-3000:]
-  assert {name for name, r in results.items() if r['status']['exit'] == 'skipped'} == {
-      'strided_b32', 'bf16_b4', 'scan_b32', 'f32_b4', 'rendering', 'largest', 'autotune'}
-  cold, restart = results['bf16_b32'], results['restart']
+def _gpu_script(out, data_dir=None, **env):
+  """Runs benchmarks/gpu.sh with the tiny model into ``out``: its results, log and exit code."""
+  env = {**os.environ, 'OUT': str(out), 'CONFIG': 'configs/smoke.py', 'BIG_BATCH': '8',
+         'SMALL_BATCH': '4', 'BUDGET_S': '600',
+         **({'TFDS_DATA_DIR': data_dir} if data_dir else {}), **env}
+  run = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+  results = out / 'results.json'
+  return (json.loads(results.read_text()) if results.exists() else None,
+          (out / 'log.txt').read_text() if (out / 'log.txt').exists() else '',
+          run)
+
+
+def _ran(results):
+  return {name for name, r in results.items() if r['status']['exit'] == '0'}
+
+
+def test_gpu_script_default_check(tiny_data_dir, tmp_path):
+  """What `bash benchmarks/gpu.sh` runs unchanged: the benchmark matrix, train.py and eval.py."""
+  pytest.importorskip('torch')  # bf16_b32 and f32_b4 time PyTorch beside JAX.
+  # PyTorch's TF32 and bf16 modes are CUDA's; the CPU has float32.
+  results, log, run = _gpu_script(tmp_path / 'out', tiny_data_dir, TORCH_B32_MODES='float32',
+                                  TORCH_F32_MODES='float32')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert _ran(results) == set(results) == {
+      'platform', 'bf16_b32', 'f32_b4', 'bf16_b4', 'smoke_train', 'smoke_eval', 'largest'}, (
+          log[-3000:])
+  cold = results['bf16_b32']
   assert cold['config']['dtype'] == 'bfloat16' and cold['jax']['train']['images_per_s'] > 0
+  assert 'train_vs_float32' in cold['jax_vs_torch']
+  assert results['f32_b4']['config']['dtype'] == 'float32'
+  assert 'train_vs_float32' in results['f32_b4']['jax_vs_torch']
+  assert results['bf16_b4']['config']['batch_size'] == 4
+  assert results['smoke_eval']['step'] == 20 and 'depth/rmse' in results['smoke_eval']
+  # The CPU reports no memory limit: the step runs, and says why it found no batch.
+  assert set(results['largest']['largest_batch']) == {'plain', 'remat'}
+  assert 'no memory limit' in results['largest']['largest_batch']['plain']['why']
+
+
+def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
+  pytest.importorskip('torch')  # f32_full_b4 times PyTorch beside JAX.
+  results, log, run = _gpu_script(
+      tmp_path / 'out', tiny_data_dir, TORCH_B32_MODES='float32',
+      RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
+      ONLY='transpose_b32 bf16_b32 restart train_restart max_solutions flat_b32 pipeline '
+           'f32_full_b4')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert _ran(results) == set(results) == {
+      'bf16_b32', 'restart', 'train_restart', 'max_solutions', 'flat_b32', 'pipeline',
+      'f32_full_b4', 'transpose_b32'}, log[-3000:]
+  assert log.index('== transpose_b32') < log.index('== bf16_b32') < log.index('== restart')
+  cold, restart = results['bf16_b32'], results['restart']
   assert results['transpose_b32']['config']['model']['up_conv'] == 'transpose'
   assert ('--xla_gpu_autotune_max_solutions=8' in
           results['max_solutions']['machine']['xla_flags'])
@@ -38,19 +72,16 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   full = results['f32_full_b4']
   assert full['config']['model']['matmul_precision'] == 'float32'
   assert full['jax']['products_in'] == 'float32' and 'train_vs_float32' in full['jax_vs_torch']
-  # Each cold compile is profiled: XLA's phases by time (on the CPU, its CPU compiler's).
-  for name in ('bf16_b32', 'transpose_b32'):
-    phases = results[name]['jax']['compile_profile']
-    assert any('Compiler' in phase['name'] for phase in phases), phases[:10]
-  # The restart loads the programs that the cold run left in the cache, is profiled and
-  # compared with PyTorch.
+  # A profiled cold compile: XLA's phases by time (on the CPU, its CPU compiler's).
+  phases = results['transpose_b32']['jax']['compile_profile']
+  assert any('Compiler' in phase['name'] for phase in phases), phases[:10]
+  # The restart loads the programs that the cold run left in the cache, and is profiled.
   for program in ('train', 'eval'):
     assert restart['jax'][program]['compile_s'] < cold['jax'][program]['compile_s'] / 3
   assert 0 < restart['jax']['first_step_after_process_start_s'] < 600
-  assert restart['jax']['profile']['top_ops'] and 'train_vs_float32' in restart['jax_vs_torch']
+  assert restart['jax']['profile']['top_ops']
   assert (tmp_path / 'out' / 'train_step.hlo.txt.gz').exists()
   assert (tmp_path / 'out' / 'perfetto_trace.json.gz').exists()
-  assert results['smoke_eval']['step'] == 20 and 'depth/rmse' in results['smoke_eval']
   # train.py started cold, then resumed in the same workdir: each one's first step timed.
   restarts = results['train_restart']
   assert 0 < restarts['restart_first_step_s'] < restarts['cold_first_step_s'] < 600, restarts
@@ -63,3 +94,14 @@ def test_gpu_script_runs_the_named_steps_and_merges_their_results(tiny_data_dir,
   pipelines = {k: v for k, v in results['pipeline'].items() if k.startswith('workers_')}
   assert {k: p['num_workers'] for k, p in pipelines.items()} == {'workers_0': 0, 'workers_1': 1}
   assert all(p['examples_per_s'] > 0 for p in pipelines.values())
+
+
+def test_gpu_script_unknown_step_and_spent_budget(tmp_path):
+  results, log, run = _gpu_script(tmp_path / 'unknown', ONLY='platform bf16_b23')
+  assert run.returncode == 2 and "no step 'bf16_b23'" in run.stderr
+  assert results is None and not (tmp_path / 'unknown').exists()
+  # A step that would start with under 20 s of the budget left is recorded as skipped.
+  results, log, run = _gpu_script(tmp_path / 'late', ONLY='platform', BUDGET_S='5')
+  assert run.returncode == 0, run.stderr
+  assert results == {'platform': {'status': {'exit': 'skipped', 'seconds': 0}}}
+  assert '== platform: skipped' in log
