@@ -544,10 +544,10 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
   """The largest global batch whose train step fits in ``memory_bytes`` (default: the device's
   limit). XLA's buffer sizes at two batch sizes give the bytes per image; the extrapolated
   batch (a multiple of the device count) is then run for one step, 10% smaller on each
-  out-of-memory. The two sizing programs are compiled with XLA's GPU autotuning off (most of a
-  cold GPU compile, docs/performance.md): their buffers may leave out the workspace of the
-  convolution algorithms that autotuning picks, which the run, compiled as training compiles
-  it, includes."""
+  out-of-memory. All three programs are compiled with XLA's GPU autotuning off: it is most of
+  a cold GPU compile (docs/performance.md), and at a batch of hundreds it would time every
+  candidate algorithm of every convolution on that batch. Training compiles with autotuning,
+  whose algorithms may need more workspace than these: the batch found is an upper bound."""
   if memory_bytes is None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if 'bytes_limit' not in stats:
@@ -562,10 +562,11 @@ def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = 
     with jax.set_mesh(trainer.mesh):
       batch = sharding.global_batch(input_pipeline.random_batch(config_b),
                                     trainer.batch_sharding)
+      compiled = trainer.step_fn.lower(trainer.abstract_state, batch).compile(
+          compiler_options={'xla_gpu_autotune_level': 0})
       if not run:
-        return _xla_buffer_bytes(trainer.step_fn.lower(trainer.abstract_state, batch).compile(
-            compiler_options={'xla_gpu_autotune_level': 0}))
-      jax.block_until_ready(trainer.step_fn(trainer.initial_state(), batch))
+        return _xla_buffer_bytes(compiled)
+      jax.block_until_ready(compiled(trainer.initial_state(), batch))
 
   small, large = unit, 4 * unit
   bytes_small, bytes_large = train_step(small, run=False), train_step(large, run=False)
