@@ -131,9 +131,9 @@ def tune_for_platform(*, training: bool) -> str | None:
 
   On the CPU: glibc keeps freed memory, programs run on the calling thread, and where
   ``training`` (the process runs gradients, not the forward alone) convolutions on Eigen. On a
-  GPU: matrix products on cuBLAS. Elsewhere nothing. The entry points call it (``setup`` for
-  train.py and eval.py; predict.py, the benchmark). Returns the platform whose settings were
-  applied ('cpu' or 'gpu'), or None.
+  GPU: matrix products on cuBLAS, and where not ``training`` memory taken as needed. Elsewhere
+  nothing. The entry points call it (``setup`` for train.py and eval.py; predict.py, the
+  benchmark). Returns the platform whose settings were applied ('cpu' or 'gpu'), or None.
   """
   platform = computation_platform()
   if platform == 'cpu':
@@ -144,6 +144,8 @@ def tune_for_platform(*, training: bool) -> str | None:
     return platform
   if platform == 'gpu':
     use_cublas_gemms()
+    if not training:
+      allocate_gpu_memory_as_needed()
     return platform
   logging.info('Computing on %s: no settings measured there; XLA flags left alone.', platform)
   return None
@@ -254,6 +256,24 @@ def use_cublas_gemms() -> bool:
   starts: call it before that. Returns whether the flag is in effect.
   """
   return add_xla_flag(_CUBLAS_GEMMS_FLAG)
+
+
+# The environment variables with which a user chooses how JAX's GPU client takes memory.
+_GPU_MEMORY_SETTINGS = ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION',
+                        'XLA_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_ALLOCATOR')
+
+
+def allocate_gpu_memory_as_needed() -> bool:
+  """Stops JAX's GPU client from taking 75% of the card's memory when it starts, for eval.py and
+  predict.py: they run beside a train.py that has taken its 75%, and a second process asking
+  for 75% more fails (JAX's own advice for several processes on one GPU). Never over a memory
+  setting the user chose; JAX reads these when its backend starts: call it before that.
+  Returns whether it applied.
+  """
+  if any(name in os.environ for name in _GPU_MEMORY_SETTINGS):
+    return False
+  os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  return True
 
 
 # glibc mallopt parameters (malloc.h).

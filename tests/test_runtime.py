@@ -11,6 +11,7 @@ import sys
 import types
 
 import jaxlib.version
+from jaxlib import xla_client
 import pytest
 
 from hded_jax import runtime
@@ -174,6 +175,7 @@ _ENTRY_POINT = '''
 import importlib, os, sys, types
 from absl import flags
 import jaxlib.version
+from jaxlib import xla_client
 from hded_jax import eval_lib, predict_lib, runtime, train_lib
 entry, workdir = sys.argv[1:]
 script = importlib.import_module(entry)
@@ -348,6 +350,25 @@ def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', users)
   assert not runtime.use_cublas_gemms()
   assert os.environ['XLA_FLAGS'] == users
+
+
+def test_processes_that_do_not_train_take_gpu_memory_as_needed(monkeypatch):
+  """eval.py beside train.py on one GPU: JAX's client takes 75% of the card when it starts, so
+  the second process must not ask for its own 75%."""
+  monkeypatch.setattr(runtime, 'computation_platform', lambda: 'gpu')
+  monkeypatch.setattr(runtime, 'use_cublas_gemms', lambda: True)
+  for name in runtime._GPU_MEMORY_SETTINGS:
+    monkeypatch.delenv(name, raising=False)
+  assert runtime.tune_for_platform(training=True) == 'gpu'
+  assert xla_client.generate_pjrt_gpu_plugin_options().get('preallocate', True)
+  assert runtime.tune_for_platform(training=False) == 'gpu'
+  # What JAX's CUDA plugin is given when its backend starts.
+  assert xla_client.generate_pjrt_gpu_plugin_options()['preallocate'] is False
+  # The user's own memory setting stands.
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE')
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '.2')
+  assert not runtime.allocate_gpu_memory_as_needed()
+  assert 'XLA_PYTHON_CLIENT_PREALLOCATE' not in os.environ
 
 
 def test_eigen_convolutions_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
