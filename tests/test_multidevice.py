@@ -4,11 +4,16 @@ import functools
 import glob
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import copy_run
+from tests.conftest import forced_devices_xla_flags
+from tests.conftest import REPO
 from tests.train_worker import finish
 from tests.train_worker import launch
 
@@ -69,3 +74,27 @@ def test_two_processes_on_loopback(tiny_data_dir, tmp_path):
     assert f'final step {STEPS} on 4 devices in 2 processes' in out
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(STEPS)))
   assert sorted(logged(workdir, 'loss')) == list(range(1, STEPS + 1))  # process 0 wrote them
+
+
+def test_a_batch_that_does_not_split_over_the_devices_stops_with_a_clear_error(
+    tiny_data_dir, tiny_run, tmp_path):
+  """train.py's batch and eval.py's over 8 devices: the field and a size that splits, before
+  anything is written (JAX's own error came from inside the first step)."""
+  env = dict(os.environ, XLA_FLAGS=forced_devices_xla_flags(8), PYTHONPATH=REPO,
+             JAX_PLATFORMS='cpu')
+  data = [f'--config.dataset.data_dir={tiny_data_dir}', '--config.dataset.auto_prepare=False']
+  run = lambda program, *args: subprocess.run(
+      [sys.executable, program, '--config=configs/smoke.py', *data, *args], cwd=REPO, env=env,
+      capture_output=True, text=True)
+  workdir = tmp_path / 'run'
+  train = run('train.py', f'--workdir={workdir}', '--config.batch_size=4')
+  assert train.returncode != 0
+  assert ('config.batch_size=4 does not split evenly over the 8 devices' in train.stderr and
+          '--config.batch_size=8.' in train.stderr), train.stderr[-3000:]
+  assert not workdir.exists()
+  evaluated = run('eval.py', f'--workdir={copy_run(tiny_run, str(tmp_path / "tiny"))}', '--once',
+                  '--config.eval_batch_size=12')
+  assert evaluated.returncode != 0
+  assert ('config.eval_batch_size=12 does not split evenly over the 8 devices' in
+          evaluated.stderr and '--config.eval_batch_size=16.' in evaluated.stderr), (
+              evaluated.stderr[-3000:])
