@@ -2,6 +2,7 @@
 
 import functools
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -76,25 +77,45 @@ def test_two_processes_on_loopback(tiny_data_dir, tmp_path):
   assert sorted(logged(workdir, 'loss')) == list(range(1, STEPS + 1))  # process 0 wrote them
 
 
-def test_a_batch_that_does_not_split_over_the_devices_stops_with_a_clear_error(
-    tiny_data_dir, tiny_run, tmp_path):
-  """train.py's batch and eval.py's over 8 devices: the field and a size that splits, before
-  anything is written (JAX's own error came from inside the first step)."""
-  env = dict(os.environ, XLA_FLAGS=forced_devices_xla_flags(8), PYTHONPATH=REPO,
+def _program(program, *args, devices, data_dir):
+  """``program`` (train.py, eval.py) with configs/smoke.py on the tiny dataset, on ``devices``
+  forced CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=forced_devices_xla_flags(devices), PYTHONPATH=REPO,
              JAX_PLATFORMS='cpu')
-  data = [f'--config.dataset.data_dir={tiny_data_dir}', '--config.dataset.auto_prepare=False']
-  run = lambda program, *args: subprocess.run(
-      [sys.executable, program, '--config=configs/smoke.py', *data, *args], cwd=REPO, env=env,
-      capture_output=True, text=True)
+  return subprocess.run(
+      [sys.executable, program, '--config=configs/smoke.py',
+       f'--config.dataset.data_dir={data_dir}', '--config.dataset.auto_prepare=False', *args],
+      cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_a_train_batch_that_does_not_split_over_the_devices_stops_with_a_clear_error(
+    tiny_data_dir, tmp_path):
+  """The field and a size that splits, before anything is written (JAX's own error came from
+  inside the first step, after the workdir was made)."""
   workdir = tmp_path / 'run'
-  train = run('train.py', f'--workdir={workdir}', '--config.batch_size=4')
+  train = _program('train.py', f'--workdir={workdir}', '--config.batch_size=4', devices=8,
+                   data_dir=tiny_data_dir)
   assert train.returncode != 0
   assert ('config.batch_size=4 does not split evenly over the 8 devices' in train.stderr and
           '--config.batch_size=8.' in train.stderr), train.stderr[-3000:]
   assert not workdir.exists()
-  evaluated = run('eval.py', f'--workdir={copy_run(tiny_run, str(tmp_path / "tiny"))}', '--once',
-                  '--config.eval_batch_size=12')
-  assert evaluated.returncode != 0
-  assert ('config.eval_batch_size=12 does not split evenly over the 8 devices' in
-          evaluated.stderr and '--config.eval_batch_size=16.' in evaluated.stderr), (
-              evaluated.stderr[-3000:])
+
+
+def test_evaluation_rounds_its_batch_up_to_split_over_the_devices(tiny_data_dir, tiny_run,
+                                                                 tmp_path):
+  """Padded examples are masked out: 12 examples a batch on one device, 16 on eight, the same
+  figures (a run's saved config may come from a host with fewer devices)."""
+  figures = {}
+  for devices in (1, 8):
+    workdir = copy_run(tiny_run, str(tmp_path / f'on_{devices}'))
+    evaluated = _program('eval.py', f'--workdir={workdir}', '--once',
+                         '--config.eval_batch_size=12', devices=devices, data_dir=tiny_data_dir)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert ('Evaluating in batches of 16' in evaluated.stderr) == (devices == 8)
+    (path,) = glob.glob(os.path.join(workdir, 'eval', 'metrics_*.json'))
+    with open(path) as f:
+      figures[devices] = json.load(f)
+  numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, float)}
+  assert numbers(figures[1]) and numbers(figures[1]).keys() == numbers(figures[8]).keys()
+  for name, value in numbers(figures[1]).items():
+    np.testing.assert_allclose(numbers(figures[8])[name], value, rtol=1e-5, err_msg=name)
