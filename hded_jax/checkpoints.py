@@ -27,6 +27,7 @@ from flax import nnx
 from flax import traverse_util
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -53,6 +54,43 @@ class CheckpointError(RuntimeError):
 
 class ConfigMismatchError(ValueError):
   """The run's checkpoints hold a different model or optimizer than the config asks for."""
+
+
+# Written by process 0 of a multi-process run, read back by every process (`check_shared`).
+_SHARED_MARK = '.every_process_sees_this'
+
+
+def check_shared(workdir: str) -> None:
+  """Stops a multi-process run (several hosts) whose processes do not all see one ``workdir``
+  (each host's own disk): Orbax writes each checkpoint from every process into one directory
+  and every process restores it, so that run would fail at its first save, or resume on some
+  hosts only. Process 0 writes a random token there; every process reads it back."""
+  if jax.process_count() == 1:
+    return
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.random.default_rng().integers(1, 2**31 - 1, dtype=np.int32)))
+  mark = os.path.join(workdir, _SHARED_MARK)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(mark + '.tmp', 'w') as f:
+      f.write(str(token))
+    os.replace(mark + '.tmp', mark)
+  multihost_utils.sync_global_devices('checkpoints.check_shared: written')
+  try:
+    with open(mark) as f:
+      sees = f.read() == str(token)
+  except OSError:
+    sees = False
+  seen = multihost_utils.process_allgather(np.array(sees))
+  if jax.process_index() == 0:
+    os.remove(mark)
+  if not all(seen):
+    blind = [i for i, s in enumerate(np.ravel(seen)) if not s]
+    raise ValueError(
+        f'--workdir={workdir} is not one directory for all {jax.process_count()} processes: '
+        f'processes {blind} do not see what process 0 wrote there. Checkpoints are written by '
+        'every process into one directory: use a directory every host mounts (NFS, Filestore, '
+        'a Cloud Storage FUSE mount).')
 
 
 def manager(directory: str, *, max_to_keep: int | None = 3, read_only: bool = False,

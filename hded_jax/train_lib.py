@@ -422,6 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
                              'missing).')
+  checkpoints.check_shared(workdir)
   clock = StartupClock()
   source = input_pipeline.data_source(config, config.dataset.train_split)
   trainer = Trainer(config, len(source))

@@ -77,6 +77,22 @@ def test_two_processes_on_loopback(tiny_data_dir, tmp_path):
   assert sorted(logged(workdir, 'loss')) == list(range(1, STEPS + 1))  # process 0 wrote them
 
 
+def test_processes_that_do_not_share_the_workdir_stop_before_training(tiny_data_dir, tmp_path):
+  """Two hosts' own disks, as two processes given different workdirs: every process stops
+  naming the ones that do not see process 0's workdir (Orbax would fail at the first save)."""
+  env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{_free_port()}', 'JAX_NUM_PROCESSES': '2',
+         'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
+  procs = [run_worker(tiny_data_dir, str(tmp_path / f'disk_{i}' / 'run'), devices=2,
+                      batch_size=8, extra_env={**env, 'JAX_PROCESS_ID': str(i)})
+           for i in range(2)]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert 'is not one directory for all 2 processes: processes [1] do not see' in out, (
+        out[-3000:])
+  assert not (tmp_path / 'disk_0' / 'run' / 'checkpoints').exists()
+
+
 def _program(program, *args, devices, data_dir):
   """``program`` (train.py, eval.py) with configs/smoke.py on the tiny dataset, on ``devices``
   forced CPU devices."""
