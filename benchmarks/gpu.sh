@@ -250,9 +250,9 @@ done
 mkdir -p "$out"
 work=$(mktemp -d)
 deadline=$(( $(date +%s) + ${BUDGET_S:-480} ))
+# No GPU memory setting here: each step takes memory as its command would (the benchmark with
+# --torch leaves PyTorch room by itself: runtime.tune_for_platform).
 export PYTHONFAULTHANDLER=1 TF_CPP_MIN_LOG_LEVEL=2
-# JAX and PyTorch share the GPU in the --torch steps.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
 : > "$out/log.txt"
 bench=(python3 -m hded_jax.benchmark --config="$config" --max_wait=0 --warmup=2)
 # The bf16 batch-32 programs share one compilation cache: restart and largest read what

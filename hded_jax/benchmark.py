@@ -27,7 +27,7 @@ flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed from the input pipel
 flags.DEFINE_bool('pipeline_only', False, 'Time only the input pipeline (the config\'s '
                   'dataset.num_threads and dataset.num_workers): nothing is compiled.')
 flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same device (needs the '
-                  'torch extra; on CUDA set XLA_PYTHON_CLIENT_PREALLOCATE=false to share memory).')
+                  'torch extra; on a GPU, JAX then takes memory as it needs it, beside PyTorch).')
 flags.DEFINE_list('torch_modes', None, 'PyTorch modes to time (default: all the device has: '
                   f'{benchmark_lib.TORCH_MODES}).')
 flags.DEFINE_bool('rendering', False, 'Also time rendering the inputs from the AiF image and '
@@ -65,7 +65,7 @@ def main(argv):
     pytorch.load_triton_first()  # Building a dataset for the pipeline's figure imports TensorFlow.
   # As train.py does (runtime.setup); PyTorch shares the allocator. Its eval figures are thus
   # those of the convolutions chosen for training (eval.py and predict.py keep XLA's on a CPU).
-  runtime.tune_for_platform(training=True)
+  runtime.tune_for_platform(training=True, share_gpu=FLAGS.torch)
   if FLAGS.cache_dir:
     runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))
   config = FLAGS.config

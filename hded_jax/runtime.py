@@ -125,15 +125,16 @@ def process_age_s() -> float | None:
   return uptime - start_ticks / os.sysconf('SC_CLK_TCK')
 
 
-def tune_for_platform(*, training: bool) -> str | None:
+def tune_for_platform(*, training: bool, share_gpu: bool | None = None) -> str | None:
   """Process-wide settings measured to make this project fast on the platform the computation
   runs on (``computation_platform``), applied only there; call before JAX computes anything.
 
   On the CPU: glibc keeps freed memory, programs run on the calling thread, and where
   ``training`` (the process runs gradients, not the forward alone) convolutions on Eigen. On a
-  GPU: matrix products on cuBLAS, and where not ``training`` memory taken as needed. Elsewhere
-  nothing. The entry points call it (``setup`` for train.py and eval.py; predict.py, the
-  benchmark). Returns the platform whose settings were applied ('cpu' or 'gpu'), or None.
+  GPU: matrix products on cuBLAS, and where ``share_gpu`` (default: not ``training``) memory
+  taken as needed. Elsewhere nothing. The entry points call it (``setup`` for train.py and
+  eval.py; predict.py, the benchmark). Returns the platform whose settings were applied ('cpu'
+  or 'gpu'), or None.
   """
   platform = computation_platform()
   if platform == 'cpu':
@@ -144,7 +145,9 @@ def tune_for_platform(*, training: bool) -> str | None:
     return platform
   if platform == 'gpu':
     use_cublas_gemms()
-    if not training:
+    if share_gpu is None:
+      share_gpu = not training
+    if share_gpu:
       allocate_gpu_memory_as_needed()
     return platform
   logging.info('Computing on %s: no settings measured there; XLA flags left alone.', platform)
@@ -266,7 +269,8 @@ _GPU_MEMORY_SETTINGS = ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_
 def allocate_gpu_memory_as_needed() -> bool:
   """Stops JAX's GPU client from taking 75% of the card's memory when it starts, for eval.py and
   predict.py: they run beside a train.py that has taken its 75%, and a second process asking
-  for 75% more fails (JAX's own advice for several processes on one GPU). Never over a memory
+  for 75% more fails (JAX's own advice for several processes on one GPU); and for the
+  benchmark beside PyTorch in its own process. Never over a memory
   setting the user chose; JAX reads these when its backend starts: call it before that.
   Returns whether it applied.
   """

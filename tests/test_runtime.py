@@ -364,6 +364,10 @@ def test_processes_that_do_not_train_take_gpu_memory_as_needed(monkeypatch):
   assert runtime.tune_for_platform(training=False) == 'gpu'
   # What JAX's CUDA plugin is given when its backend starts.
   assert xla_client.generate_pjrt_gpu_plugin_options()['preallocate'] is False
+  # The benchmark beside PyTorch (--torch) trains and shares the card.
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE')
+  runtime.tune_for_platform(training=True, share_gpu=True)
+  assert xla_client.generate_pjrt_gpu_plugin_options()['preallocate'] is False
   # The user's own memory setting stands.
   monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE')
   monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '.2')
