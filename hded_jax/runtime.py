@@ -270,9 +270,8 @@ def allocate_gpu_memory_as_needed() -> bool:
   """Stops JAX's GPU client from taking 75% of the card's memory when it starts, for eval.py and
   predict.py: they run beside a train.py that has taken its 75%, and a second process asking
   for 75% more fails (JAX's own advice for several processes on one GPU); and for the
-  benchmark beside PyTorch in its own process. Never over a memory
-  setting the user chose; JAX reads these when its backend starts: call it before that.
-  Returns whether it applied.
+  benchmark beside PyTorch in its own process. Never over a memory setting the user chose; JAX
+  reads these when its backend starts: call it before that. Returns whether it applied.
   """
   if any(name in os.environ for name in _GPU_MEMORY_SETTINGS):
     return False

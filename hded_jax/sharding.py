@@ -27,16 +27,16 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def check_batch_splits(field: str, batch_size: int, mesh: jax.sharding.Mesh) -> None:
-  """Stops where ``config.<field>`` does not split evenly over the mesh's data axis, naming a
+def check_batch_splits(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """Stops where the training batch does not split evenly over the mesh's data axis, naming a
   size that does (JAX's own error, from inside the first step, names shardings and tiling
   factors)."""
   data = mesh.shape['data']
   if batch_size % data:
     raise ValueError(
-        f'config.{field}={batch_size} does not split evenly over the {data} devices of the '
+        f'config.batch_size={batch_size} does not split evenly over the {data} devices of the '
         f"mesh's data axis (config.mesh): use a multiple of {data}, e.g. "
-        f'--config.{field}={max(1, round(batch_size / data)) * data}.')
+        f'--config.batch_size={max(1, round(batch_size / data)) * data}.')
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -176,7 +176,7 @@ class Trainer:
     self.config = config
     self.train_size = train_size
     self.mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_splits('batch_size', config.batch_size, self.mesh)
+    sharding.check_batch_splits(config.batch_size, self.mesh)
     self.platform = platform or self.mesh.devices.flat[0].platform
     self.num_steps = num_train_steps(config, train_size)
     self.schedule = learning_rate_schedule(config, train_size / config.batch_size)
