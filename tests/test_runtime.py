@@ -175,7 +175,6 @@ _ENTRY_POINT = '''
 import importlib, os, sys, types
 from absl import flags
 import jaxlib.version
-from jaxlib import xla_client
 from hded_jax import eval_lib, predict_lib, runtime, train_lib
 entry, workdir = sys.argv[1:]
 script = importlib.import_module(entry)
