@@ -192,16 +192,18 @@ json.dump(results, open(f"{work}/train_restart.json", "w"))
 PY
     exit $status' "$work" "${restart_train[@]}"
 }
+# cold_b32 NAME LIMIT_S [OVERRIDE...]: bf16 batch 32, cold (no compilation cache).
+cold_b32() {
+  local name=$1 limit=$2
+  shift 2
+  run "$name" "$limit" "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$@" \
+    --output="$work/$name.json"
+}
 step_max_solutions() {
-  run max_solutions 150 env \
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
-    "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-    --output="$work/max_solutions.json"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
+    cold_b32 max_solutions 150
 }
-step_flat_b32() {
-  run flat_b32 150 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-    --config.optimizer.flatten=True --output="$work/flat_b32.json"
-}
+step_flat_b32() { cold_b32 flat_b32 150 --config.optimizer.flatten=True; }
 step_pipeline() {
   run pipeline 120 sh -c '
     workers_list=$1
@@ -218,23 +220,15 @@ json.dump({f"workers_{w}": json.load(open(f"{work}/pipeline_{w}.json"))["pipelin
            for w in workers}, open(f"{work}/pipeline.json", "w"))
 PY' "$work" "${PIPELINE_WORKERS:-4 8}" "${bench[@]}" --batch_size="$big"
 }
-# profiled NAME [OVERRIDE...]: bf16 batch 32, cold, under the compile profiler.
-profiled() {
-  local name=$1
-  shift
-  run "$name" 200 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 "$@" \
-    "$(compile_profile "$name")" --output="$work/$name.json"
-}
+# profiled NAME [OVERRIDE...]: cold_b32 under the compile profiler.
+profiled() { cold_b32 "$1" 200 "${@:2}" "$(compile_profile "$1")"; }
 step_profiled_b32() { profiled profiled_b32; }
 step_transpose_b32() { profiled transpose_b32 --config.model.up_conv=transpose; }
 step_strided_b32() { profiled strided_b32 --config.model.up_conv=transpose_strided_grads; }
 step_autotune() {
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" profiled autotune
 }
-step_scan_b32() {
-  run scan_b32 120 "${bench[@]}" --dtype=bfloat16 --batch_size="$big" --steps=10 \
-    --config.model.dense_block=scan --output="$work/scan_b32.json"
-}
+step_scan_b32() { cold_b32 scan_b32 120 --config.model.dense_block=scan; }
 step_rendering() {
   run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \
     --config.model.block_sizes="(1, 1, 1, 1)" --config.model.growth_rate=8 \
