@@ -15,7 +15,7 @@ step reported.
 ``with_torch`` also times the PyTorch reference (`hded_jax.pytorch.reference`) on the same device:
 on a CPU in float32 with all cores, on CUDA in float32 (TF32 off), TF32 and bf16 autocast, all
 channels_last with cudnn.benchmark, so every ratio comes from one process on one device.
-`largest_batch` finds the largest batch whose train step fits in device memory.
+`largest_batches` finds the largest batch whose train step fits in device memory.
 ``profile_dir`` keeps a JAX profiler trace of a few train steps and the compiled train program,
 and sums the trace's device time per op; ``compile_profile_dir`` one of the train step's XLA
 compile, summed per compiler pass and phase.
@@ -29,6 +29,7 @@ figure and the 1-minute load average beside each result.
 
 from collections.abc import Callable, Mapping, Sequence
 import collections
+from concurrent import futures
 import glob
 import gzip
 import json
@@ -535,53 +536,95 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
   return results
 
 
-def largest_batch(config: ml_collections.ConfigDict, memory_bytes: int | None = None,
-                  tries: int = 3) -> dict:
-  """The largest global batch whose train step fits in ``memory_bytes`` (default: the device's
-  limit). XLA's buffer sizes at two batch sizes give the bytes per image; the extrapolated
-  batch (a multiple of the device count) is then run for one step, 10% smaller on each
-  out-of-memory. All three programs are compiled with XLA's GPU autotuning off: it is most of
+def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
+                    memory_bytes: int | None = None, tries: int = 3,
+                    compile_threads: int | None = None) -> dict[str, dict]:
+  """For each config, the largest global batch whose train step fits in ``memory_bytes``
+  (default: the device's limit). XLA's buffer sizes at two batch sizes give the bytes per image;
+  the extrapolated batch (a multiple of the device count) is then run for one step, 10% smaller
+  on each out-of-memory. The programs are compiled with XLA's GPU autotuning off: it is most of
   a cold GPU compile (docs/performance.md), and at a batch of hundreds it would time every
   candidate algorithm of every convolution on that batch. Training compiles with autotuning,
-  whose algorithms may need more workspace than these: the batch found is an upper bound."""
+  whose algorithms may need more workspace than these: the batch found is an upper bound.
+  Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
+  (default: all the sizing programs, then all those at the estimates, on an accelerator,
+  whose host has cores to spare and whose compile without autotuning, ~30 s, is mostly
+  XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler keeps
+  its cores busy: on the 2-core VM side by side was no faster). The programs run one after
+  the other."""
   if memory_bytes is None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if 'bytes_limit' not in stats:
-      return {'batch_size': None, 'why': f'{jax.default_backend()} reports no memory limit'}
+      why = f'{jax.default_backend()} reports no memory limit'
+      return {name: {'batch_size': None, 'why': why} for name in configs}
     memory_bytes = stats['bytes_limit']
   unit = jax.device_count()
 
-  def train_step(batch_size, run):
+  def lowered_step(config, batch_size):
+    """The train step at ``batch_size``, lowered, and what runs it once compiled (the batch
+    goes to the devices only then: another program's batch would take their memory)."""
     config_b = config.copy_and_resolve_references()
     config_b.batch_size = batch_size
     trainer = train_lib.Trainer(config_b, train_size=batch_size)
+    batch = input_pipeline.random_batch(config_b)
     with jax.set_mesh(trainer.mesh):
-      batch = sharding.global_batch(input_pipeline.random_batch(config_b),
-                                    trainer.batch_sharding)
-      compiled = trainer.step_fn.lower(trainer.abstract_state, batch).compile(
-          compiler_options={'xla_gpu_autotune_level': 0})
-      if not run:
-        return _xla_buffer_bytes(compiled)
-      jax.block_until_ready(compiled(trainer.initial_state(), batch))
+      lowered = trainer.step_fn.lower(trainer.abstract_state,
+                                      sharding.abstract(batch, trainer.batch_sharding))
+    return lowered, lambda compiled: jax.block_until_ready(compiled(
+        trainer.initial_state(), sharding.global_batch(batch, trainer.batch_sharding)))
 
   small, large = unit, 4 * unit
-  bytes_small, bytes_large = train_step(small, run=False), train_step(large, run=False)
-  per_image = (bytes_large - bytes_small) / (large - small)
-  estimate = int((memory_bytes - (bytes_small - per_image * small)) / per_image) // unit * unit
-  result = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image, 'estimate': estimate}
-  batch_size = estimate
-  for _ in range(tries):
-    if batch_size < unit:
-      break
-    try:
-      train_step(batch_size, run=True)
-      return {**result, 'batch_size': batch_size}
-    except jax.errors.JaxRuntimeError as e:
-      if 'RESOURCE_EXHAUSTED' not in str(e):
-        raise
-      logging.info('Batch %d does not fit: %s', batch_size, str(e).splitlines()[0])
-      batch_size = int(batch_size * 0.9) // unit * unit
-  return {**result, 'batch_size': None, 'why': f'no batch from {estimate} down fitted'}
+  results = {}
+  if compile_threads is None:
+    compile_threads = 1 if jax.default_backend() == 'cpu' else 2 * len(configs)
+  with futures.ThreadPoolExecutor(compile_threads) as pool:
+    # Each program compiles while the next is lowered (lowering holds Python's lock).
+    def compiling(lowered):
+      return pool.submit(lowered.compile, compiler_options={'xla_gpu_autotune_level': 0})
+
+    sizing = {(name, size): compiling(lowered_step(config, size)[0])
+              for name, config in configs.items() for size in (small, large)}
+    for name in configs:
+      bytes_small, bytes_large = (_xla_buffer_bytes(sizing.pop((name, size)).result())
+                                  for size in (small, large))
+      per_image = (bytes_large - bytes_small) / (large - small)
+      estimate = int((memory_bytes - (bytes_small - per_image * small)) / per_image)
+      results[name] = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image,
+                       'estimate': estimate // unit * unit}
+    at_estimate = {}
+    for name, result in results.items():
+      if result['estimate'] >= unit:
+        lowered, run = lowered_step(configs[name], result['estimate'])
+        at_estimate[name] = compiling(lowered), run
+
+    def fits(name, batch_size):
+      """Whether one step at ``batch_size`` runs without running out of device memory."""
+      try:
+        if batch_size == results[name]['estimate']:
+          program, run = at_estimate.pop(name)
+        else:
+          lowered, run = lowered_step(configs[name], batch_size)
+          program = compiling(lowered)
+        run(program.result())
+        return True
+      except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        logging.info('%s: batch %d does not fit: %s', name, batch_size, str(e).splitlines()[0])
+        return False
+
+    for name, result in results.items():
+      batch_size = result['estimate']
+      for _ in range(tries):
+        if batch_size < unit:
+          break
+        if fits(name, batch_size):
+          result['batch_size'] = batch_size
+          break
+        batch_size = int(batch_size * 0.9) // unit * unit
+      if 'batch_size' not in result:
+        result.update(batch_size=None, why=f'no batch from {result["estimate"]} down fitted')
+  return results
 
 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 2,
@@ -636,12 +679,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                                           / modes[mode]['train']['pipelined_images_per_s'])
            for mode in modes}}
   if find_largest_batch:
-    results['largest_batch'] = {}
-    for remat in (False, True):
-      config_remat = config.copy_and_resolve_references()
-      config_remat.model.remat = remat
-      results['largest_batch']['remat' if remat else 'plain'] = largest_batch(config_remat)
-      save()
+    configs = {}
+    for name, remat in (('plain', False), ('remat', True)):
+      configs[name] = config.copy_and_resolve_references()
+      configs[name].model.remat = remat
+    results['largest_batch'] = largest_batches(configs)
   save()
   return results
 

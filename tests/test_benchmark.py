@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -176,20 +177,38 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
        'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
 
 
-def test_largest_batch_extrapolates_xla_buffers_and_runs_the_estimate(tiny_data_dir,
-                                                                     monkeypatch):
+def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data_dir,
+                                                                      monkeypatch):
   config = tiny_config(tiny_data_dir)
-  compile_options = []
+  remat = config.copy_and_resolve_references()
+  remat.model.remat = True
   compile_lowered = jax.stages.Lowered.compile
-  monkeypatch.setattr(jax.stages.Lowered, 'compile', lambda self, **kwargs: (
-      compile_options.append(kwargs.get('compiler_options')) or compile_lowered(self, **kwargs)))
-  result = benchmark_lib.largest_batch(config, memory_bytes=64 << 20)
-  # No program autotunes on a GPU (cold: most of a GPU compile; at the estimate, minutes).
-  assert compile_options == [{'xla_gpu_autotune_level': 0}] * 3
-  assert _positive(result['bytes_per_image'])
-  # The estimate ran one step without running out of memory.
-  assert result['batch_size'] == result['estimate'] > 4
-  assert result['batch_size'] % jax.device_count() == 0
+  compiles = []
+  # The first two programs must be compiling at the same time to pass this barrier.
+  together = threading.Barrier(2, timeout=120)
+
+  def compile_(self, **kwargs):
+    compiles.append((kwargs.get('compiler_options'), threading.current_thread()))
+    if len(compiles) <= 2:
+      together.wait()
+    return compile_lowered(self, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
+  results = benchmark_lib.largest_batches({'plain': config, 'remat': remat},
+                                          memory_bytes=64 << 20, compile_threads=4)
+  # No program autotunes on a GPU (cold: most of a GPU compile; at the estimate, minutes), and
+  # none compiles on the calling thread.
+  assert [options for options, _ in compiles] == [{'xla_gpu_autotune_level': 0}] * 6
+  assert threading.main_thread() not in {thread for _, thread in compiles}
+  for result in results.values():
+    assert _positive(result['bytes_per_image'])
+    # The estimate ran one step without running out of memory.
+    assert result['batch_size'] == result['estimate'] > 4
+    assert result['batch_size'] % jax.device_count() == 0
+  # Compiled beside other programs or alone (as on the CPU by default), the same figures.
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_lowered)
+  assert benchmark_lib.largest_batches({'plain': config}, memory_bytes=64 << 20) == {
+      'plain': results['plain']}
 
 
 def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):
