@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
 # The GPU check in one call, from the repository root of a machine with a CUDA GPU:
 #   bash benchmarks/gpu.sh            (on the lent GPU machine: . .device-kit/env.sh && bash ...)
-# By default it runs the check, in this order, within BUDGET_S (default 480 s: 8 minutes):
+# By default it runs, in this order, within BUDGET_S (default 900 s), first the check (the
+# benchmark matrix, train.py and eval.py; it should take 8 minutes on an H100):
 #   platform   JAX's devices, nvidia-smi's card, driver and memory
-#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache), + PyTorch at batch
-#              32 in its fastest CUDA mode (TORCH_B32_MODES, default bf16 autocast) in the same
-#              process; XLA's autotuning log (every candidate algorithm of every convolution and
-#              GEMM) kept
+#   bf16_b32   train/eval at bf16 batch 32, cold (empty compilation cache); XLA's autotuning log
+#              (every candidate algorithm of every convolution and GEMM) kept
 #   f32_b4     float32 batch 4 (the authors' setting) at XLA's default precision, TF32 on these
-#              GPUs (the JSON's jax.products_in), + PyTorch float32 batch 4 with TF32 on
-#              (TORCH_F32_MODES, default tf32: like for like, and PyTorch's own default for
-#              convolutions)
-#   f32_full_b4  float32 batch 4 with model.matmul_precision=float32 (full float32 products,
-#              as the CPU computes) + PyTorch float32 with TF32 off, the authors' setting: like
-#              for like
+#              GPUs (the JSON's jax.products_in), cold
 #   smoke_train, smoke_eval  train.py on configs/smoke.py, then eval.py --once on its
 #              checkpoints (the lent machine's TensorFlow stand-in cannot build a dataset:
 #              carry a prepared one and point TFDS_DATA_DIR at it)
-#   bf16_b4    bf16 batch 4
+#   bf16_b4    bf16 batch 4, cold
 #   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
-#              bf16_b32's compilation cache; for each, two sizing compiles and one step at the
-#              extrapolated batch, compiled without autotuning)
-# Each step compiles afresh (largest six times): by the figures measured before, the whole
-# check takes longer than 8 minutes on an H100 (docs/performance.md). What the budget cuts is
-# recorded as skipped; BUDGET_S=900, or ONLY naming the rest, runs it.
+#              bf16_b32's compilation cache; two sizing compiles and one step at the
+#              extrapolated batch for each, all compiled without autotuning, side by side)
+# then the comparisons with PyTorch, each JAX and PyTorch in one process on the card:
+#   torch_b32  bf16_b32's programs (read from its cache when it ran before in the same call,
+#              else compiled) + PyTorch at batch 32 in its fastest CUDA mode (TORCH_B32_MODES,
+#              default bf16 autocast)
+#   torch_f32  f32_b4's programs (the same) + PyTorch float32 batch 4 with TF32 on
+#              (TORCH_F32_MODES, default tf32: like for like, and PyTorch's own default for
+#              convolutions)
+#   f32_full_b4  float32 batch 4 with model.matmul_precision=float32 (full float32 products,
+#              as the CPU computes), cold, + PyTorch float32 with TF32 off, the authors'
+#              setting: like for like
+# What the budget cuts is recorded as skipped; the log's last lines give the check's seconds.
 # ONLY="STEP ..." runs those steps instead, in that order: any of the above, and experiments
-# that the check leaves out (each is a question about the compile or the step):
+# that the default leaves out (each is a question about the compile or the step):
 #   restart    bf16_b32's program again on its compilation cache (a restart: seconds from
 #              process start to the first step) and a profile of three train steps (time per
 #              kernel; trace and compiled HLO kept)
@@ -34,13 +36,14 @@
 #              first step, part by part (a cold start; a restart in the same workdir, which
 #              loads the step from the program cache instead of tracing it)
 #   max_solutions  bf16 batch 32, cold, with XLA's autotuner trying at most MAX_SOLUTIONS
-#              (default 8) candidates per convolution and GEMM
-#              (--xla_gpu_autotune_max_solutions; on the H200 the autotuner took 37-39 s of a
-#              66 s compile, ~60 candidates per convolution): compile time against step time;
-#              bf16_b32 is its baseline
+#              (default 1) cuBLAS algorithms per GEMM (--xla_gpu_autotune_max_solutions bounds
+#              GEMMs, not convolutions; on the H200 the GEMMs had ~8 candidates each, the
+#              convolutions ~60): how much of the autotuner's 37-39 s the GEMMs take, and what
+#              the step loses; bf16_b32 is its baseline
 #   flat_b32   bf16 batch 32, cold, with Adam over one vector of all the parameters
-#              (optimizer.flatten: 37% fewer ops in the step; on the CPU the same compile and
-#              step time): compile time against step time, as max_solutions
+#              (optimizer.flatten: 37% fewer ops in the step, for XLA's fusion passes, 13.5 s
+#              of the H200's compile; on the CPU the same compile and step time): compile time
+#              against step time, as max_solutions
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
@@ -68,7 +71,8 @@ out=${OUT:-benchmark_results/gpu}
 config=${CONFIG:-configs/nyu.py}
 big=${BIG_BATCH:-32}
 small=${SMALL_BATCH:-4}
-steps=${ONLY:-platform bf16_b32 f32_b4 f32_full_b4 smoke_train smoke_eval bf16_b4 largest}
+check="platform bf16_b32 f32_b4 smoke_train smoke_eval bf16_b4 largest"
+steps=${ONLY:-$check torch_b32 torch_f32 f32_full_b4}
 
 # run NAME LIMIT_S COMMAND...: one step; a JSON it writes to $work/NAME.json joins the results.
 run() {
@@ -105,11 +109,23 @@ PY
 }
 
 # XLA's autotuning log of a cold compile, moved to $out after its step. XLA flags are part of
-# the compilation cache's key, so every step on the shared cache sets the same ones (and, on a
-# cache hit, has nothing to log).
+# the compilation cache's key, so every step on a cache sets the same ones (and, on a cache
+# hit, has nothing to log).
 autotune_log() { echo "${XLA_FLAGS:-} --xla_gpu_dump_autotune_logs_to=$work/autotune_log.txt"; }
-keep_autotune_log() { mv -f "$work/autotune_log.txt" "$out/autotune_log_$1.txt" 2>/dev/null; }
 compile_profile() { echo "--compile_profile_dir=$work/compile_profile_$1"; }
+# cached NAME LIMIT_S PROGRAMS [ARG...]: a benchmark step on the compilation cache of PROGRAMS
+# (b32: bf16 batch 32, f32: float32 batch 4), which later steps of the same call read back.
+cached() {
+  local name=$1 limit=$2 programs=$3
+  shift 3
+  case $programs in
+    b32) set -- --dtype=bfloat16 --batch_size="$big" "$@" ;;
+    f32) set -- --dtype=float32 --batch_size="$small" "$@" ;;
+  esac
+  run "$name" "$limit" env XLA_FLAGS="$(autotune_log)" "${bench[@]}" \
+    --cache_dir="$work/cache_$programs" "$@" --output="$work/$name.json"
+  mv -f "$work/autotune_log.txt" "$out/autotune_log_$name.txt" 2>/dev/null
+}
 
 step_platform() {
   run platform 60 python3 -c "
@@ -120,14 +136,13 @@ smi = shutil.which('nvidia-smi') and subprocess.run(
 json.dump({'jax': jax.__version__, 'devices': [d.device_kind for d in jax.devices()],
            'nvidia_smi': smi}, open('$work/platform.json', 'w'))"
 }
-step_bf16_b32() {
-  run bf16_b32 240 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=10 --torch \
-    --torch_modes="${TORCH_B32_MODES:-bfloat16}" --output="$work/bf16_b32.json"
-  keep_autotune_log bf16_b32
+step_bf16_b32() { cached bf16_b32 180 b32 --steps=10; }
+step_f32_b4() { cached f32_b4 120 f32 --steps=10; }
+step_torch_b32() {
+  cached torch_b32 240 b32 --steps=10 --torch --torch_modes="${TORCH_B32_MODES:-bfloat16}"
 }
-step_f32_b4() {
-  run f32_b4 180 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 --torch \
-    --torch_modes="${TORCH_F32_MODES:-tf32}" --output="$work/f32_b4.json"
+step_torch_f32() {
+  cached torch_f32 180 f32 --steps=10 --torch --torch_modes="${TORCH_F32_MODES:-tf32}"
 }
 step_f32_full_b4() {
   run f32_full_b4 150 "${bench[@]}" --dtype=float32 --batch_size="$small" --steps=10 \
@@ -146,15 +161,9 @@ step_smoke_eval() {
   run smoke_eval 45 sh -c "python3 eval.py --workdir='$work/smoke' --once --timeout_secs=5 &&
     cp '$work'/smoke/eval/metrics_*.json '$work/smoke_eval.json'"
 }
-step_largest() {
-  run largest 300 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=2 --largest_batch \
-    --output="$work/largest.json"
-  keep_autotune_log largest
-}
+step_largest() { cached largest 300 b32 --steps=2 --largest_batch; }
 step_restart() {
-  run restart 150 env XLA_FLAGS="$(autotune_log)" "${b32[@]}" --steps=10 \
-    --profile_dir="$work/profile" --output="$work/restart.json"
-  keep_autotune_log restart
+  cached restart 150 b32 --steps=10 --profile_dir="$work/profile"
   # The trace and the compiled program come back where they are small enough.
   find "$work/profile" \( -name perfetto_trace.json.gz -o -name '*.hlo.txt.gz' \) -size -40M \
     -exec cp {} "$out" \; 2>/dev/null
@@ -200,7 +209,7 @@ cold_b32() {
     --output="$work/$name.json"
 }
 step_max_solutions() {
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-8}" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_max_solutions=${MAX_SOLUTIONS:-1}" \
     cold_b32 max_solutions 150
 }
 step_flat_b32() { cold_b32 flat_b32 150 --config.optimizer.flatten=True; }
@@ -243,15 +252,12 @@ for name in $steps; do
 done
 mkdir -p "$out"
 work=$(mktemp -d)
-deadline=$(( $(date +%s) + ${BUDGET_S:-480} ))
+deadline=$(( $(date +%s) + ${BUDGET_S:-900} ))
 # No GPU memory setting here: each step takes memory as its command would (the benchmark with
 # --torch leaves PyTorch room by itself: runtime.tune_for_platform).
 export PYTHONFAULTHANDLER=1 TF_CPP_MIN_LOG_LEVEL=2
 : > "$out/log.txt"
 bench=(python3 -m hded_jax.benchmark --config="$config" --max_wait=0 --warmup=2)
-# The bf16 batch-32 programs share one compilation cache: restart and largest read what
-# bf16_b32 compiled.
-b32=("${bench[@]}" --dtype=bfloat16 --batch_size="$big" --cache_dir="$work/cache")
 if env XLA_FLAGS="$(autotune_log)" \
     python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' >> "$out/log.txt" 2>&1; then
   rm -f "$work/autotune_log.txt"
@@ -262,5 +268,15 @@ fi
 for name in $steps; do
   "step_$name"
 done
+python3 - "$work" $check <<'PY' | tee -a "$out/log.txt"
+import json, os, sys
+work, check = sys.argv[1], sys.argv[2:]
+status = {name: json.load(open(f'{work}/{name}.status')) for name in check
+          if os.path.exists(f'{work}/{name}.status')}
+if status:
+  ran = [name for name, s in status.items() if s['exit'] == '0']
+  print(f"== the check's steps: {sum(s['seconds'] for s in status.values())} s "
+        f"({len(ran)} of {len(check)} ran: {' '.join(ran)})")
+PY
 gzip -f "$out"/autotune_log_*.txt 2>/dev/null
 echo "results in $out: $(ls "$out" | tr '\n' ' ')"

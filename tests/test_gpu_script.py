@@ -29,20 +29,29 @@ def _ran(results):
 
 
 def test_gpu_script_default_check(tiny_data_dir, tmp_path):
-  """What `bash benchmarks/gpu.sh` runs unchanged: the benchmark matrix, train.py and eval.py."""
-  pytest.importorskip('torch')  # bf16_b32 and the float32 steps time PyTorch beside JAX.
+  """What `bash benchmarks/gpu.sh` runs unchanged: the check (the benchmark matrix, train.py
+  and eval.py), then the comparisons with PyTorch."""
+  pytest.importorskip('torch')  # The comparisons time PyTorch beside JAX.
   # PyTorch's TF32 and bf16 modes are CUDA's; the CPU has float32.
   results, log, run = _gpu_script(tmp_path / 'out', tiny_data_dir, TORCH_B32_MODES='float32',
                                   TORCH_F32_MODES='float32')
   assert run.returncode == 0, run.stderr[-3000:]
-  assert _ran(results) == set(results) == {
-      'platform', 'bf16_b32', 'f32_b4', 'f32_full_b4', 'smoke_train', 'smoke_eval', 'bf16_b4',
-      'largest'}, log[-3000:]
+  check = ['platform', 'bf16_b32', 'f32_b4', 'smoke_train', 'smoke_eval', 'bf16_b4', 'largest']
+  assert _ran(results) == set(results) == {*check, 'torch_b32', 'torch_f32', 'f32_full_b4'}, (
+      log[-3000:])
+  assert f"7 of 7 ran: {' '.join(check)})" in run.stdout
+  assert log.index('== largest') < log.index('== torch_b32')
   cold = results['bf16_b32']
   assert cold['config']['dtype'] == 'bfloat16' and cold['jax']['train']['images_per_s'] > 0
-  assert 'train_vs_float32' in cold['jax_vs_torch']
   assert results['f32_b4']['config']['dtype'] == 'float32'
-  assert 'train_vs_float32' in results['f32_b4']['jax_vs_torch']
+  assert 'torch' not in cold and 'torch' not in results['f32_b4']
+  # Each comparison times PyTorch beside the check's programs, read back from their cache.
+  for name, compared in (('torch_b32', cold), ('torch_f32', results['f32_b4'])):
+    assert results[name]['config'] == compared['config']
+    assert 'train_vs_float32' in results[name]['jax_vs_torch']
+    for program in ('train', 'eval'):
+      assert (results[name]['jax'][program]['compile_s']
+              < compared['jax'][program]['compile_s'] / 3)
   # Full float32 products against PyTorch with TF32 off, like for like.
   full = results['f32_full_b4']
   assert full['config']['model']['matmul_precision'] == 'float32'
@@ -55,10 +64,8 @@ def test_gpu_script_default_check(tiny_data_dir, tmp_path):
 
 
 def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
-  pytest.importorskip('torch')  # bf16_b32 times PyTorch beside JAX.
   results, log, run = _gpu_script(
-      tmp_path / 'out', tiny_data_dir, TORCH_B32_MODES='float32',
-      RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
+      tmp_path / 'out', tiny_data_dir, RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
       ONLY='transpose_b32 bf16_b32 restart train_restart max_solutions flat_b32 pipeline')
   assert run.returncode == 0, run.stderr[-3000:]
   assert _ran(results) == set(results) == {
@@ -67,7 +74,7 @@ def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
   assert log.index('== transpose_b32') < log.index('== bf16_b32') < log.index('== restart')
   cold, restart = results['bf16_b32'], results['restart']
   assert results['transpose_b32']['config']['model']['up_conv'] == 'transpose'
-  assert ('--xla_gpu_autotune_max_solutions=8' in
+  assert ('--xla_gpu_autotune_max_solutions=1' in
           results['max_solutions']['machine']['xla_flags'])
   assert results['max_solutions']['jax']['train']['images_per_s'] > 0
   assert results['flat_b32']['config']['optimizer']['flatten'] is True
