@@ -77,21 +77,33 @@ def _forward_products(**model_overrides):
       count += few_outputs(*node.kernel.shape)
     elif isinstance(node, layers.UpConv) and node.mode == 'phases':
       count += 4 * few_outputs(2, 2, *node.kernel.shape[2:])
+    elif isinstance(node, layers.UpConv) and node.mode == 'phase_channels':
+      in_features, out_features = node.kernel.shape[2:]
+      count += few_outputs(2, 2, in_features, 4 * out_features)
   return count
 
 
 def test_up_conv_option_picks_one_formulation_on_every_backend():
   """For measuring them against each other: 'phases' puts the phase convolutions in the GPU
-  and TPU programs, 'transpose' (and 'transpose_strided_grads') one conv_transpose in the CPU
+  and TPU programs, 'phase_channels' one convolution for the four phases (and one for their
+  kernel gradients), 'transpose' (and 'transpose_strided_grads') one conv_transpose in the CPU
   one (where the convolutions with few outputs per input are matrix products forward, and the
   phases' gradients where the kernel is larger than the output gradient's windows)."""
-  for mode, extra in (('phases', 6), ('transpose', 0), ('transpose_strided_grads', 0)):
+  # Per up-convolution: the convolutions beyond the three of a plain one, and those that
+  # matrix products replace as its gradients on the CPU (the kernel gradient's, the input's).
+  distinct = {}
+  for mode, extra, gradients in (('phases', 6, 5), ('phase_channels', 0, 2), ('transpose', 0, 0),
+                                 ('transpose_strided_grads', 0, 0)):
     counts, convs, up_convs, product_gradients = _lowered(up_conv=mode, pointwise_convs='conv')
     expected = 3 * (convs + up_convs) - 1 + extra * up_convs
     forward_products = _forward_products(up_conv=mode, pointwise_convs='conv')
     assert {p: c['convolutions'] for p, c in counts['train'].items()} == {
         **dict.fromkeys(_ALL, expected),
-        'cpu': expected - forward_products - 5 * product_gradients}, mode
+        'cpu': expected - forward_products - gradients * product_gradients}, mode
+    distinct[mode] = counts['train']['cuda']['distinct_convolutions']
+  # One convolution shape per up-convolution and pass, as one conv_transpose has, for XLA's GPU
+  # autotuner to search (the phases have four forward and four kernel gradient ones).
+  assert distinct['phase_channels'] == distinct['transpose'] < distinct['phases'], distinct
 
 
 def test_pointwise_convs_as_dots_leave_the_programs_convolutions():

@@ -674,6 +674,7 @@ def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
 @pytest.mark.parametrize('mode, expected', [
     # Four phase convolutions, the stride-2 input gradient, the phases' kernel gradient.
     ('phases', [(1, 1)] * 4 + [(2, 2)] + [(1, 1)] * 4),
+    ('phase_channels', [(1, 1), (2, 2), (1, 1)]),  # The four phases as one.
     ('transpose', ['dilated']),  # JAX differentiates it.
     ('transpose_strided_grads', ['dilated', (2, 2)]),
 ])

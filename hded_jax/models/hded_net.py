@@ -63,7 +63,8 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
       dense_block='unrolled',
       # How the same function is computed (layers.formulations), chosen when the model is built
       # for the platform it runs on. The decoders' up-convolutions: 'auto' (four phase
-      # convolutions on CPU and GPU, one conv_transpose on TPU), 'phases', 'transpose' or
+      # convolutions on CPU and GPU, one conv_transpose on TPU), 'phases', 'phase_channels'
+      # (the four phases as one convolution's output channels), 'transpose' or
       # 'transpose_strided_grads' (layers.UP_CONVS).
       up_conv='auto',
       # The convolutions' gradients: 'auto' (XLA's own on GPU and TPU; on CPU, as measured,

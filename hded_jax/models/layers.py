@@ -316,44 +316,66 @@ _conv_transpose_strided_grads.defvjp(_conv_transpose_strided_grads_fwd,
                                      _conv_transpose_strided_grads_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _phase_upsampling_conv(x, kernel, conv=jax.lax.conv_general_dilated):
+def _phase_convs(x, kernel, conv):
   """The transposed conv as four 2x2 convs, one per output phase: the same function without
   the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
-  20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower). The
-  input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead of the
-  four phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md). With the CPU's
-  conv gradients, where the kernel is larger than the output gradient's windows, both gradients
-  are matrix products instead (``_upsampling_conv_gradients_as_products``).
-  """
-  return _phase_convs(x, kernel, conv)
-
-
-def _phase_convs(x, kernel, conv):
+  20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower)."""
   n, h, w, _ = x.shape
   # Output row 2i + a sees input rows (i - 1, i) through taps (0, 2) for a = 0, and rows
   # (i, i + 1) through taps (1, 3) for a = 1; likewise for columns.
   phases = [[conv(x, kernel[a::2, b::2], (1, 1), ((1 - a, a), (1 - b, b)),
                   dimension_numbers=_NHWC) for b in (0, 1)] for a in (0, 1)]
+  return _interleave_phases(phases)
+
+
+def _phase_channel_conv(x, kernel, conv):
+  """The four phases of ``_phase_convs`` as the output channels of one 2x2 conv over the input
+  padded by one all round: phase (a, b) of output (i, j) is that conv's output (i + a, j + b),
+  which sees input rows (i - 1 + a, i + a) and columns likewise. One convolution shape per
+  up-convolution instead of four, for XLA's GPU autotuner (one search per distinct shape),
+  for (1 + 1/h)(1 + 1/w) of the phases' products."""
+  n, h, w, _ = x.shape
+  out_features = kernel.shape[-1]
+  kernels = jnp.concatenate([kernel[a::2, b::2] for a in (0, 1) for b in (0, 1)], axis=-1)
+  y = conv(x, kernels, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  channels = lambda a, b: slice((2 * a + b) * out_features, (2 * a + b + 1) * out_features)
+  return _interleave_phases([[y[:, a:a + h, b:b + w, channels(a, b)] for b in (0, 1)]
+                             for a in (0, 1)])
+
+
+def _interleave_phases(phases):
+  """[[phase (a, b) for b] for a] of shape (n, h, w, c) -> the (n, 2h, 2w, c) output."""
+  n, h, w, c = phases[0][0].shape
   y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (n, h, a, w, b, c)
-  return y.reshape(n, 2 * h, 2 * w, -1)
+  return y.reshape(n, 2 * h, 2 * w, c)
 
 
-def _upsampling_conv_fwd(x, kernel, conv):
-  return _phase_convs(x, kernel, conv), (x, kernel)
+def _upsampling_conv(phases):
+  """The up-convolution as ``phases(x, kernel, conv)`` computes it, with a custom gradient:
+  the input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead
+  of the phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md); the kernel
+  gradient is that of ``phases``. With the CPU's conv gradients, where the kernel is larger
+  than the output gradient's windows, both gradients are matrix products instead
+  (``_upsampling_conv_gradients_as_products``)."""
 
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def up_conv(x, kernel, conv=jax.lax.conv_general_dilated):
+    return phases(x, kernel, conv)
 
-def _upsampling_conv_bwd(conv, residuals, g):
-  x, kernel = residuals
-  n, h, w, in_features = x.shape
-  if conv is conv_with_nhwc_gradients and in_features > n * h * w:
-    return _upsampling_conv_gradients_as_products(x, kernel, g)
-  input_gradient = _conv_transpose_adjoint(g, kernel, conv)
-  _, kernel_vjp = jax.vjp(lambda kernel: _phase_convs(x, kernel, conv), kernel)
-  return input_gradient, *kernel_vjp(g)
+  def forward(x, kernel, conv):
+    return phases(x, kernel, conv), (x, kernel)
 
+  def backward(conv, residuals, g):
+    x, kernel = residuals
+    n, h, w, in_features = x.shape
+    if conv is conv_with_nhwc_gradients and in_features > n * h * w:
+      return _upsampling_conv_gradients_as_products(x, kernel, g)
+    input_gradient = _conv_transpose_adjoint(g, kernel, conv)
+    _, kernel_vjp = jax.vjp(lambda kernel: phases(x, kernel, conv), kernel)
+    return input_gradient, *kernel_vjp(g)
 
-_phase_upsampling_conv.defvjp(_upsampling_conv_fwd, _upsampling_conv_bwd)
+  up_conv.defvjp(forward, backward)
+  return up_conv
 
 
 def _upsampling_conv_gradients_as_products(x, kernel, g):
@@ -389,7 +411,8 @@ def _upsampling_conv_gradients_as_products(x, kernel, g):
 CONV_GRADIENTS = {'xla': jax.lax.conv_general_dilated, 'nhwc': conv_with_nhwc_gradients}
 # Each up-convolution is (x, kernel, conv): ``conv``, one of ``CONV_GRADIENTS``, computes the
 # convolutions it is made of.
-UP_CONVS = {'transpose': _conv_transpose, 'phases': _phase_upsampling_conv,
+UP_CONVS = {'transpose': _conv_transpose, 'phases': _upsampling_conv(_phase_convs),
+            'phase_channels': _upsampling_conv(_phase_channel_conv),
             'transpose_strided_grads': _conv_transpose_strided_grads}
 # The 1x1 convolutions (dense layers, transitions) as convolutions or as matrix products.
 POINTWISE_CONVS = ('conv', 'dot')
