@@ -320,7 +320,6 @@ def _phase_convs(x, kernel, conv):
   """The transposed conv as four 2x2 convs, one per output phase: the same function without
   the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
   20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower)."""
-  n, h, w, _ = x.shape
   # Output row 2i + a sees input rows (i - 1, i) through taps (0, 2) for a = 0, and rows
   # (i, i + 1) through taps (1, 3) for a = 1; likewise for columns.
   phases = [[conv(x, kernel[a::2, b::2], (1, 1), ((1 - a, a), (1 - b, b)),
@@ -334,7 +333,7 @@ def _phase_channel_conv(x, kernel, conv):
   which sees input rows (i - 1 + a, i + a) and columns likewise. One convolution shape per
   up-convolution instead of four, for XLA's GPU autotuner (one search per distinct shape),
   for (1 + 1/h)(1 + 1/w) of the phases' products."""
-  n, h, w, _ = x.shape
+  _, h, w, _ = x.shape
   out_features = kernel.shape[-1]
   kernels = jnp.concatenate([kernel[a::2, b::2] for a in (0, 1) for b in (0, 1)], axis=-1)
   y = conv(x, kernels, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
