@@ -65,7 +65,8 @@
 #              the config's dataset does, beside a small model: its compile and time per batch
 # Results go to $OUT (the device tool's folder) or benchmark_results/gpu: results.json (every
 # step's figures and exit status, rewritten after each step, so a cut-off run keeps what it got)
-# and log.txt. A step that hangs is stopped with SIGABRT, so faulthandler prints where it was.
+# and log.txt (the commands and their output); stdout says as each step starts and ends. A
+# step that hangs is stopped with SIGABRT, so faulthandler prints where it was.
 # CONFIG, BIG_BATCH, SMALL_BATCH and BUDGET_S rehearse it on a CPU with a tiny model
 # (tests/test_gpu_script.py does).
 set -u
@@ -82,16 +83,19 @@ run() {
   local name=$1 limit=$2 left start rc
   shift 2
   left=$(( deadline - $(date +%s) ))
+  # Progress on stdout, a line as each step starts and ends; the commands and output in the log.
   if (( left < 20 )); then
-    echo "== $name: skipped, ${left} s of the budget left" >> "$out/log.txt"
+    echo "== $name: skipped, ${left} s of the budget left" | tee -a "$out/log.txt"
     rc=skipped
   else
     (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit} s) ..."
     echo "== $name (limit ${limit} s): $*" >> "$out/log.txt"
     start=$(date +%s)
     timeout -s ABRT -k 10 "$limit" "$@" >> "$out/log.txt" 2>&1
     rc=$?
-    echo "== $name: exit $rc after $(( $(date +%s) - start )) s" >> "$out/log.txt"
+    echo "== $name: exit $rc after $(( $(date +%s) - start )) s;" \
+      "$(( deadline - $(date +%s) )) s of the budget left" | tee -a "$out/log.txt"
   fi
   echo "{\"exit\": \"$rc\", \"seconds\": $(( $(date +%s) - ${start:-$(date +%s)} ))}" \
     > "$work/$name.status"

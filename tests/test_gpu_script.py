@@ -39,6 +39,8 @@ def test_gpu_script_default_check(tiny_data_dir, tmp_path):
   check = ['platform', 'bf16_b32', 'f32_b4', 'smoke_train', 'smoke_eval', 'bf16_b4', 'largest']
   assert _ran(results) == set(results) == {*check, 'torch_b32', 'torch_f32', 'f32_full_b4'}, (
       log[-3000:])
+  # Progress as it goes: each step's start and end on stdout.
+  assert '== bf16_b32 (limit ' in run.stdout and '== bf16_b32: exit 0 after ' in run.stdout
   assert f"7 of 7 ran: {' '.join(check)})" in run.stdout
   assert log.index('== largest') < log.index('== torch_b32')
   cold = results['bf16_b32']
@@ -112,4 +114,4 @@ def test_gpu_script_unknown_step_and_spent_budget(tmp_path):
   results, log, run = _gpu_script(tmp_path / 'late', ONLY='platform', BUDGET_S='5')
   assert run.returncode == 0, run.stderr
   assert results == {'platform': {'status': {'exit': 'skipped', 'seconds': 0}}}
-  assert '== platform: skipped' in log
+  assert '== platform: skipped' in log and '== platform: skipped' in run.stdout
