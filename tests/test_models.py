@@ -653,20 +653,21 @@ def test_up_conv_formulations_compute_the_transposed_conv(mode, gradients):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('gradients, backward_convolutions', [('nhwc', 0), ('xla', 5)])
+@pytest.mark.parametrize('gradients', ['nhwc', 'xla'])
+@pytest.mark.parametrize('mode, forward, backward', [('phases', 4, 5), ('phase_channels', 1, 2)])
 def test_up_conv_gradients_are_products_where_the_kernel_outgrows_the_windows(
-    gradients, backward_convolutions):
+    mode, forward, backward, gradients):
   """With the CPU's conv gradients, an up-convolution with more input channels than input
   positions (the first one at 8x8) takes both gradients from matrix products with the output
-  gradient's windows instead of convolutions: XLA's values."""
+  gradient's windows instead of its ``backward`` convolutions: XLA's values."""
   x = jax.random.normal(jax.random.key(1), (1, 2, 3, 8))
-  (ours, convolutions), (expected, _) = (_up_conv_value_and_grads(x, 5, 'phases', gradients),
+  (ours, convolutions), (expected, _) = (_up_conv_value_and_grads(x, 5, mode, gradients),
                                          _up_conv_value_and_grads(x, 5, 'transpose', 'xla'))
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert convolutions == 4 + backward_convolutions  # The four phases forward.
+  assert convolutions == forward + (0 if gradients == 'nhwc' else backward)
   # In bfloat16 too (XLA's CPU matrix products take no bfloat16 operands with float32 results).
-  bfloat16, _ = _up_conv_value_and_grads(x, 5, 'phases', gradients, jnp.bfloat16)
+  bfloat16, _ = _up_conv_value_and_grads(x, 5, mode, gradients, jnp.bfloat16)
   for a, b in zip(jax.tree.leaves(bfloat16), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
 
