@@ -60,6 +60,9 @@
 #   channels_b32  bf16 batch 32, cold, with model.up_conv=phase_channels: each up-convolution's
 #              four phases as one convolution's output channels, 30 fewer distinct convolutions
 #              for the autotuner (53 instead of 83, as lowered): compile time against step time
+#   overrides_b32  bf16 batch 32, cold, with the config overrides in B32_OVERRIDES (e.g.
+#              "--config.model.up_conv=phase_channels --config.optimizer.flatten=True": the two
+#              above together), for a question no step names yet
 #   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
 #   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
 #              the config's dataset does, beside a small model: its compile and time per batch
@@ -245,6 +248,7 @@ step_autotune() {
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=${AUTOTUNE_LEVEL:-2}" profiled autotune
 }
 step_channels_b32() { cold_b32 channels_b32 150 --config.model.up_conv=phase_channels; }
+step_overrides_b32() { cold_b32 overrides_b32 150 ${B32_OVERRIDES:-}; }
 step_scan_b32() { cold_b32 scan_b32 120 --config.model.dense_block=scan; }
 step_rendering() {
   run rendering 150 "${bench[@]}" --batch_size="$small" --steps=5 --rendering \

@@ -68,12 +68,13 @@ def test_gpu_script_default_check(tiny_data_dir, tmp_path):
 def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
   results, log, run = _gpu_script(
       tmp_path / 'out', tiny_data_dir, RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
+      B32_OVERRIDES='--config.model.up_conv=phase_channels --config.optimizer.flatten=True',
       ONLY='transpose_b32 bf16_b32 restart train_restart max_solutions flat_b32 channels_b32 '
-           'pipeline')
+           'overrides_b32 pipeline')
   assert run.returncode == 0, run.stderr[-3000:]
   assert _ran(results) == set(results) == {
       'bf16_b32', 'restart', 'train_restart', 'max_solutions', 'flat_b32', 'channels_b32',
-      'pipeline', 'transpose_b32'}, log[-3000:]
+      'overrides_b32', 'pipeline', 'transpose_b32'}, log[-3000:]
   assert log.index('== transpose_b32') < log.index('== bf16_b32') < log.index('== restart')
   cold, restart = results['bf16_b32'], results['restart']
   assert results['transpose_b32']['config']['model']['up_conv'] == 'transpose'
@@ -82,6 +83,8 @@ def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
   assert results['max_solutions']['jax']['train']['images_per_s'] > 0
   assert results['flat_b32']['config']['optimizer']['flatten'] is True
   assert results['channels_b32']['config']['model']['up_conv'] == 'phase_channels'
+  both = results['overrides_b32']['config']
+  assert both['model']['up_conv'] == 'phase_channels' and both['optimizer']['flatten'] is True
   # A profiled cold compile: XLA's phases by time (on the CPU, its CPU compiler's).
   phases = results['transpose_b32']['jax']['compile_profile']
   assert any('Compiler' in phase['name'] for phase in phases), phases[:10]
