@@ -7,6 +7,7 @@ reductions (BatchNorm statistics are over the global batch).
 """
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -15,16 +16,18 @@ import numpy as np
 P = jax.sharding.PartitionSpec
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh over all devices of all processes."""
-  num_devices = jax.device_count()
+def make_mesh(mesh_config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh over ``devices``: default all devices of all processes; a TPU
+  slice's that this machine lacks, to compile for it ahead of time (`benchmark_lib.tpu_devices`)."""
+  num_devices = len(devices) if devices is not None else jax.device_count()
   model = mesh_config.model
   data = mesh_config.data if mesh_config.data > 0 else num_devices // model
   if data * model != num_devices:
     raise ValueError(f'mesh data={mesh_config.data} x model={model} does not cover the '
                      f'{num_devices} devices; set config.mesh.data=-1 to use them all.')
   return jax.make_mesh((data, model), ('data', 'model'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def check_batch_splits(batch_size: int, mesh: jax.sharding.Mesh) -> None:

@@ -4,7 +4,7 @@
 The same code runs on one CPU, on several (forced) CPU devices, a GPU, a TPU VM and several hosts.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 import functools
 import math
@@ -170,12 +170,14 @@ class Trainer:
   ``abstract_state``), so a resumed run never draws the initial weights."""
 
   def __init__(self, config: ml_collections.ConfigDict, train_size: int,
-               platform: str | None = None):
+               platform: str | None = None, devices: Sequence[jax.Device] | None = None):
     """``platform``: the one the model's formulations are chosen for (``models.HDEDNet``);
-    default the mesh's. Another one only to lower the step for it (``jax.export``)."""
+    default the mesh's. Another one only to lower the step for it (``jax.export``).
+    ``devices``: the mesh's (`sharding.make_mesh`); a TPU slice's this machine lacks only to
+    compile the step for it."""
     self.config = config
     self.train_size = train_size
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_splits(config.batch_size, self.mesh)
     self.platform = platform or self.mesh.devices.flat[0].platform
     self.num_steps = num_train_steps(config, train_size)
