@@ -2,7 +2,7 @@ r"""Times the full training and inference programs of a config: compile, step, m
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
       [--output=results.json] [--torch] [--rendering] [--op_counts] [--cache_dir=DIR]
-      [--profile_dir=DIR] [--compile_profile_dir=DIR]
+      [--profile_dir=DIR] [--compile_profile_dir=DIR] [--tpu_topology=v5e:2x2]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
@@ -38,6 +38,11 @@ flags.DEFINE_bool('op_counts', False, 'Also lower the train and eval programs fo
                   '(on any machine, with jax.export) and record their op counts.')
 flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits in device '
                   'memory, with and without remat.')
+flags.DEFINE_string('tpu_topology', None, 'Compile the train and eval programs for this TPU '
+                    "slice ('v5e:2x2', 'v4:2x2x1', ...) on this machine with XLA's TPU compiler "
+                    "instead of timing them here (needs libtpu: the tpu extra): compile time, "
+                    'FLOPs, memory per chip; with --largest_batch the largest batches that '
+                    'compile within a chip\'s memory. Nothing runs.')
 flags.DEFINE_string('profile_dir', None, 'Also trace a few train steps with the JAX profiler '
                     'into this folder (TensorBoard\'s profile tab or Perfetto read it), write the '
                     'compiled train program\'s HLO beside it, and report the time per device op.')
@@ -56,6 +61,11 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.tpu_topology and (FLAGS.torch or FLAGS.pipeline_only or FLAGS.profile_dir
+                             or FLAGS.compile_profile_dir or FLAGS.rendering):
+    raise app.UsageError('--tpu_topology compiles for chips that are not here and runs '
+                         'nothing: leave out --torch, --pipeline_only, --profile_dir, '
+                         '--compile_profile_dir and --rendering, or --tpu_topology.')
   if FLAGS.torch:
     try:  # Before minutes of JAX measurements, not after them.
       import torch  # pylint: disable=g-import-not-at-top,unused-import
@@ -81,7 +91,7 @@ def main(argv):
       compile_profile_dir=(FLAGS.compile_profile_dir
                            and os.path.abspath(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
-      pipeline_only=FLAGS.pipeline_only, output=FLAGS.output)
+      pipeline_only=FLAGS.pipeline_only, tpu_topology=FLAGS.tpu_topology, output=FLAGS.output)
   print(benchmark_lib.format_table(results))
 
 

@@ -21,6 +21,8 @@ and sums the trace's device time per op; ``compile_profile_dir`` one of the trai
 compile, summed per compiler pass and phase.
 ``op_counts`` lowers the train step and the eval forward for GPU and TPU on this machine and
 records their op counts (`lowering`): what an accelerator would be asked to compile.
+``tpu_topology`` compiles them for a TPU slice that this machine lacks, with XLA's TPU compiler
+(`compile_for_tpu`): compile time and memory per chip, before renting the slice.
 
 The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
 seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
@@ -32,6 +34,7 @@ import collections
 from concurrent import futures
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import resource
@@ -68,12 +71,51 @@ PEAK_BF16_FLOPS = (
 )
 
 
+# High-bandwidth memory of one TPU chip, by a substring of its device_kind (Cloud TPU's chip
+# specifications, in GB; most specific first): what a batch must fit where no chip reports its
+# own (compiling for a slice this machine lacks, `tpu_devices`).
+TPU_HBM_BYTES = (
+    ('TPU v5 lite', 16e9), ('TPU v5', 95e9), ('TPU v6 lite', 32e9), ('TPU v4', 32e9),
+)
+
 # The focus distances rendered when the benchmark times rendering for a config without a camera.
 RENDERING_FOCUS_RANGE = (1.5, 3.0)
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:
   return next((flops for kind, flops in PEAK_BF16_FLOPS if kind in device_kind), None)
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+  """The chips of a TPU slice named as JAX names them ('v5e:2x2', 'v4:2x2x1', 'v6e:4x4'...),
+  described by libtpu without the chips: programs for them compile on this machine, with XLA's
+  TPU compiler, and cannot run."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    raise ValueError(f'Compiling for the TPU slice {topology!r} needs libtpu, XLA\'s TPU '
+                     "compiler: pip install -e '.[tpu]' (Linux on x86-64).")
+  # No chips to guard: without this, a second process (pytest's workers) finds libtpu's
+  # lockfile taken and cannot describe the slice.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform='tpu').devices)
+  except Exception as error:  # pylint: disable=broad-except
+    # libtpu's own error names neither the argument nor a valid form.
+    raise ValueError(f'libtpu could not describe the TPU slice {topology!r} ({error}); name '
+                     "one as 'v5e:2x2', 'v4:2x2x1' or 'v6e:4x4' (version:chips per axis)."
+                     ) from error
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+  """The memory a program may use on ``device``: its own report, else (a TPU chip that is
+  not here) its HBM by ``TPU_HBM_BYTES``; None where neither says (the CPU)."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}  # A slice's chips described without them (`tpu_devices`) report nothing.
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit'])
+  return next((int(hbm) for kind, hbm in TPU_HBM_BYTES if kind in device.device_kind), None)
 
 
 def machine_load(sample_s: float = 1.0) -> dict[str, float]:
@@ -439,6 +481,39 @@ def lowered_op_counts(config: ml_collections.ConfigDict,
   return counts
 
 
+def _batch_spec(config: ml_collections.ConfigDict,
+                batch_sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of `input_pipeline.random_batch`'s batch for ``config``, from one image's:
+  a batch of thousands need not be made to be compiled for."""
+  one = config.copy_and_resolve_references()
+  one.batch_size = 1
+  return {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
+                                  sharding=batch_sharding)
+          for k, v in input_pipeline.random_batch(one).items()}
+
+
+def compile_for_tpu(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict:
+  """The train step and the eval forward of ``config`` compiled for the TPU chips ``devices``
+  (`tpu_devices`) on this machine; nothing runs. Each program's seconds tracing and lowering
+  and in XLA's TPU compiler (on this host's cores: a TPU VM's host has more), its FLOPs (the
+  whole batch's), XLA's buffers on each chip and the share of the chip's HBM they take."""
+  trainer = train_lib.Trainer(config, train_size=config.batch_size, devices=devices)
+  device = devices[0]
+  hbm = device_memory_bytes(device)
+  results = {'device': device.device_kind, 'num_devices': len(devices), 'hbm_bytes': hbm}
+  batch = _batch_spec(config, trainer.batch_sharding)
+  with jax.set_mesh(trainer.mesh):
+    programs = {'train': (trainer.step_fn, (trainer.abstract_state, batch)),
+                'eval': eval_program(trainer, trainer.abstract_state, batch)}
+    for name, (jitted, args) in programs.items():
+      compiled, figures = _compile(f'{name} for {len(devices)} x {device.device_kind}',
+                                   jitted, *args)
+      per_chip = _xla_buffer_bytes(compiled)
+      results[name] = {**figures, 'xla_buffer_bytes_per_chip': per_chip,
+                       'share_of_hbm': per_chip / hbm if per_chip and hbm else None}
+  return results
+
+
 def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train_step_s: float,
                         *, step_renders: bool, steps: int, warmup: int, max_busy_cores: float,
                         max_wait: float) -> dict:
@@ -538,13 +613,17 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
 
 def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
                     memory_bytes: int | None = None, tries: int = 3,
-                    compile_threads: int | None = None) -> dict[str, dict]:
+                    compile_threads: int | None = None,
+                    devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
-  (default: the device's limit). XLA's buffer sizes at two batch sizes give the bytes per image;
-  the extrapolated batch (a multiple of the device count) is then run for one step, 10% smaller
-  on each out-of-memory. The programs are compiled with XLA's GPU autotuning off: it is most of
-  a cold GPU compile (docs/performance.md), and at a batch of hundreds it would time every
-  candidate algorithm of every convolution on that batch. Training compiles with autotuning,
+  (default: the device's limit, `device_memory_bytes`). XLA's buffer sizes at two batch sizes
+  give the bytes per image; the extrapolated batch (a multiple of the device count) is then run
+  for one step, 10% smaller on each out-of-memory. ``devices``: a TPU slice's chips that this
+  machine lacks (`tpu_devices`): nothing runs, and a batch fits where XLA's TPU compiler, which
+  refuses a program larger than the chip's memory, compiles its step. The programs are
+  compiled with XLA's GPU autotuning off: it is most of a cold GPU compile
+  (docs/performance.md), and at a batch of hundreds it would time every candidate algorithm
+  of every convolution on that batch. Training compiles with autotuning,
   whose algorithms may need more workspace than these: the batch found is an upper bound.
   Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
   (default: all the sizing programs, then all those at the estimates, on an accelerator,
@@ -552,26 +631,28 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler keeps
   its cores busy: on the 2-core VM side by side was no faster). The programs run one after
   the other."""
+  device = devices[0] if devices else jax.local_devices()[0]
   if memory_bytes is None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if 'bytes_limit' not in stats:
-      why = f'{jax.default_backend()} reports no memory limit'
+    memory_bytes = device_memory_bytes(device)
+    if memory_bytes is None:
+      why = f'{device.platform} reports no memory limit'
       return {name: {'batch_size': None, 'why': why} for name in configs}
-    memory_bytes = stats['bytes_limit']
-  unit = jax.device_count()
+  unit = len(devices) if devices else jax.device_count()
 
   def lowered_step(config, batch_size):
     """The train step at ``batch_size``, lowered, and what runs it once compiled (the batch
     goes to the devices only then: another program's batch would take their memory)."""
     config_b = config.copy_and_resolve_references()
     config_b.batch_size = batch_size
-    trainer = train_lib.Trainer(config_b, train_size=batch_size)
-    batch = input_pipeline.random_batch(config_b)
+    trainer = train_lib.Trainer(config_b, train_size=batch_size, devices=devices)
     with jax.set_mesh(trainer.mesh):
       lowered = trainer.step_fn.lower(trainer.abstract_state,
-                                      sharding.abstract(batch, trainer.batch_sharding))
+                                      _batch_spec(config_b, trainer.batch_sharding))
+    if devices:  # Chips that are not here: compiled is as far as it goes.
+      return lowered, lambda compiled: None
     return lowered, lambda compiled: jax.block_until_ready(compiled(
-        trainer.initial_state(), sharding.global_batch(batch, trainer.batch_sharding)))
+        trainer.initial_state(),
+        sharding.global_batch(input_pipeline.random_batch(config_b), trainer.batch_sharding)))
 
   small, large = unit, 4 * unit
   results = {}
@@ -598,7 +679,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
         at_estimate[name] = compiling(lowered), run
 
     def fits(name, batch_size):
-      """Whether one step at ``batch_size`` runs without running out of device memory."""
+      """Whether one step at ``batch_size`` runs (compiles, for chips that are not here)
+      without running out of device memory."""
       try:
         if batch_size == results[name]['estimate']:
           program, run = at_estimate.pop(name)
@@ -620,6 +702,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
           break
         if fits(name, batch_size):
           result['batch_size'] = batch_size
+          result['checked'] = 'compiled for chips not here' if devices else 'ran one step'
           break
         batch_size = int(batch_size * 0.9) // unit * unit
       if 'batch_size' not in result:
@@ -633,11 +716,14 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   rendering: bool = False, op_counts: bool = False,
                   profile_dir: str | None = None, compile_profile_dir: str | None = None,
                   max_busy_cores: float = 0.5, max_wait: float = 180.0,
-                  pipeline_only: bool = False, output: str | None = None) -> dict:
+                  pipeline_only: bool = False, tpu_topology: str | None = None,
+                  output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
   is stopped (a time limit on a lent machine) keeps what it measured. ``pipeline_only``: the
-  input pipeline alone (is it faster than the step?), nothing compiled."""
+  input pipeline alone (is it faster than the step?), nothing compiled. ``tpu_topology``: the
+  programs compiled for that TPU slice on this machine (`compile_for_tpu`; the largest batches
+  too where asked), nothing run."""
   h, w = config.dataset.image_size
   results = {
       'config': {'model': config.model.to_dict(), 'optimizer': config.optimizer.to_dict(),
@@ -660,6 +746,15 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
   if op_counts:
     results['lowered'] = lowered_op_counts(config)
     save()
+  if tpu_topology:
+    devices = tpu_devices(tpu_topology)
+    results['tpu'] = {'topology': tpu_topology, **compile_for_tpu(config, devices)}
+    save()
+    if find_largest_batch:
+      results['largest_batch'] = largest_batches(_with_and_without_remat(config),
+                                                 devices=devices)
+      save()
+    return results
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir,
                                  compile_profile_dir=compile_profile_dir)
@@ -679,18 +774,25 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                                           / modes[mode]['train']['pipelined_images_per_s'])
            for mode in modes}}
   if find_largest_batch:
-    configs = {}
-    for name, remat in (('plain', False), ('remat', True)):
-      configs[name] = config.copy_and_resolve_references()
-      configs[name].model.remat = remat
-    results['largest_batch'] = largest_batches(configs)
+    results['largest_batch'] = largest_batches(_with_and_without_remat(config))
   save()
   return results
+
+
+def _with_and_without_remat(
+    config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  configs = {}
+  for name, remat in (('plain', False), ('remat', True)):
+    configs[name] = config.copy_and_resolve_references()
+    configs[name].model.remat = remat
+  return configs
 
 
 def format_table(results: Mapping) -> str:
   """A text table of the headline figures."""
   cfg = results['config']
+  if 'tpu' in results:
+    return '\n'.join(_tpu_rows(results) + _lowered_and_largest_rows(results))
   pipe = results['pipeline']
   pipeline = (f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]}; '
               f'{pipe["num_threads"]} threads, {pipe["num_workers"]} worker processes)')
@@ -727,11 +829,34 @@ def format_table(results: Mapping) -> str:
                 f'{100 * render["overhead"]:.1f}% to the train step without it; compiled in '
                 f'{render["compile_s"]:.1f} s')
   rows.append(pipeline)
+  return '\n'.join(rows + _lowered_and_largest_rows(results))
+
+
+def _tpu_rows(results: Mapping) -> list[str]:
+  cfg, tpu = results['config'], results['tpu']
+  hbm = f'{tpu["hbm_bytes"] / 1e9:.0f} GB HBM each' if tpu['hbm_bytes'] else 'HBM unknown'
+  rows = [f'{cfg["image_size"][0]}x{cfg["image_size"][1]}, batch {cfg["batch_size"]}, '
+          f'{cfg["dtype"]}, compiled for the TPU slice {tpu["topology"]} ({tpu["num_devices"]} x '
+          f'{tpu["device"]}, {hbm}) on this machine ({results["machine"]["cpu_count"]} CPUs); '
+          'nothing ran',
+          f'{"":18}{"lower s":>9}{"compile s":>11}{"GFLOP":>9}{"MiB per chip":>14}'
+          f'{"share of HBM":>14}']
+  for name in ('train', 'eval'):
+    r = tpu[name]
+    gflop = f'{r["flops"] / 1e9:9.1f}' if r.get('flops') else f'{"-":>9}'
+    share = f'{100 * r["share_of_hbm"]:13.1f}%' if r['share_of_hbm'] else f'{"-":>14}'
+    rows.append(f'{name:18}{r["lower_s"]:9.1f}{r["compile_s"]:11.1f}{gflop}'
+                f'{(r["xla_buffer_bytes_per_chip"] or 0) / 2**20:14.0f}{share}')
+  return rows
+
+
+def _lowered_and_largest_rows(results: Mapping) -> list[str]:
+  rows = []
   for program, by_platform in results.get('lowered', {}).items():
     rows.append(f'{program} lowered: ' + '; '.join(
         f'{platform} {c["ops"]} ops, {c["convolutions"]} convolutions '
         f'({c["distinct_convolutions"]} distinct), {sum(c["custom_calls"].values())} custom calls'
         for platform, c in by_platform.items()))
   for name, r in results.get('largest_batch', {}).items():
-    rows.append(f'largest batch ({name}): {r["batch_size"]} ({r.get("why", "ran one step")})')
-  return '\n'.join(rows)
+    rows.append(f'largest batch ({name}): {r["batch_size"]} ({r.get("why") or r["checked"]})')
+  return rows

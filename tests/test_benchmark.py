@@ -1,5 +1,6 @@
 """The benchmark on the tiny model at 32x32: every figure present and plausible."""
 
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
+from hded_jax import train_lib
 from tests.conftest import REPO
 from tests.conftest import tiny_config
 
@@ -209,6 +211,93 @@ def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_lowered)
   assert benchmark_lib.largest_batches({'plain': config}, memory_bytes=64 << 20) == {
       'plain': results['plain']}
+
+
+# libtpu (the test extra, on Linux x86-64) describes TPU slices without their chips.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason="needs libtpu: pip install -e '.[tpu]'")
+
+
+@needs_libtpu
+def test_benchmark_compiles_for_a_tpu_slice_this_machine_lacks(tmp_path, monkeypatch):
+  output = tmp_path / 'tpu.json'
+  monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing is drawn or run.
+  returned = benchmark_lib.run_benchmark(tiny_config(str(tmp_path / 'tfds'), batch_size=8),
+                                         tpu_topology='v5e:2x2', output=str(output))
+  results = json.loads(output.read_text())
+  assert results == json.loads(json.dumps(returned, default=str))
+  tpu = results['tpu']
+  assert (tpu['topology'], tpu['device'], tpu['num_devices'], tpu['hbm_bytes']) == (
+      'v5e:2x2', 'TPU v5 lite', 4, 16e9)
+  for name in ('train', 'eval'):
+    r = tpu[name]
+    for key in ('lower_s', 'compile_s', 'flops', 'xla_buffer_bytes_per_chip'):
+      assert _positive(r[key]), (name, key, r[key])
+    assert math.isclose(r['share_of_hbm'], r['xla_buffer_bytes_per_chip'] / 16e9)
+  assert 2 * tpu['eval']['flops'] < tpu['train']['flops'] < 6 * tpu['eval']['flops']
+  assert 'jax' not in results and 'pipeline' not in results
+  table = benchmark_lib.format_table(results)
+  assert 'compiled for the TPU slice v5e:2x2 (4 x TPU v5 lite, 16 GB HBM each)' in table
+  assert table.splitlines()[2].startswith('train') and table.splitlines()[3].startswith('eval')
+
+
+@needs_libtpu
+def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(tiny_data_dir,
+                                                                              monkeypatch):
+  devices = benchmark_lib.tpu_devices('v5e:2x2')
+  # XLA's TPU compiler knows the chip's memory and refuses a program larger: a batch fits
+  # where its step compiles.
+  mesh = jax.make_mesh((4,), ('data',), devices=devices)
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  double = jax.jit(lambda x: 2 * x, out_shardings=split)
+  with pytest.raises(jax.errors.JaxRuntimeError, match='RESOURCE_EXHAUSTED'):
+    double.lower(jax.ShapeDtypeStruct((4 * 3 * 2**30,), jnp.float32, sharding=split)).compile()
+
+  # The search on such a compiler's answers (a real one takes ~20 s a program here): 1 MiB per
+  # chip and 1 MiB per image on it, refused above 40 MiB.
+  compiled = []
+
+  def compile_(lowered, **unused_kwargs):
+    batch = lowered.args_info[0][1]['image'].shape[0]
+    assert 'mhlo.num_partitions = 4' in lowered.as_text()  # Split over the slice's chips.
+    compiled.append(batch)
+    per_chip = (1 + batch // 4) * 2**20
+    if per_chip > 40 * 2**20:
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM')
+    return types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
+        argument_size_in_bytes=per_chip, output_size_in_bytes=0, temp_size_in_bytes=0,
+        alias_size_in_bytes=0))
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
+  made = []
+  random_batch = benchmark_lib.input_pipeline.random_batch
+  monkeypatch.setattr(benchmark_lib.input_pipeline, 'random_batch',
+                      lambda config: made.append(config.batch_size) or random_batch(config))
+  monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
+  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
+                                          memory_bytes=48 << 20, devices=devices)
+  # Per chip 2 MiB at batch 4, 5 MiB at 16: 0.25 MiB per image of the global batch over 1 MiB;
+  # 48 MiB holds 188, refused; then 168, refused; then 148.
+  assert results == {'plain': {'memory_bytes': 48 << 20, 'bytes_per_image': 2**18,
+                               'estimate': 188, 'batch_size': 148,
+                               'checked': 'compiled for chips not here'}}
+  assert compiled == [4, 16, 188, 168, 148]
+  assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
+
+
+@needs_libtpu
+def test_a_tpu_slice_libtpu_does_not_know_is_named_with_the_form_it_takes():
+  with pytest.raises(ValueError, match=r"'v5x:9'.*name one as 'v5e:2x2'"):
+    benchmark_lib.tpu_devices('v5x:9')
+
+
+def test_tpu_topology_with_flags_that_run_stops_at_once(tmp_path):
+  run = subprocess.run(
+      [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/smoke.py',
+       '--tpu_topology=v5e:2x2', '--rendering'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0
+  assert '--tpu_topology compiles for chips that are not here and runs nothing' in run.stderr
 
 
 def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):
