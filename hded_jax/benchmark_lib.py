@@ -111,8 +111,8 @@ def device_memory_bytes(device: jax.Device) -> int | None:
   not here) its HBM by ``TPU_HBM_BYTES``; None where neither says (the CPU)."""
   try:
     stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except
-    stats = {}  # A slice's chips described without them (`tpu_devices`) report nothing.
+  except jax.errors.JaxRuntimeError:  # "only supported for addressable PjRt devices"
+    stats = {}  # A slice's chips described without them (`tpu_devices`).
   if 'bytes_limit' in stats:
     return int(stats['bytes_limit'])
   return next((int(hbm) for kind, hbm in TPU_HBM_BYTES if kind in device.device_kind), None)
