@@ -663,6 +663,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     def compiling(lowered):
       return pool.submit(lowered.compile, compiler_options={'xla_gpu_autotune_level': 0})
 
+    logging.info('Largest batch (%s): compiling the train step at batches %d and %d.',
+                 ', '.join(configs), small, large)
     sizing = {(name, size): compiling(lowered_step(config, size)[0])
               for name, config in configs.items() for size in (small, large)}
     for name in configs:
@@ -672,6 +674,9 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
       estimate = int((memory_bytes - (bytes_small - per_image * small)) / per_image)
       results[name] = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image,
                        'estimate': estimate // unit * unit}
+      # Each compile takes minutes for the full model on a TPU compiled here: say where it is.
+      logging.info('Largest batch (%s): %.1f MiB per image, so about %d images.', name,
+                   per_image / 2**20, results[name]['estimate'])
     at_estimate = {}
     for name, result in results.items():
       if result['estimate'] >= unit:
@@ -681,6 +686,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     def fits(name, batch_size):
       """Whether one step at ``batch_size`` runs (compiles, for chips that are not here)
       without running out of device memory."""
+      logging.info('Largest batch (%s): trying batch %d.', name, batch_size)
       try:
         if batch_size == results[name]['estimate']:
           program, run = at_estimate.pop(name)
@@ -692,7 +698,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
       except jax.errors.JaxRuntimeError as e:
         if 'RESOURCE_EXHAUSTED' not in str(e):
           raise
-        logging.info('%s: batch %d does not fit: %s', name, batch_size, str(e).splitlines()[0])
+        logging.info('Largest batch (%s): batch %d does not fit: %s', name, batch_size,
+                     str(e).splitlines()[0])
         return False
 
     for name, result in results.items():
