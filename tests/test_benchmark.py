@@ -291,6 +291,14 @@ def test_a_tpu_slice_libtpu_does_not_know_is_named_with_the_form_it_takes():
     benchmark_lib.tpu_devices('v5x:9')
 
 
+def test_compiling_for_a_tpu_slice_without_libtpu_says_how_to_install_it(monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: None if name == 'libtpu' else find_spec(name, *args))
+  with pytest.raises(ValueError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
+    benchmark_lib.tpu_devices('v5e:2x2')
+
+
 def test_tpu_topology_with_flags_that_run_stops_at_once(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/smoke.py',
