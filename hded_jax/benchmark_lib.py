@@ -214,9 +214,13 @@ def _flops(lowered: jax.stages.Lowered) -> float | None:
   """FLOPs of the program as lowered, before the backend's rewrites: a GPU's compiled program
   hands its convolutions to cuDNN as custom calls, which XLA's cost analysis leaves out (on an
   H100 it counted 80 of the 4,800 GFLOPs of the bf16 batch-32 train step). Backends behind
-  the PJRT C API (JAX's CUDA plugin) do not analyse lowered programs; XLA's CPU backend counts
-  the same HLO for them."""
-  analysis = lowered.cost_analysis()
+  the PJRT C API (JAX's CUDA plugin) do not analyse lowered programs, nor (with an error, from
+  jax 0.12) those for a TPU slice described without its chips; XLA's CPU backend counts the
+  same HLO for them."""
+  try:
+    analysis = lowered.cost_analysis()
+  except jax.errors.JaxRuntimeError:  # "implemented for a PjRt-compatible backend only"
+    analysis = None
   if analysis is None:
     try:
       from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top

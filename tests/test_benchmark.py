@@ -316,6 +316,13 @@ def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(m
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
   assert benchmark_lib._flops(lowered) == flops
 
+  def refuse(self):  # As jax 0.12 does for a TPU slice described without its chips.
+    raise jax.errors.JaxRuntimeError('This operation is implemented for a PjRt-compatible '
+                                     'backend only.')
+
+  monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', refuse)
+  assert benchmark_lib._flops(lowered) == flops
+
 
 def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_trace(
     tmp_path, monkeypatch):
