@@ -13,8 +13,9 @@
 #              carry a prepared one and point TFDS_DATA_DIR at it)
 #   bf16_b4    bf16 batch 4, cold
 #   largest    the largest bf16 batch that fits, with and without remat (batch 32 read from
-#              bf16_b32's compilation cache; two sizing compiles and one step at the
-#              extrapolated batch for each, all compiled without autotuning, side by side)
+#              bf16_b32's compilation cache; two sizing compiles, then up to four steps
+#              from the extrapolated batch on for each, all compiled without autotuning, the
+#              two configs' programs side by side)
 # then the comparisons with PyTorch, each JAX and PyTorch in one process on the card:
 #   torch_b32  bf16_b32's programs (read from its cache when it ran before in the same call,
 #              else compiled) + PyTorch at batch 32 in its fastest CUDA mode (TORCH_B32_MODES,

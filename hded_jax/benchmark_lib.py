@@ -80,6 +80,8 @@ TPU_HBM_BYTES = (
 
 # The focus distances rendered when the benchmark times rendering for a config without a camera.
 RENDERING_FOCUS_RANGE = (1.5, 3.0)
+# The largest-batch search ends where the batch that fits is this close to the limit.
+LARGEST_BATCH_TOLERANCE = 0.05
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:
@@ -615,26 +617,58 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
   return results
 
 
+def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int | None,
+                      smallest_refused: int | None, memory_bytes: int, unit: int,
+                      tolerance: float = LARGEST_BATCH_TOLERANCE) -> int | None:
+  """The largest-batch search's next batch (a multiple of ``unit``), or None where it ends.
+
+  ``buffer_bytes``: XLA's buffers of each batch whose step compiled (the sizing batches' too);
+  ``largest_fit``: the largest batch found to fit. Only refusals so far: 10% below the
+  smallest. A fit and a refusal: halfway between them until they are ``tolerance`` apart. Only
+  fits: the line through the buffers of the two largest extrapolated to ``memory_bytes`` (at
+  most twice the batch), where that is more than ``tolerance`` above it: XLA's buffers grow
+  less than in proportion to the batch, so the line through the two sizing batches can stop
+  short (the full model on a TPU slice; docs/performance.md)."""
+  if largest_fit is None:
+    batch = int(smallest_refused * 0.9) // unit * unit
+    return batch if batch >= unit else None
+  if smallest_refused is not None:
+    if smallest_refused - largest_fit <= max(unit, tolerance * largest_fit):
+      return None
+    batch = (largest_fit + smallest_refused) // 2 // unit * unit
+    return batch if largest_fit < batch < smallest_refused else None
+  known = sorted(b for b, used in buffer_bytes.items() if used is not None and b <= largest_fit)
+  if len(known) < 2 or known[-1] != largest_fit:
+    return None
+  below, top = known[-2:]
+  per_image = (buffer_bytes[top] - buffer_bytes[below]) / (top - below)
+  batch = 2 * top
+  if per_image > 0:
+    batch = min(batch, top + (memory_bytes - buffer_bytes[top]) / per_image)
+  batch = int(batch) // unit * unit
+  return batch if batch > largest_fit * (1 + tolerance) else None
+
+
 def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
-                    memory_bytes: int | None = None, tries: int = 3,
+                    memory_bytes: int | None = None, tries: int = 4,
                     compile_threads: int | None = None,
                     devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
   (default: the device's limit, `device_memory_bytes`). XLA's buffer sizes at two batch sizes
   give the bytes per image; the extrapolated batch (a multiple of the device count) is then run
-  for one step, 10% smaller on each out-of-memory. ``devices``: a TPU slice's chips that this
-  machine lacks (`tpu_devices`): nothing runs, and a batch fits where XLA's TPU compiler, which
-  refuses a program larger than the chip's memory, compiles its step. The programs are
-  compiled with XLA's GPU autotuning off: it is most of a cold GPU compile
-  (docs/performance.md), and at a batch of hundreds it would time every candidate algorithm
-  of every convolution on that batch. Training compiles with autotuning,
-  whose algorithms may need more workspace than these: the batch found is an upper bound.
+  for one step, and ``tries`` steps in all search from there (`next_batch_to_try`). ``devices``:
+  a TPU slice's chips that this machine lacks (`tpu_devices`): nothing runs, and a batch fits
+  where XLA's TPU compiler, which refuses a program larger than the chip's memory, compiles its
+  step. The programs are compiled with XLA's GPU autotuning off: it is most of a cold GPU
+  compile (docs/performance.md), and at a batch of hundreds it would time every candidate
+  algorithm of every convolution on that batch. Training compiles with autotuning, whose
+  algorithms may need more workspace than these: the batch found is an upper bound.
   Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
-  (default: all the sizing programs, then all those at the estimates, on an accelerator,
-  whose host has cores to spare and whose compile without autotuning, ~30 s, is mostly
-  XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler keeps
-  its cores busy: on the 2-core VM side by side was no faster). The programs run one after
-  the other."""
+  (default: all the sizing programs, then each round of the search's, one per config, on an
+  accelerator, whose host has cores to spare and whose compile without autotuning, ~30 s, is
+  mostly XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler
+  keeps its cores busy: on the 2-core VM side by side was no faster). The programs run one
+  after the other."""
   device = devices[0] if devices else jax.local_devices()[0]
   if memory_bytes is None:
     memory_bytes = device_memory_bytes(device)
@@ -658,66 +692,74 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
         trainer.initial_state(),
         sharding.global_batch(input_pipeline.random_batch(config_b), trainer.batch_sharding)))
 
+  def fits(name, batch_size, program, run):
+    """Whether one step at ``batch_size`` runs (compiles, for chips that are not here)
+    without running out of device memory, and XLA's buffers where it compiled."""
+    logging.info('Largest batch (%s): trying batch %d.', name, batch_size)
+    used = None
+    try:
+      compiled = program.result()
+      used = _xla_buffer_bytes(compiled)
+      run(compiled)
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      logging.info('Largest batch (%s): batch %d does not fit: %s', name, batch_size,
+                   str(e).splitlines()[0])
+      return False, used
+    return True, used
+
   small, large = unit, 4 * unit
-  results = {}
+  results, buffers = {}, {}
   if compile_threads is None:
     compile_threads = 1 if jax.default_backend() == 'cpu' else 2 * len(configs)
   with futures.ThreadPoolExecutor(compile_threads) as pool:
     # Each program compiles while the next is lowered (lowering holds Python's lock).
-    def compiling(lowered):
-      return pool.submit(lowered.compile, compiler_options={'xla_gpu_autotune_level': 0})
+    def compiling(config, batch_size):
+      lowered, run = lowered_step(config, batch_size)
+      return pool.submit(lowered.compile,
+                         compiler_options={'xla_gpu_autotune_level': 0}), run
 
     logging.info('Largest batch (%s): compiling the train step at batches %d and %d.',
                  ', '.join(configs), small, large)
-    sizing = {(name, size): compiling(lowered_step(config, size)[0])
+    sizing = {(name, size): compiling(config, size)[0]
               for name, config in configs.items() for size in (small, large)}
+    to_try = {}
     for name in configs:
-      bytes_small, bytes_large = (_xla_buffer_bytes(sizing.pop((name, size)).result())
-                                  for size in (small, large))
-      per_image = (bytes_large - bytes_small) / (large - small)
-      estimate = int((memory_bytes - (bytes_small - per_image * small)) / per_image)
+      buffers[name] = {size: _xla_buffer_bytes(sizing.pop((name, size)).result())
+                       for size in (small, large)}
+      per_image = (buffers[name][large] - buffers[name][small]) / (large - small)
+      estimate = int((memory_bytes - (buffers[name][small] - per_image * small)) / per_image)
       results[name] = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image,
-                       'estimate': estimate // unit * unit}
+                       'estimate': estimate // unit * unit, 'tried': []}
       # Each compile takes minutes for the full model on a TPU compiled here: say where it is.
       logging.info('Largest batch (%s): %.1f MiB per image, so about %d images.', name,
                    per_image / 2**20, results[name]['estimate'])
-    at_estimate = {}
-    for name, result in results.items():
-      if result['estimate'] >= unit:
-        lowered, run = lowered_step(configs[name], result['estimate'])
-        at_estimate[name] = compiling(lowered), run
-
-    def fits(name, batch_size):
-      """Whether one step at ``batch_size`` runs (compiles, for chips that are not here)
-      without running out of device memory."""
-      logging.info('Largest batch (%s): trying batch %d.', name, batch_size)
-      try:
-        if batch_size == results[name]['estimate']:
-          program, run = at_estimate.pop(name)
+      if results[name]['estimate'] >= unit:
+        to_try[name] = results[name]['estimate']
+    fitted, refused = {}, {}
+    for _ in range(tries):
+      programs = {name: compiling(configs[name], batch_size)
+                  for name, batch_size in to_try.items()}
+      for name, batch_size in to_try.items():
+        fit, buffers[name][batch_size] = fits(name, batch_size, *programs[name])
+        results[name]['tried'].append([batch_size, fit])
+        if fit:
+          fitted[name] = max(batch_size, fitted.get(name, 0))
         else:
-          lowered, run = lowered_step(configs[name], batch_size)
-          program = compiling(lowered)
-        run(program.result())
-        return True
-      except jax.errors.JaxRuntimeError as e:
-        if 'RESOURCE_EXHAUSTED' not in str(e):
-          raise
-        logging.info('Largest batch (%s): batch %d does not fit: %s', name, batch_size,
-                     str(e).splitlines()[0])
-        return False
-
-    for name, result in results.items():
-      batch_size = result['estimate']
-      for _ in range(tries):
-        if batch_size < unit:
-          break
-        if fits(name, batch_size):
-          result['batch_size'] = batch_size
-          result['checked'] = 'compiled for chips not here' if devices else 'ran one step'
-          break
-        batch_size = int(batch_size * 0.9) // unit * unit
-      if 'batch_size' not in result:
-        result.update(batch_size=None, why=f'no batch from {result["estimate"]} down fitted')
+          refused[name] = min(batch_size, refused.get(name, batch_size))
+      to_try = {name: batch_size for name in to_try
+                if (batch_size := next_batch_to_try(buffers[name], fitted.get(name),
+                                                    refused.get(name), memory_bytes,
+                                                    unit)) is not None}
+  for name, result in results.items():
+    result['smallest_refused'] = refused.get(name)
+    if name in fitted:
+      result.update(batch_size=fitted[name], search_ended=name not in to_try,
+                    checked='compiled for chips not here' if devices else 'ran one step')
+    else:
+      result.update(batch_size=None,
+                    why=f'no batch from {result["estimate"]} down fitted')
   return results
 
 
@@ -869,5 +911,14 @@ def _lowered_and_largest_rows(results: Mapping) -> list[str]:
         f'({c["distinct_convolutions"]} distinct), {sum(c["custom_calls"].values())} custom calls'
         for platform, c in by_platform.items()))
   for name, r in results.get('largest_batch', {}).items():
-    rows.append(f'largest batch ({name}): {r["batch_size"]} ({r.get("why") or r["checked"]})')
+    if r['batch_size'] is None:
+      rows.append(f'largest batch ({name}): None ({r["why"]})')
+      continue
+    if r['smallest_refused']:
+      bound = f'{r["smallest_refused"]} did not fit'
+    elif r['search_ended']:
+      bound = f'its buffers put the limit within {LARGEST_BATCH_TOLERANCE:.0%}'
+    else:
+      bound = 'a lower bound: the tries ran out'
+    rows.append(f'largest batch ({name}): {r["batch_size"]} ({r["checked"]}; {bound})')
   return rows

@@ -1,5 +1,6 @@
 """The benchmark on the tiny model at 32x32: every figure present and plausible."""
 
+import functools
 import importlib.util
 import json
 import math
@@ -204,13 +205,41 @@ def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data
   assert threading.main_thread() not in {thread for _, thread in compiles}
   for result in results.values():
     assert _positive(result['bytes_per_image'])
-    # The estimate ran one step without running out of memory.
+    # The estimate ran one step without running out of memory, and its buffers, which on the
+    # CPU grow in proportion to the batch, put it within 5% of the limit: the search ended.
     assert result['batch_size'] == result['estimate'] > 4
+    assert result['tried'] == [[result['estimate'], True]] and result['search_ended']
     assert result['batch_size'] % jax.device_count() == 0
   # Compiled beside other programs or alone (as on the CPU by default), the same figures.
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_lowered)
   assert benchmark_lib.largest_batches({'plain': config}, memory_bytes=64 << 20) == {
       'plain': results['plain']}
+
+
+def test_the_largest_batch_search_goes_up_where_the_buffers_grow_less_than_the_batch():
+  # Buffers (MiB) of 1 + batch / 4 up to 16, then 5 + (batch - 16) / 8, in 40 MiB: the line
+  # through the sizing batches 4 and 16 gives 156; at 156 the buffers (22.5 MiB) draw the line
+  # through 16 and 156, which gives 296, the largest.
+  mib = 2**20
+  buffer_bytes = {4: 2 * mib, 16: 5 * mib, 156: 22.5 * mib}
+  search = functools.partial(benchmark_lib.next_batch_to_try, memory_bytes=40 * mib, unit=4)
+  assert search(buffer_bytes, largest_fit=156, smallest_refused=None) == 296
+  assert search({**buffer_bytes, 296: 40 * mib}, largest_fit=296, smallest_refused=None) is None
+  # At most twice the batch at a time; where the buffers do not grow, twice.
+  assert search({4: 2 * mib, 16: 5 * mib, 20: 5.01 * mib}, largest_fit=20,
+                smallest_refused=None) == 40
+  assert search({4: 2 * mib, 16: 5 * mib, 20: 5 * mib}, largest_fit=20,
+                smallest_refused=None) == 40
+  # No buffers known for the fit (memory analysis unavailable): nothing to draw a line through.
+  assert search({4: 2 * mib, 16: 5 * mib, 156: None}, largest_fit=156,
+                smallest_refused=None) is None
+  # Refused with nothing fitted: 10% down, in multiples of the devices, not below one a device.
+  assert search(buffer_bytes, largest_fit=None, smallest_refused=188) == 168
+  assert search(buffer_bytes, largest_fit=None, smallest_refused=4) is None
+  # Between a fit and a refusal: halfway, until they are 5% or one batch a device apart.
+  assert search(buffer_bytes, largest_fit=148, smallest_refused=168) == 156
+  assert search(buffer_bytes, largest_fit=156, smallest_refused=160) is None
+  assert search(buffer_bytes, largest_fit=8, smallest_refused=12) is None
 
 
 # libtpu (the test extra, on Linux x86-64) describes TPU slices without their chips.
@@ -277,12 +306,16 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
                                           memory_bytes=48 << 20, devices=devices)
   # Per chip 2 MiB at batch 4, 5 MiB at 16: 0.25 MiB per image of the global batch over 1 MiB;
-  # 48 MiB holds 188, refused; then 168, refused; then 148.
-  assert results == {'plain': {'memory_bytes': 48 << 20, 'bytes_per_image': 2**18,
-                               'estimate': 188, 'batch_size': 148,
-                               'checked': 'compiled for chips not here'}}
-  assert compiled == [4, 16, 188, 168, 148]
+  # 48 MiB holds 188, refused; then 10% less, 168, refused; then 148, which fits; then halfway
+  # to the refusal, 156, the largest (40 MiB on a chip).
+  assert results == {'plain': {
+      'memory_bytes': 48 << 20, 'bytes_per_image': 2**18, 'estimate': 188,
+      'tried': [[188, False], [168, False], [148, True], [156, True]], 'batch_size': 156,
+      'smallest_refused': 168, 'search_ended': False, 'checked': 'compiled for chips not here'}}
+  assert compiled == [4, 16, 188, 168, 148, 156]
   assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
+  assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
+      'largest batch (plain): 156 (compiled for chips not here; 168 did not fit)']
 
 
 @needs_libtpu
