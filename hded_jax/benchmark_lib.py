@@ -656,10 +656,11 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
   (default: the device's limit, `device_memory_bytes`). XLA's buffer sizes at two batch sizes
   give the bytes per image; the extrapolated batch (a multiple of the device count) is then run
-  for one step, and ``tries`` steps in all search from there (`next_batch_to_try`). ``devices``:
-  a TPU slice's chips that this machine lacks (`tpu_devices`): nothing runs, and a batch fits
-  where XLA's TPU compiler, which refuses a program larger than the chip's memory, compiles its
-  step. The programs are compiled with XLA's GPU autotuning off: it is most of a cold GPU
+  for one step, and ``tries`` steps in all search from there (`next_batch_to_try`; each
+  result's ``tried``: batch, whether it fitted, XLA's buffers per device where it compiled).
+  ``devices``: a TPU slice's chips that this machine lacks (`tpu_devices`): nothing runs, and a
+  batch fits where XLA's TPU compiler, which refuses a program larger than the chip's memory,
+  compiles its step. The programs are compiled with XLA's GPU autotuning off: it is most of a cold GPU
   compile (docs/performance.md), and at a batch of hundreds it would time every candidate
   algorithm of every convolution on that batch. Training compiles with autotuning, whose
   algorithms may need more workspace than these: the batch found is an upper bound.
@@ -743,7 +744,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
                   for name, batch_size in to_try.items()}
       for name, batch_size in to_try.items():
         fit, buffers[name][batch_size] = fits(name, batch_size, *programs[name])
-        results[name]['tried'].append([batch_size, fit])
+        results[name]['tried'].append([batch_size, fit, buffers[name][batch_size]])
         if fit:
           fitted[name] = max(batch_size, fitted.get(name, 0))
         else:

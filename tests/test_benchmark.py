@@ -208,7 +208,9 @@ def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data
     # The estimate ran one step without running out of memory, and its buffers, which on the
     # CPU grow in proportion to the batch, put it within 5% of the limit: the search ended.
     assert result['batch_size'] == result['estimate'] > 4
-    assert result['tried'] == [[result['estimate'], True]] and result['search_ended']
+    [(batch_size, fit, buffer_bytes)] = result['tried']
+    assert (batch_size, fit) == (result['estimate'], True) and result['search_ended']
+    assert 0.9 * result['memory_bytes'] < buffer_bytes <= result['memory_bytes']
     assert result['batch_size'] % jax.device_count() == 0
   # Compiled beside other programs or alone (as on the CPU by default), the same figures.
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_lowered)
@@ -310,7 +312,8 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   # to the refusal, 156, the largest (40 MiB on a chip).
   assert results == {'plain': {
       'memory_bytes': 48 << 20, 'bytes_per_image': 2**18, 'estimate': 188,
-      'tried': [[188, False], [168, False], [148, True], [156, True]], 'batch_size': 156,
+      'tried': [[188, False, None], [168, False, None], [148, True, 38 * 2**20],
+                [156, True, 40 * 2**20]], 'batch_size': 156,
       'smallest_refused': 168, 'search_ended': False, 'checked': 'compiled for chips not here'}}
   assert compiled == [4, 16, 188, 168, 148, 156]
   assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
