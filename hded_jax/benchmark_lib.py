@@ -652,7 +652,9 @@ def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int |
 def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
                     memory_bytes: int | None = None, tries: int = 4,
                     compile_threads: int | None = None,
-                    devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
+                    devices: Sequence[jax.Device] | None = None,
+                    on_progress: Callable[[dict[str, dict]], None] | None = None,
+                    ) -> dict[str, dict]:
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
   (default: the device's limit, `device_memory_bytes`). XLA's buffer sizes at two batch sizes
   give the bytes per image; the extrapolated batch (a multiple of the device count) is then run
@@ -669,7 +671,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   accelerator, whose host has cores to spare and whose compile without autotuning, ~30 s, is
   mostly XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler
   keeps its cores busy: on the 2-core VM side by side was no faster). The programs run one
-  after the other."""
+  after the other. ``on_progress`` gets the results so far after each round of tries (a run
+  stopped at a time limit keeps them)."""
   device = devices[0] if devices else jax.local_devices()[0]
   if memory_bytes is None:
     memory_bytes = device_memory_bytes(device)
@@ -677,6 +680,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
       why = f'{device.platform} reports no memory limit'
       return {name: {'batch_size': None, 'why': why} for name in configs}
   unit = len(devices) if devices else jax.device_count()
+  checked = 'compiled for chips not here' if devices else 'ran one step'
 
   def lowered_step(config, batch_size):
     """The train step at ``batch_size``, lowered, and what runs it once compiled (the batch
@@ -732,35 +736,37 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
       per_image = (buffers[name][large] - buffers[name][small]) / (large - small)
       estimate = int((memory_bytes - (buffers[name][small] - per_image * small)) / per_image)
       results[name] = {'memory_bytes': memory_bytes, 'bytes_per_image': per_image,
-                       'estimate': estimate // unit * unit, 'tried': []}
+                       'estimate': estimate // unit * unit, 'tried': [], 'batch_size': None,
+                       'why': 'none fitted yet', 'smallest_refused': None,
+                       'search_ended': False, 'checked': checked}
       # Each compile takes minutes for the full model on a TPU compiled here: say where it is.
       logging.info('Largest batch (%s): %.1f MiB per image, so about %d images.', name,
                    per_image / 2**20, results[name]['estimate'])
       if results[name]['estimate'] >= unit:
         to_try[name] = results[name]['estimate']
-    fitted, refused = {}, {}
     for _ in range(tries):
       programs = {name: compiling(configs[name], batch_size)
                   for name, batch_size in to_try.items()}
       for name, batch_size in to_try.items():
+        result = results[name]
         fit, buffers[name][batch_size] = fits(name, batch_size, *programs[name])
-        results[name]['tried'].append([batch_size, fit, buffers[name][batch_size]])
-        if fit:
-          fitted[name] = max(batch_size, fitted.get(name, 0))
-        else:
-          refused[name] = min(batch_size, refused.get(name, batch_size))
+        result['tried'].append([batch_size, fit, buffers[name][batch_size]])
+        if fit and batch_size > (result['batch_size'] or 0):
+          result['batch_size'] = batch_size
+          result.pop('why', None)
+        elif not fit:
+          result['smallest_refused'] = min(batch_size, result['smallest_refused'] or batch_size)
       to_try = {name: batch_size for name in to_try
-                if (batch_size := next_batch_to_try(buffers[name], fitted.get(name),
-                                                    refused.get(name), memory_bytes,
-                                                    unit)) is not None}
-  for name, result in results.items():
-    result['smallest_refused'] = refused.get(name)
-    if name in fitted:
-      result.update(batch_size=fitted[name], search_ended=name not in to_try,
-                    checked='compiled for chips not here' if devices else 'ran one step')
-    else:
-      result.update(batch_size=None,
-                    why=f'no batch from {result["estimate"]} down fitted')
+                if (batch_size := next_batch_to_try(
+                    buffers[name], results[name]['batch_size'],
+                    results[name]['smallest_refused'], memory_bytes, unit)) is not None}
+      for name, result in results.items():
+        result['search_ended'] = name not in to_try
+      if on_progress:
+        on_progress(results)
+  for result in results.values():
+    if result['batch_size'] is None:
+      result['why'] = f'no batch from {result["estimate"]} down fitted'
   return results
 
 
@@ -793,6 +799,13 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
       with open(output, 'w') as f:
         json.dump(results, f, indent=2, default=str)
 
+  def find_largest_batch_for(devices=None):
+    def save_found(found):
+      results['largest_batch'] = found
+      save()
+    save_found(largest_batches(_with_and_without_remat(config), devices=devices,
+                               on_progress=save_found))
+
   if pipeline_only:
     results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
     save()
@@ -805,9 +818,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
     results['tpu'] = {'topology': tpu_topology, **compile_for_tpu(config, devices)}
     save()
     if find_largest_batch:
-      results['largest_batch'] = largest_batches(_with_and_without_remat(config),
-                                                 devices=devices)
-      save()
+      find_largest_batch_for(devices)
     return results
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir,
@@ -828,7 +839,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                                           / modes[mode]['train']['pipelined_images_per_s'])
            for mode in modes}}
   if find_largest_batch:
-    results['largest_batch'] = largest_batches(_with_and_without_remat(config))
+    find_largest_batch_for()
   save()
   return results
 

@@ -1,5 +1,6 @@
 """The benchmark on the tiny model at 32x32: every figure present and plausible."""
 
+import copy
 import functools
 import importlib.util
 import json
@@ -287,13 +288,14 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   # The search on such a compiler's answers (a real one takes ~20 s a program here): 1 MiB per
   # chip and 1 MiB per image on it, refused above 40 MiB.
   compiled = []
+  limit_mib = 40
 
   def compile_(lowered, **unused_kwargs):
     batch = lowered.args_info[0][1]['image'].shape[0]
     assert 'mhlo.num_partitions = 4' in lowered.as_text()  # Split over the slice's chips.
     compiled.append(batch)
     per_chip = (1 + batch // 4) * 2**20
-    if per_chip > 40 * 2**20:
+    if per_chip > limit_mib * 2**20:
       raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM')
     return types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
         argument_size_in_bytes=per_chip, output_size_in_bytes=0, temp_size_in_bytes=0,
@@ -305,8 +307,10 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   monkeypatch.setattr(benchmark_lib.input_pipeline, 'random_batch',
                       lambda config: made.append(config.batch_size) or random_batch(config))
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
-  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
-                                          memory_bytes=48 << 20, devices=devices)
+  progress = []
+  results = benchmark_lib.largest_batches(
+      {'plain': tiny_config(tiny_data_dir)}, memory_bytes=48 << 20, devices=devices,
+      on_progress=lambda found: progress.append(copy.deepcopy(found)))
   # Per chip 2 MiB at batch 4, 5 MiB at 16: 0.25 MiB per image of the global batch over 1 MiB;
   # 48 MiB holds 188, refused; then 10% less, 168, refused; then 148, which fits; then halfway
   # to the refusal, 156, the largest (40 MiB on a chip).
@@ -316,9 +320,22 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
                 [156, True, 40 * 2**20]], 'batch_size': 156,
       'smallest_refused': 168, 'search_ended': False, 'checked': 'compiled for chips not here'}}
   assert compiled == [4, 16, 188, 168, 148, 156]
+  # After each try what was found so far (the benchmark writes it to its JSON: a run stopped at
+  # a time limit keeps it).
+  assert [(p['plain']['batch_size'], p['plain'].get('why')) for p in progress] == [
+      (None, 'none fitted yet'), (None, 'none fitted yet'), (148, None), (156, None)]
+  assert progress[-1] == results
   assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
   assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
       'largest batch (plain): 156 (compiled for chips not here; 168 did not fit)']
+
+  # Where the estimate is far out, four tries 10% apart may all be refused: none found.
+  limit_mib = 20
+  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
+                                          memory_bytes=48 << 20, devices=devices)
+  assert [fit for _, fit, _ in results['plain']['tried']] == [False] * 4
+  assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
+      'largest batch (plain): None (no batch from 188 down fitted)']
 
 
 @needs_libtpu
