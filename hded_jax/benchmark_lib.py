@@ -756,6 +756,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
           result.pop('why', None)
         elif not fit:
           result['smallest_refused'] = min(batch_size, result['smallest_refused'] or batch_size)
+      del programs  # Their executables, freed before the next round compiles.
       to_try = {name: batch_size for name in to_try
                 if (batch_size := next_batch_to_try(
                     buffers[name], results[name]['batch_size'],
