@@ -662,9 +662,9 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   result's ``tried``: batch, whether it fitted, XLA's buffers per device where it compiled).
   ``devices``: a TPU slice's chips that this machine lacks (`tpu_devices`): nothing runs, and a
   batch fits where XLA's TPU compiler, which refuses a program larger than the chip's memory,
-  compiles its step. The programs are compiled with XLA's GPU autotuning off: it is most of a cold GPU
-  compile (docs/performance.md), and at a batch of hundreds it would time every candidate
-  algorithm of every convolution on that batch. Training compiles with autotuning, whose
+  compiles its step. The programs are compiled with XLA's GPU autotuning off: it is most of a
+  cold GPU compile (docs/performance.md), and at a batch of hundreds it would time every
+  candidate algorithm of every convolution on that batch. Training compiles with autotuning, whose
   algorithms may need more workspace than these: the batch found is an upper bound.
   Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
   (default: all the sizing programs, then each round of the search's, one per config, on an
