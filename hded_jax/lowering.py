@@ -4,6 +4,8 @@
 (CI) sees the StableHLO program that a GPU or TPU would compile. Counting its ops catches
 CPU-only code paths that leak into the accelerator program and growth in what the accelerator
 compiler must work through: XLA's GPU backend autotunes every distinct convolution.
+``autotuned_calls`` counts that work in a program compiled for a GPU (which needs no GPU either:
+`benchmark_lib.devices_not_here`).
 """
 
 from collections import Counter
@@ -24,6 +26,16 @@ _HEX_CONSTANT = re.compile(r'dense<"0x([0-9A-Fa-f]*)">')
 # A convolution's or matrix product's precision (its first operand's), as printed.
 _PRECISION = re.compile(r'precision(?:_config)? = \[(?:#stablehlo<precision )?([A-Z]+)')
 _SSA_NAME = re.compile(r'%[\w#:]+')
+# A compiled HLO module's text: a value's definition (`%name = type op(`), a custom call's
+# target, and the metadata that names where an instruction came from.
+_HLO_VALUE = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ', re.MULTILINE)
+_HLO_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = (.*) custom-call\(([^)]*)\)(.*)$',
+                              re.MULTILINE)
+_HLO_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_HLO_METADATA = re.compile(r'metadata=\{[^}]*\}')
+# What XLA's GPU autotuner times, by custom-call target: cuDNN's convolutions (every
+# algorithm of each) and cuBLAS's matrix products.
+_AUTOTUNED = {'cudnn_convolutions': '__cudnn$conv', 'cublas_gemms': '__cublas$'}
 _LOCATION = re.compile(r'\s*loc\(.*\)\s*$')
 
 
@@ -67,3 +79,29 @@ def count_ops(module_text: str) -> dict:
 def _signature(line: str) -> str:
   """An op's line without its value names and source location."""
   return _SSA_NAME.sub('%', _LOCATION.sub('', line)).strip()
+
+
+def autotuned_calls(hlo_text: str) -> dict[str, int]:
+  """The custom calls that XLA's GPU autotuner times in a program compiled for a GPU (the text
+  of ``jax.stages.Compiled.as_text()``), by kind: ``cudnn_convolutions``, ``cublas_gemms``, each
+  also ``distinct_...``: XLA tunes each distinct call (result and operand types, window,
+  dimension labels, backend config) once, so a cold compile's autotuning grows with those.
+  ``triton_fusions`` counts the fusions XLA emits with Triton, which it tunes too."""
+  types = dict(_HLO_VALUE.findall(hlo_text))
+  calls = Counter()
+  distinct = {kind: set() for kind in _AUTOTUNED}
+  for result, operands, attributes in _HLO_CUSTOM_CALL.findall(hlo_text):
+    target = _HLO_TARGET.search(attributes)
+    kind = next((kind for kind, prefix in _AUTOTUNED.items()
+                 if target and target.group(1).startswith(prefix)), None)
+    if kind is None:
+      continue
+    calls[kind] += 1
+    operand_types = [types.get(name.strip().lstrip('%'), '?') for name in operands.split(',')]
+    distinct[kind].add((result, *operand_types, _HLO_METADATA.sub('', attributes)))
+  counts = {}
+  for kind in _AUTOTUNED:
+    counts[kind] = calls[kind]
+    counts[f'distinct_{kind}'] = len(distinct[kind])
+  counts['triton_fusions'] = hlo_text.count('"kind":"__triton')
+  return counts

@@ -180,3 +180,21 @@ def test_count_ops_reads_stablehlo_text():
   assert lowering.count_ops(text) == {
       'ops': 9, 'convolutions': 2, 'distinct_convolutions': 1, 'custom_calls': {'Sharding': 1},
       'constant_bytes': 8, 'precisions': {'DEFAULT': 2, 'HIGHEST': 1}}
+
+
+def test_autotuned_calls_count_the_distinct_cudnn_and_cublas_calls_of_a_compiled_gpu_program():
+  # As `Compiled.as_text()` prints a GPU program: operands by name, types at their definitions.
+  hlo = '''
+  %p.0 = bf16[8,16,16,32]{3,2,1,0} parameter(0)
+  %p.1 = bf16[3,3,32,32]{3,2,1,0} parameter(1)
+  %p.2 = bf16[8,8,8,32]{3,2,1,0} parameter(2)
+  %cudnn-conv.1 = (bf16[8,16,16,32]{3,2,1,0}, u8[0]{0}) custom-call(%p.0, %p.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="a" scheduling_name="cudnn-conv.1"}
+  %cudnn-conv.2 = (bf16[8,16,16,32]{3,2,1,0}, u8[0]{0}) custom-call(%p.0, %p.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="b" scheduling_name="cudnn-conv.2"}
+  %cudnn-conv.3 = (bf16[8,8,8,32]{3,2,1,0}, u8[0]{0}) custom-call(%p.2, %p.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="c"}
+  %custom-call.4 = (bf16[2048,32]{1,0}, s8[1024]{0}) custom-call(%bitcast.1, %bitcast.2), custom_call_target="__cublas$lt$matmul", metadata={op_name="d"}
+  %custom-call.5 = f32[8]{0} custom-call(%p.0), custom_call_target="SomethingElse"
+  %fusion.6 = bf16[64,64]{1,0} fusion(%p.0), kind=kCustom, calls=%f, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  '''
+  assert lowering.autotuned_calls(hlo) == {
+      'cudnn_convolutions': 3, 'distinct_cudnn_convolutions': 2, 'cublas_gemms': 1,
+      'distinct_cublas_gemms': 1, 'triton_fusions': 1}
