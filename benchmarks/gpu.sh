@@ -59,12 +59,16 @@
 #              checks; on the H200 XLA's compile 66.0 -> 65.3 s, the step 2% slower; 0, no
 #              autotuning, compiled in 29 s but ran > 2.5 s a step)
 #   channels_b32  bf16 batch 32, cold, with model.up_conv=phase_channels: each up-convolution's
-#              four phases as one convolution's output channels, 30 fewer distinct convolutions
-#              for the autotuner (53 instead of 83, as lowered): compile time against step time
+#              four phases as one convolution's output channels; compiled for an H100 on a CPU
+#              it holds 1.8 GiB less than the phases, and the same 54 distinct cuDNN
+#              convolutions for the autotuner (XLA merges the phases'): step time and memory
 #   overrides_b32  bf16 batch 32, cold, with the config overrides in B32_OVERRIDES (e.g.
 #              "--config.model.up_conv=phase_channels --config.optimizer.flatten=True": the two
 #              above together), for a question no step names yet
-#   scan_b32   bf16 batch 32 with model.dense_block=scan (compile time against step time)
+#   scan_b32   bf16 batch 32 with model.dense_block=scan: compiled for an H100 on a CPU, 21
+#              distinct cuBLAS GEMMs for the autotuner instead of 183 (each dense layer's 1x1
+#              convolution reads all of its block's channels) and 33% more memory: compile
+#              time against step time
 #   rendering  rendering the inputs of a small batch in the step (config.dataset.camera) as
 #              the config's dataset does, beside a small model: its compile and time per batch
 # Results go to $OUT (the device tool's folder) or benchmark_results/gpu: results.json (every

@@ -2,7 +2,8 @@ r"""Times the full training and inference programs of a config: compile, step, m
 
   python -m hded_jax.benchmark --config=configs/nyu.py [--batch_size=4] [--dtype=float32|bfloat16]
       [--output=results.json] [--torch] [--rendering] [--op_counts] [--cache_dir=DIR]
-      [--profile_dir=DIR] [--compile_profile_dir=DIR] [--tpu_topology=v5e:2x2]
+      [--profile_dir=DIR] [--compile_profile_dir=DIR]
+      [--compile_for=v5e:2x2|h100|h200|GPU.pbtxt]
 
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
@@ -38,11 +39,14 @@ flags.DEFINE_bool('op_counts', False, 'Also lower the train and eval programs fo
                   '(on any machine, with jax.export) and record their op counts.')
 flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits in device '
                   'memory, with and without remat.')
-flags.DEFINE_string('tpu_topology', None, 'Compile the train and eval programs for this TPU '
-                    "slice ('v5e:2x2', 'v4:2x2x1', ...) on this machine with XLA's TPU compiler "
-                    "instead of timing them here (needs libtpu: the tpu extra): compile time, "
-                    'FLOPs, memory per chip; with --largest_batch the largest batches that '
-                    'compile within a chip\'s memory. Nothing runs.')
+flags.DEFINE_string('compile_for', None, 'Compile the train and eval programs on this machine '
+                    "for a TPU slice ('v5e:2x2', 'v4:2x2x1', ...; needs libtpu: the tpu or "
+                    "test extra) or a GPU ('h100', 'h200', or XLA's GpuTargetConfigProto of "
+                    "another card in a .pbtxt file; needs JAX's CUDA plugin: the test extra) "
+                    'that it lacks, instead of timing them here: compile time (GPU autotuning '
+                    'off), FLOPs, memory per device, what a GPU would autotune; with '
+                    '--largest_batch the largest batches that compile within a device\'s '
+                    'memory. Nothing runs.')
 flags.DEFINE_string('profile_dir', None, 'Also trace a few train steps with the JAX profiler '
                     'into this folder (TensorBoard\'s profile tab or Perfetto read it), write the '
                     'compiled train program\'s HLO beside it, and report the time per device op.')
@@ -61,11 +65,15 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.tpu_topology and (FLAGS.torch or FLAGS.pipeline_only or FLAGS.profile_dir
-                             or FLAGS.compile_profile_dir or FLAGS.rendering):
-    raise app.UsageError('--tpu_topology compiles for chips that are not here and runs '
+  if FLAGS.compile_for and (FLAGS.torch or FLAGS.pipeline_only or FLAGS.profile_dir
+                            or FLAGS.compile_profile_dir or FLAGS.rendering):
+    raise app.UsageError('--compile_for compiles for devices that are not here and runs '
                          'nothing: leave out --torch, --pipeline_only, --profile_dir, '
-                         '--compile_profile_dir and --rendering, or --tpu_topology.')
+                         '--compile_profile_dir and --rendering, or --compile_for.')
+  if FLAGS.compile_for:
+    # Without a GPU, JAX's CUDA plugin starts (and describes GPUs to compile for) only so;
+    # JAX reads it when its backends start.
+    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
   if FLAGS.torch:
     try:  # Before minutes of JAX measurements, not after them.
       import torch  # pylint: disable=g-import-not-at-top,unused-import
@@ -91,7 +99,7 @@ def main(argv):
       compile_profile_dir=(FLAGS.compile_profile_dir
                            and os.path.abspath(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
-      pipeline_only=FLAGS.pipeline_only, tpu_topology=FLAGS.tpu_topology, output=FLAGS.output)
+      pipeline_only=FLAGS.pipeline_only, compile_for=FLAGS.compile_for, output=FLAGS.output)
   print(benchmark_lib.format_table(results))
 
 

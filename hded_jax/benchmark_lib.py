@@ -21,8 +21,9 @@ and sums the trace's device time per op; ``compile_profile_dir`` one of the trai
 compile, summed per compiler pass and phase.
 ``op_counts`` lowers the train step and the eval forward for GPU and TPU on this machine and
 records their op counts (`lowering`): what an accelerator would be asked to compile.
-``tpu_topology`` compiles them for a TPU slice that this machine lacks, with XLA's TPU compiler
-(`compile_for_tpu`): compile time and memory per chip, before renting the slice.
+``compile_for`` compiles them for a TPU slice or a GPU that this machine lacks, with XLA's TPU or
+GPU compiler (`devices_not_here`, `compile_for_devices`): compile time, memory per device and,
+for a GPU, the calls its autotuner would time, before renting the machine.
 
 The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
 seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
@@ -32,11 +33,14 @@ figure and the 1-minute load average beside each result.
 from collections.abc import Callable, Mapping, Sequence
 import collections
 from concurrent import futures
+import dataclasses
+import functools
 import glob
 import gzip
 import importlib.util
 import json
 import os
+import re
 import resource
 import statistics
 import time
@@ -73,10 +77,17 @@ PEAK_BF16_FLOPS = (
 
 # High-bandwidth memory of one TPU chip, by a substring of its device_kind (Cloud TPU's chip
 # specifications, in GB; most specific first): what a batch must fit where no chip reports its
-# own (compiling for a slice this machine lacks, `tpu_devices`).
+# own (compiling for a slice this machine lacks, `devices_not_here`).
 TPU_HBM_BYTES = (
     ('TPU v5 lite', 16e9), ('TPU v5', 95e9), ('TPU v6 lite', 32e9), ('TPU v4', 32e9),
 )
+
+# XLA's descriptions of GPUs (GpuTargetConfigProto text), to compile for one that this machine
+# lacks: `--compile_for=h100` reads gpu_targets/h100.pbtxt.
+GPU_TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
+# The share of a GPU's memory that JAX's allocator may use unless XLA_PYTHON_CLIENT_MEM_FRACTION
+# says otherwise (JAX's GPU memory allocation docs), whether it preallocates or not.
+JAX_GPU_MEMORY_FRACTION = 0.75
 
 # The focus distances rendered when the benchmark times rendering for a config without a camera.
 RENDERING_FOCUS_RANGE = (1.5, 3.0)
@@ -88,36 +99,73 @@ def peak_bf16_flops(device_kind: str) -> float | None:
   return next((flops for kind, flops in PEAK_BF16_FLOPS if kind in device_kind), None)
 
 
-def tpu_devices(topology: str) -> list[jax.Device]:
-  """The chips of a TPU slice named as JAX names them ('v5e:2x2', 'v4:2x2x1', 'v6e:4x4'...),
-  described by libtpu without the chips: programs for them compile on this machine, with XLA's
-  TPU compiler, and cannot run."""
+@dataclasses.dataclass(frozen=True)
+class DevicesNotHere:
+  """Devices described without them (`devices_not_here`): programs compile for them on this
+  machine, with their platform's XLA compiler, and cannot run."""
+  target: str  # As named: 'v5e:2x2', 'h100', a GpuTargetConfigProto file.
+  devices: list[jax.Device]
+  memory_bytes: int | None  # What a program may use on each device.
+
+
+def devices_not_here(target: str) -> DevicesNotHere:
+  """The devices that ``target`` names: a TPU slice as JAX names it ('v5e:2x2', 'v4:2x2x1',
+  'v6e:4x4'...), described by libtpu; or one GPU, by a name in ``GPU_TARGETS_DIR`` ('h100',
+  'h200') or a GpuTargetConfigProto file ('.pbtxt'), described by JAX's CUDA plugin."""
+  if target.endswith('.pbtxt') or ':' not in target:
+    return _gpu_not_here(target)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec('libtpu') is None:
-    raise ValueError(f'Compiling for the TPU slice {topology!r} needs libtpu, XLA\'s TPU '
+    raise ValueError(f'Compiling for the TPU slice {target!r} needs libtpu, XLA\'s TPU '
                      "compiler: pip install -e '.[tpu]' (Linux on x86-64).")
   # No chips to guard: without this, a second process (pytest's workers) finds libtpu's
   # lockfile taken and cannot describe the slice.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform='tpu').devices)
+    devices = list(topologies.get_topology_desc(topology_name=target, platform='tpu').devices)
   except Exception as error:  # pylint: disable=broad-except
     # libtpu's own error names neither the argument nor a valid form.
-    raise ValueError(f'libtpu could not describe the TPU slice {topology!r} ({error}); name '
+    raise ValueError(f'libtpu could not describe the TPU slice {target!r} ({error}); name '
                      "one as 'v5e:2x2', 'v4:2x2x1' or 'v6e:4x4' (version:chips per axis)."
                      ) from error
+  hbm = next((int(hbm) for kind, hbm in TPU_HBM_BYTES if kind in devices[0].device_kind), None)
+  return DevicesNotHere(target, devices, hbm)
+
+
+def _gpu_not_here(target: str) -> DevicesNotHere:
+  """One GPU described by JAX's CUDA plugin from XLA's description of the card."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  known = sorted(name.removesuffix('.pbtxt') for name in os.listdir(GPU_TARGETS_DIR))
+  path = target if target.endswith('.pbtxt') else os.path.join(GPU_TARGETS_DIR,
+                                                               f'{target.lower()}.pbtxt')
+  if not os.path.isfile(path):
+    raise ValueError(f'No GPU or TPU slice named {target!r}: name a TPU slice as \'v5e:2x2\' '
+                     f'(version:chips per axis), a GPU as one of {known}, or a file of XLA\'s '
+                     'GpuTargetConfigProto (.pbtxt) describing the card.')
+  if not any('cuda' in plugin for plugin in runtime.pjrt_plugins()):
+    raise ValueError(f'Compiling for the GPU {target!r} needs JAX\'s CUDA plugin: pip install '
+                     "-e '.[test]' (Linux on x86-64), or pip install 'jax[cuda13-local]'.")
+  with open(path) as f:
+    text = f.read()
+  try:
+    devices = list(topologies.get_topology_desc(target, 'cuda', target_config=text,
+                                                topology='1x1x1').devices)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(
+        f'JAX\'s CUDA plugin could not describe the GPU {target!r} ({error}). Without a GPU '
+        'the plugin starts only if JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 is set before JAX starts '
+        '(python -m hded_jax.benchmark sets it), and reads the file as XLA\'s '
+        'GpuTargetConfigProto.') from error
+  size = re.search(r'device_memory_size:\s*(\d+)', text)
+  fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', JAX_GPU_MEMORY_FRACTION))
+  return DevicesNotHere(target, devices, int(int(size.group(1)) * fraction) if size else None)
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:
-  """The memory a program may use on ``device``: its own report, else (a TPU chip that is
-  not here) its HBM by ``TPU_HBM_BYTES``; None where neither says (the CPU)."""
-  try:
-    stats = device.memory_stats() or {}
-  except jax.errors.JaxRuntimeError:  # "only supported for addressable PjRt devices"
-    stats = {}  # A slice's chips described without them (`tpu_devices`).
-  if 'bytes_limit' in stats:
-    return int(stats['bytes_limit'])
-  return next((int(hbm) for kind, hbm in TPU_HBM_BYTES if kind in device.device_kind), None)
+  """The memory a program may use on ``device`` as it reports it; None where it does not (the
+  CPU)."""
+  stats = device.memory_stats() or {}
+  return int(stats['bytes_limit']) if 'bytes_limit' in stats else None
 
 
 def machine_load(sample_s: float = 1.0) -> dict[str, float]:
@@ -179,8 +227,9 @@ def time_pipelined(dispatch: Callable[[], object], wait: Callable[[object], obje
   return {'pipelined_s': per_step, 'pipelined_images_per_s': batch_size / per_step}
 
 
-def _compile(name: str, jitted, *args,
-             profile_dir: str | None = None) -> tuple[jax.stages.Compiled, dict[str, float]]:
+def _compile(name: str, jitted, *args, profile_dir: str | None = None,
+             compiler_options: Mapping[str, object] | None = None,
+             ) -> tuple[jax.stages.Compiled, dict[str, float]]:
   """``jitted`` compiled for ``args``; the seconds spent tracing/lowering and in XLA, and the
   program's FLOPs. With ``profile_dir``, XLA's compile runs under the JAX profiler there."""
   start = time.perf_counter()
@@ -188,7 +237,8 @@ def _compile(name: str, jitted, *args,
   lower_s = time.perf_counter() - start
   # A cold compile of the full model takes over a minute on a GPU: say what the wait is.
   logging.info('%s: lowered in %.1f s; XLA compiling it.', name, lower_s)
-  compiled = _profiled(lowered.compile, profile_dir) if profile_dir else lowered.compile()
+  compile_ = functools.partial(lowered.compile, compiler_options=compiler_options)
+  compiled = _profiled(compile_, profile_dir) if profile_dir else compile_()
   compile_s = time.perf_counter() - start - lower_s
   logging.info('%s: compiled in %.1f s.', name, compile_s)
   return compiled, {'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(lowered)}
@@ -498,25 +548,41 @@ def _batch_spec(config: ml_collections.ConfigDict,
           for k, v in input_pipeline.random_batch(one).items()}
 
 
-def compile_for_tpu(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict:
-  """The train step and the eval forward of ``config`` compiled for the TPU chips ``devices``
-  (`tpu_devices`) on this machine; nothing runs. Each program's seconds tracing and lowering
-  and in XLA's TPU compiler (on this host's cores: a TPU VM's host has more), its FLOPs (the
-  whole batch's), XLA's buffers on each chip and the share of the chip's HBM they take."""
+def compiler_options_for(devices: Sequence[jax.Device]) -> dict[str, object]:
+  """Options for compiling without running: GPU autotuning off (it times candidates on the
+  device: most of a cold GPU compile, docs/performance.md), and for a GPU the settings
+  `runtime.tune_for_platform` gives a GPU process, also where this one computes elsewhere."""
+  options = {'xla_gpu_autotune_level': 0}
+  if devices[0].platform == 'gpu':
+    options.update(runtime.gpu_compiler_options())
+  return options
+
+
+def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHere) -> dict:
+  """The train step and the eval forward of ``config`` compiled on this machine for devices it
+  lacks (`devices_not_here`), with ``compiler_options_for``; nothing runs. Each program's
+  seconds tracing and lowering and in XLA's compiler (on this host's cores: an accelerator
+  VM's host has more), its FLOPs (the whole batch's), XLA's buffers on each device and the
+  share of the device's memory they take; for a GPU, the calls its autotuner would time on
+  the device (`lowering.autotuned_calls`), which this compile skips."""
+  devices = target.devices
   trainer = train_lib.Trainer(config, train_size=config.batch_size, devices=devices)
   device = devices[0]
-  hbm = device_memory_bytes(device)
-  results = {'device': device.device_kind, 'num_devices': len(devices), 'hbm_bytes': hbm}
+  memory = target.memory_bytes
+  results = {'target': target.target, 'platform': device.platform, 'device': device.device_kind,
+             'num_devices': len(devices), 'memory_bytes': memory}
   batch = _batch_spec(config, trainer.batch_sharding)
   with jax.set_mesh(trainer.mesh):
     programs = {'train': (trainer.step_fn, (trainer.abstract_state, batch)),
                 'eval': eval_program(trainer, trainer.abstract_state, batch)}
     for name, (jitted, args) in programs.items():
       compiled, figures = _compile(f'{name} for {len(devices)} x {device.device_kind}',
-                                   jitted, *args)
-      per_chip = _xla_buffer_bytes(compiled)
-      results[name] = {**figures, 'xla_buffer_bytes_per_chip': per_chip,
-                       'share_of_hbm': per_chip / hbm if per_chip and hbm else None}
+                                   jitted, *args, compiler_options=compiler_options_for(devices))
+      per_device = _xla_buffer_bytes(compiled)
+      results[name] = {**figures, 'xla_buffer_bytes_per_device': per_device,
+                       'share_of_memory': per_device / memory if per_device and memory else None}
+      if device.platform == 'gpu':
+        results[name]['autotuned'] = lowering.autotuned_calls(compiled.as_text())
   return results
 
 
@@ -652,20 +718,22 @@ def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int |
 def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
                     memory_bytes: int | None = None, tries: int = 4,
                     compile_threads: int | None = None,
-                    devices: Sequence[jax.Device] | None = None,
+                    target: DevicesNotHere | None = None,
                     on_progress: Callable[[dict[str, dict]], None] | None = None,
                     ) -> dict[str, dict]:
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
-  (default: the device's limit, `device_memory_bytes`). XLA's buffer sizes at two batch sizes
-  give the bytes per image; the extrapolated batch (a multiple of the device count) is then run
-  for one step, and ``tries`` steps in all search from there (`next_batch_to_try`; each
-  result's ``tried``: batch, whether it fitted, XLA's buffers per device where it compiled).
-  ``devices``: a TPU slice's chips that this machine lacks (`tpu_devices`): nothing runs, and a
-  batch fits where XLA's TPU compiler, which refuses a program larger than the chip's memory,
-  compiles its step. The programs are compiled with XLA's GPU autotuning off: it is most of a
-  cold GPU compile (docs/performance.md), and at a batch of hundreds it would time every
-  candidate algorithm of every convolution on that batch. Training compiles with autotuning, whose
-  algorithms may need more workspace than these: the batch found is an upper bound.
+  (default: the device's limit, `device_memory_bytes`, or ``target``'s). XLA's buffer sizes at
+  two batch sizes give the bytes per image; the extrapolated batch (a multiple of the device
+  count) is then run for one step, and ``tries`` steps in all search from there
+  (`next_batch_to_try`; each result's ``tried``: batch, whether it fitted, XLA's buffers per
+  device where it compiled).
+  ``target``: devices that this machine lacks (`devices_not_here`): nothing runs, and a batch
+  fits where its step compiles (XLA's TPU compiler refuses a program larger than the chip's
+  memory) and XLA's buffers fit the memory (the GPU compiler does not check). The programs are
+  compiled with XLA's GPU autotuning off (`compiler_options_for`): at a batch of hundreds it
+  would time every candidate algorithm of every convolution on that batch. Training compiles
+  with autotuning, whose algorithms may need more workspace than these: the batch found is an
+  upper bound.
   Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
   (default: all the sizing programs, then each round of the search's, one per config, on an
   accelerator, whose host has cores to spare and whose compile without autotuning, ~30 s, is
@@ -673,14 +741,15 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   keeps its cores busy: on the 2-core VM side by side was no faster). The programs run one
   after the other. ``on_progress`` gets the results so far after each round of tries (a run
   stopped at a time limit keeps them)."""
+  devices = target.devices if target else None
   device = devices[0] if devices else jax.local_devices()[0]
   if memory_bytes is None:
-    memory_bytes = device_memory_bytes(device)
+    memory_bytes = target.memory_bytes if target else device_memory_bytes(device)
     if memory_bytes is None:
       why = f'{device.platform} reports no memory limit'
       return {name: {'batch_size': None, 'why': why} for name in configs}
   unit = len(devices) if devices else jax.device_count()
-  checked = 'compiled for chips not here' if devices else 'ran one step'
+  checked = 'compiled for devices not here' if devices else 'ran one step'
 
   def lowered_step(config, batch_size):
     """The train step at ``batch_size``, lowered, and what runs it once compiled (the batch
@@ -691,20 +760,24 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     with jax.set_mesh(trainer.mesh):
       lowered = trainer.step_fn.lower(trainer.abstract_state,
                                       _batch_spec(config_b, trainer.batch_sharding))
-    if devices:  # Chips that are not here: compiled is as far as it goes.
+    if devices:  # Devices that are not here: compiled is as far as it goes.
       return lowered, lambda compiled: None
     return lowered, lambda compiled: jax.block_until_ready(compiled(
         trainer.initial_state(),
         sharding.global_batch(input_pipeline.random_batch(config_b), trainer.batch_sharding)))
 
   def fits(name, batch_size, program, run):
-    """Whether one step at ``batch_size`` runs (compiles, for chips that are not here)
-    without running out of device memory, and XLA's buffers where it compiled."""
+    """Whether one step at ``batch_size`` runs (compiles within the memory, for devices that
+    are not here) without running out of device memory, and XLA's buffers where it compiled."""
     logging.info('Largest batch (%s): trying batch %d.', name, batch_size)
     used = None
     try:
       compiled = program.result()
       used = _xla_buffer_bytes(compiled)
+      if devices and used is not None and used > memory_bytes:
+        logging.info('Largest batch (%s): batch %d does not fit: XLA\'s buffers take %.1f of '
+                     '%.1f GiB.', name, batch_size, used / 2**30, memory_bytes / 2**30)
+        return False, used
       run(compiled)
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
@@ -722,8 +795,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     # Each program compiles while the next is lowered (lowering holds Python's lock).
     def compiling(config, batch_size):
       lowered, run = lowered_step(config, batch_size)
-      return pool.submit(lowered.compile,
-                         compiler_options={'xla_gpu_autotune_level': 0}), run
+      return pool.submit(lowered.compile, compiler_options=compiler_options_for(
+          devices or jax.local_devices())), run
 
     logging.info('Largest batch (%s): compiling the train step at batches %d and %d.',
                  ', '.join(configs), small, large)
@@ -777,14 +850,14 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
                   rendering: bool = False, op_counts: bool = False,
                   profile_dir: str | None = None, compile_profile_dir: str | None = None,
                   max_busy_cores: float = 0.5, max_wait: float = 180.0,
-                  pipeline_only: bool = False, tpu_topology: str | None = None,
+                  pipeline_only: bool = False, compile_for: str | None = None,
                   output: str | None = None) -> dict:
   """Every measurement for ``config`` (its batch_size, image_size and model.dtype) as a dict,
   also written to ``output`` as JSON if given: rewritten after each measurement, so a run that
   is stopped (a time limit on a lent machine) keeps what it measured. ``pipeline_only``: the
-  input pipeline alone (is it faster than the step?), nothing compiled. ``tpu_topology``: the
-  programs compiled for that TPU slice on this machine (`compile_for_tpu`; the largest batches
-  too where asked), nothing run."""
+  input pipeline alone (is it faster than the step?), nothing compiled. ``compile_for``: the
+  programs compiled on this machine for the TPU slice or GPU it names (`devices_not_here`,
+  `compile_for_devices`; the largest batches too where asked), nothing run."""
   h, w = config.dataset.image_size
   results = {
       'config': {'model': config.model.to_dict(), 'optimizer': config.optimizer.to_dict(),
@@ -800,11 +873,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
       with open(output, 'w') as f:
         json.dump(results, f, indent=2, default=str)
 
-  def find_largest_batch_for(devices=None):
+  def find_largest_batch_for(target=None):
     def save_found(found):
       results['largest_batch'] = found
       save()
-    save_found(largest_batches(_with_and_without_remat(config), devices=devices,
+    save_found(largest_batches(_with_and_without_remat(config), target=target,
                                on_progress=save_found))
 
   if pipeline_only:
@@ -814,12 +887,12 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
   if op_counts:
     results['lowered'] = lowered_op_counts(config)
     save()
-  if tpu_topology:
-    devices = tpu_devices(tpu_topology)
-    results['tpu'] = {'topology': tpu_topology, **compile_for_tpu(config, devices)}
+  if compile_for:
+    target = devices_not_here(compile_for)
+    results['compiled_for'] = compile_for_devices(config, target)
     save()
     if find_largest_batch:
-      find_largest_batch_for(devices)
+      find_largest_batch_for(target)
     return results
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir,
@@ -857,8 +930,8 @@ def _with_and_without_remat(
 def format_table(results: Mapping) -> str:
   """A text table of the headline figures."""
   cfg = results['config']
-  if 'tpu' in results:
-    return '\n'.join(_tpu_rows(results) + _lowered_and_largest_rows(results))
+  if 'compiled_for' in results:
+    return '\n'.join(_compiled_for_rows(results) + _lowered_and_largest_rows(results))
   pipe = results['pipeline']
   pipeline = (f'input pipeline {pipe["examples_per_s"]:.1f} examples/s ({pipe["source"]}; '
               f'{pipe["num_threads"]} threads, {pipe["num_workers"]} worker processes)')
@@ -898,21 +971,31 @@ def format_table(results: Mapping) -> str:
   return '\n'.join(rows + _lowered_and_largest_rows(results))
 
 
-def _tpu_rows(results: Mapping) -> list[str]:
-  cfg, tpu = results['config'], results['tpu']
-  hbm = f'{tpu["hbm_bytes"] / 1e9:.0f} GB HBM each' if tpu['hbm_bytes'] else 'HBM unknown'
+def _compiled_for_rows(results: Mapping) -> list[str]:
+  cfg, target = results['config'], results['compiled_for']
+  gpu = target['platform'] == 'gpu'
+  memory = (f'{target["memory_bytes"] / 1e9:.0f} GB each' if target['memory_bytes']
+            else 'memory unknown')
+  if gpu and target['memory_bytes']:
+    memory = f'{memory}: JAX\'s share of the card'
   rows = [f'{cfg["image_size"][0]}x{cfg["image_size"][1]}, batch {cfg["batch_size"]}, '
-          f'{cfg["dtype"]}, compiled for the TPU slice {tpu["topology"]} ({tpu["num_devices"]} x '
-          f'{tpu["device"]}, {hbm}) on this machine ({results["machine"]["cpu_count"]} CPUs); '
-          'nothing ran',
-          f'{"":18}{"lower s":>9}{"compile s":>11}{"GFLOP":>9}{"MiB per chip":>14}'
-          f'{"share of HBM":>14}']
+          f'{cfg["dtype"]}, compiled for {target["target"]} ({target["num_devices"]} x '
+          f'{target["device"]}, {memory}) on this machine ({results["machine"]["cpu_count"]} '
+          f'CPUs){", GPU autotuning off" if gpu else ""}; nothing ran',
+          f'{"":18}{"lower s":>9}{"compile s":>11}{"GFLOP":>9}{"MiB per device":>16}'
+          f'{"share of memory":>17}']
   for name in ('train', 'eval'):
-    r = tpu[name]
+    r = target[name]
     gflop = f'{r["flops"] / 1e9:9.1f}' if r.get('flops') else f'{"-":>9}'
-    share = f'{100 * r["share_of_hbm"]:13.1f}%' if r['share_of_hbm'] else f'{"-":>14}'
+    share = f'{100 * r["share_of_memory"]:16.1f}%' if r['share_of_memory'] else f'{"-":>17}'
     rows.append(f'{name:18}{r["lower_s"]:9.1f}{r["compile_s"]:11.1f}{gflop}'
-                f'{(r["xla_buffer_bytes_per_chip"] or 0) / 2**20:14.0f}{share}')
+                f'{(r["xla_buffer_bytes_per_device"] or 0) / 2**20:16.0f}{share}')
+  for name in ('train', 'eval'):
+    if tuned := target[name].get('autotuned'):
+      rows.append(f'{name} autotuned on a GPU: {tuned["cudnn_convolutions"]} cuDNN convolutions '
+                  f'({tuned["distinct_cudnn_convolutions"]} distinct), {tuned["cublas_gemms"]} '
+                  f'cuBLAS GEMMs ({tuned["distinct_cublas_gemms"]} distinct), '
+                  f'{tuned["triton_fusions"]} Triton fusions')
   return rows
 
 

@@ -170,7 +170,7 @@ def computation_platform() -> str:
   if (importlib.util.find_spec('libtpu') is not None
       and _probe('num_available_tpu_chips_and_device_id', (1, None))[0] > 0):
     return 'tpu'
-  for plugin in sorted(_pjrt_plugins()):
+  for plugin in sorted(pjrt_plugins()):
     if 'cuda' in plugin:
       if _probe('has_visible_nvidia_gpu', True):
         return 'gpu'
@@ -192,7 +192,7 @@ def _probe(name: str, unknown, **kwargs):
     return unknown
 
 
-def _pjrt_plugins() -> set[str]:
+def pjrt_plugins() -> set[str]:
   """Modules of the installed PJRT plugins, found as JAX finds them: the ``jax_plugins``
   namespace package and the ``jax_plugins`` entry points. Nothing is imported or started."""
   spec = importlib.util.find_spec('jax_plugins')
@@ -259,6 +259,14 @@ def use_cublas_gemms() -> bool:
   starts: call it before that. Returns whether the flag is in effect.
   """
   return add_xla_flag(_CUBLAS_GEMMS_FLAG)
+
+
+def gpu_compiler_options() -> dict[str, bool]:
+  """``use_cublas_gemms`` as options of one compile, for a program compiled for a GPU that
+  this process does not compute on (`benchmark_lib.devices_not_here`): its XLA_FLAGS were
+  chosen for the CPU. None over an ``xla_gpu_enable_triton_gemm`` the user put in XLA_FLAGS."""
+  name, _, value = _CUBLAS_GEMMS_FLAG.removeprefix('--').partition('=')
+  return {} if name in os.environ.get('XLA_FLAGS', '') else {name: value == 'true'}
 
 
 # The environment variables with which a user chooses how JAX's GPU client takes memory.

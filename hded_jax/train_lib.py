@@ -173,8 +173,8 @@ class Trainer:
                platform: str | None = None, devices: Sequence[jax.Device] | None = None):
     """``platform``: the one the model's formulations are chosen for (``models.HDEDNet``);
     default the mesh's. Another one only to lower the step for it (``jax.export``).
-    ``devices``: the mesh's (`sharding.make_mesh`); a TPU slice's this machine lacks only to
-    compile the step for it."""
+    ``devices``: the mesh's (`sharding.make_mesh`); those of a TPU slice or GPU this machine
+    lacks only to compile the step for them."""
     self.config = config
     self.train_size = train_size
     self.mesh = sharding.make_mesh(config.mesh, devices)

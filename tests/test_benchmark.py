@@ -11,11 +11,14 @@ import sys
 import threading
 import types
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
+from hded_jax import models
+from hded_jax import runtime
 from hded_jax import train_lib
 from tests.conftest import REPO
 from tests.conftest import tiny_config
@@ -250,33 +253,101 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                   reason="needs libtpu: pip install -e '.[tpu]'")
 
 
-@needs_libtpu
-def test_benchmark_compiles_for_a_tpu_slice_this_machine_lacks(tmp_path, monkeypatch):
-  output = tmp_path / 'tpu.json'
+def _compiled_for(tmp_path, monkeypatch, target: str) -> dict:
+  """The benchmark's results for the tiny config compiled for ``target``, checked for what every
+  target has: each program's compile figures and XLA's buffers against the device's memory."""
+  output = tmp_path / 'compiled.json'
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing is drawn or run.
   returned = benchmark_lib.run_benchmark(tiny_config(str(tmp_path / 'tfds'), batch_size=8),
-                                         tpu_topology='v5e:2x2', output=str(output))
+                                         compile_for=target, output=str(output))
   results = json.loads(output.read_text())
   assert results == json.loads(json.dumps(returned, default=str))
-  tpu = results['tpu']
-  assert (tpu['topology'], tpu['device'], tpu['num_devices'], tpu['hbm_bytes']) == (
-      'v5e:2x2', 'TPU v5 lite', 4, 16e9)
+  compiled = results['compiled_for']
   for name in ('train', 'eval'):
-    r = tpu[name]
-    for key in ('lower_s', 'compile_s', 'flops', 'xla_buffer_bytes_per_chip'):
+    r = compiled[name]
+    for key in ('lower_s', 'compile_s', 'flops', 'xla_buffer_bytes_per_device'):
       assert _positive(r[key]), (name, key, r[key])
-    assert math.isclose(r['share_of_hbm'], r['xla_buffer_bytes_per_chip'] / 16e9)
-  assert 2 * tpu['eval']['flops'] < tpu['train']['flops'] < 6 * tpu['eval']['flops']
+    assert math.isclose(r['share_of_memory'],
+                        r['xla_buffer_bytes_per_device'] / compiled['memory_bytes'])
+  assert 2 * compiled['eval']['flops'] < compiled['train']['flops'] < 6 * compiled['eval']['flops']
   assert 'jax' not in results and 'pipeline' not in results
   table = benchmark_lib.format_table(results)
-  assert 'compiled for the TPU slice v5e:2x2 (4 x TPU v5 lite, 16 GB HBM each)' in table
   assert table.splitlines()[2].startswith('train') and table.splitlines()[3].startswith('eval')
+  return results
+
+
+@needs_libtpu
+def test_benchmark_compiles_for_a_tpu_slice_this_machine_lacks(tmp_path, monkeypatch):
+  results = _compiled_for(tmp_path, monkeypatch, 'v5e:2x2')
+  tpu = results['compiled_for']
+  assert (tpu['target'], tpu['platform'], tpu['device'], tpu['num_devices'],
+          tpu['memory_bytes']) == ('v5e:2x2', 'tpu', 'TPU v5 lite', 4, 16e9)
+  assert 'autotuned' not in tpu['train']
+  assert 'compiled for v5e:2x2 (4 x TPU v5 lite, 16 GB each) on this machine' in (
+      benchmark_lib.format_table(results))
+
+
+# JAX's CUDA plugin (the test extra, on Linux x86-64) describes GPUs without them.
+needs_cuda_plugin = pytest.mark.skipif(
+    not any('cuda' in plugin for plugin in runtime.pjrt_plugins()),
+    reason="needs JAX's CUDA plugin: pip install 'jax[cuda13-local]'")
+
+
+@needs_cuda_plugin
+def test_benchmark_compiles_for_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
+  results = _compiled_for(tmp_path, monkeypatch, 'h100')
+  gpu = results['compiled_for']
+  # JAX's allocator takes 75% of the card's memory, as nvidia-smi gives it.
+  assert (gpu['target'], gpu['platform'], gpu['device'], gpu['num_devices'],
+          gpu['memory_bytes']) == ('h100', 'gpu', 'NVIDIA H100 80GB HBM3', 1,
+                                   int(0.75 * 81559 * 2**20))
+  # Every convolution lowered for a GPU is one cuDNN call XLA would autotune, every 1x1 one a
+  # cuBLAS matrix product (as train.py sets XLA up on a GPU), none a Triton GEMM.
+  config = tiny_config('unused', batch_size=8)
+  lowered = benchmark_lib.lowered_op_counts(config, ('cuda',))
+  pointwise = sum(isinstance(node, nnx.Conv) and node.kernel_size == (1, 1)
+                  for _, node in nnx.iter_graph(models.create_model(config.model)))
+  for name in ('train', 'eval'):
+    tuned = results['compiled_for'][name]['autotuned']
+    assert tuned['cudnn_convolutions'] == lowered[name]['cuda']['convolutions'], (name, tuned)
+    assert 0 < tuned['distinct_cudnn_convolutions'] <= lowered[name]['cuda'][
+        'distinct_convolutions']
+    assert tuned['cublas_gemms'] >= pointwise and tuned['distinct_cublas_gemms'] > 0
+    assert tuned['triton_fusions'] <= 1, tuned  # Not the GEMMs.
+  table = benchmark_lib.format_table(results)
+  assert ('compiled for h100 (1 x NVIDIA H100 80GB HBM3, 64 GB each: JAX\'s share of the card) '
+          'on this machine') in table and 'GPU autotuning off' in table
+  assert 'train autotuned on a GPU: ' in table
+
+
+@needs_cuda_plugin
+def test_a_gpu_is_named_by_a_known_card_or_a_file_of_xla_s_description(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match=r"No GPU or TPU slice named 'a100'.*\['h100', 'h200'\]"):
+    benchmark_lib.devices_not_here('a100')
+  # Another card: its description in a file, memory share as the user sets it.
+  card = tmp_path / 'small.pbtxt'
+  card.write_text(open(os.path.join(benchmark_lib.GPU_TARGETS_DIR, 'h200.pbtxt')).read().replace(
+      'device_memory_size: 150754820096', 'device_memory_size: 1000000000'))
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
+  target = benchmark_lib.devices_not_here(str(card))
+  assert (target.target, target.memory_bytes) == (str(card), 500_000_000)
+  assert [d.device_kind for d in target.devices] == ['NVIDIA H200']
+  card.write_text('gpu_device_info { no_such_field: 1 }')
+  with pytest.raises(ValueError, match="could not describe the GPU .*GpuTargetConfigProto"):
+    benchmark_lib.devices_not_here(str(card))
+
+
+def test_compiling_for_a_gpu_without_jax_s_cuda_plugin_says_how_to_install_it(monkeypatch):
+  monkeypatch.setattr(runtime, 'pjrt_plugins', set)
+  with pytest.raises(ValueError, match=r"needs JAX's CUDA plugin.*jax\[cuda13-local\]"):
+    benchmark_lib.devices_not_here('h100')
 
 
 @needs_libtpu
 def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(tiny_data_dir,
                                                                               monkeypatch):
-  devices = benchmark_lib.tpu_devices('v5e:2x2')
+  target = benchmark_lib.devices_not_here('v5e:2x2')
+  devices = target.devices
   # XLA's TPU compiler knows the chip's memory and refuses a program larger: a batch fits
   # where its step compiles.
   mesh = jax.make_mesh((4,), ('data',), devices=devices)
@@ -309,7 +380,7 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
   progress = []
   results = benchmark_lib.largest_batches(
-      {'plain': tiny_config(tiny_data_dir)}, memory_bytes=48 << 20, devices=devices,
+      {'plain': tiny_config(tiny_data_dir)}, memory_bytes=48 << 20, target=target,
       on_progress=lambda found: progress.append(copy.deepcopy(found)))
   # Per chip 2 MiB at batch 4, 5 MiB at 16: 0.25 MiB per image of the global batch over 1 MiB;
   # 48 MiB holds 188, refused; then 10% less, 168, refused; then 148, which fits; then halfway
@@ -318,7 +389,7 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
       'memory_bytes': 48 << 20, 'bytes_per_image': 2**18, 'estimate': 188,
       'tried': [[188, False, None], [168, False, None], [148, True, 38 * 2**20],
                 [156, True, 40 * 2**20]], 'batch_size': 156,
-      'smallest_refused': 168, 'search_ended': False, 'checked': 'compiled for chips not here'}}
+      'smallest_refused': 168, 'search_ended': False, 'checked': 'compiled for devices not here'}}
   assert compiled == [4, 16, 188, 168, 148, 156]
   # After each try what was found so far (the benchmark writes it to its JSON: a run stopped at
   # a time limit keeps it).
@@ -327,21 +398,51 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
   assert progress[-1] == results
   assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
   assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
-      'largest batch (plain): 156 (compiled for chips not here; 168 did not fit)']
+      'largest batch (plain): 156 (compiled for devices not here; 168 did not fit)']
 
   # Where the estimate is far out, four tries 10% apart may all be refused: none found.
   limit_mib = 20
   results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
-                                          memory_bytes=48 << 20, devices=devices)
+                                          memory_bytes=48 << 20, target=target)
   assert [fit for _, fit, _ in results['plain']['tried']] == [False] * 4
   assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
       'largest batch (plain): None (no batch from 188 down fitted)']
 
 
+@needs_cuda_plugin
+def test_largest_batches_for_a_gpu_not_here_are_those_whose_buffers_fit_its_memory(
+    tiny_data_dir, monkeypatch):
+  """XLA's GPU compiler, unlike the TPU's, compiles a program larger than the card: a batch
+  fits where XLA's buffers fit the memory."""
+  target = benchmark_lib.devices_not_here('h100')
+  compiled = []
+
+  def compile_(lowered, compiler_options):
+    # As train.py on a GPU: matrix products on cuBLAS; and no autotuning without the card.
+    assert compiler_options == {'xla_gpu_autotune_level': 0, 'xla_gpu_enable_triton_gemm': False}
+    batch = lowered.args_info[0][1]['image'].shape[0]
+    compiled.append(batch)
+    used = (1 + batch + max(0, batch - 32)) * 2**20  # 1 MiB per image, 2 from 32 on.
+    return types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
+        argument_size_in_bytes=used, output_size_in_bytes=0, temp_size_in_bytes=0,
+        alias_size_in_bytes=0))
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
+  monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
+  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
+                                          memory_bytes=48 << 20, target=target)
+  # 1 MiB per image from batches 1 and 4 puts 47 images in 48 MiB; they take 63 MiB, refused;
+  # 10% less, 42, takes 53 MiB, refused; 37 fits (43 MiB), and halfway up, 39 (47 MiB).
+  assert results['plain']['tried'] == [[47, False, 63 << 20], [42, False, 53 << 20],
+                                       [37, True, 43 << 20], [39, True, 47 << 20]]
+  assert compiled == [1, 4, 47, 42, 37, 39]
+  assert (results['plain']['batch_size'], results['plain']['smallest_refused']) == (39, 42)
+
+
 @needs_libtpu
 def test_a_tpu_slice_libtpu_does_not_know_is_named_with_the_form_it_takes():
   with pytest.raises(ValueError, match=r"'v5x:9'.*name one as 'v5e:2x2'"):
-    benchmark_lib.tpu_devices('v5x:9')
+    benchmark_lib.devices_not_here('v5x:9')
 
 
 def test_compiling_for_a_tpu_slice_without_libtpu_says_how_to_install_it(monkeypatch):
@@ -349,16 +450,16 @@ def test_compiling_for_a_tpu_slice_without_libtpu_says_how_to_install_it(monkeyp
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *args: None if name == 'libtpu' else find_spec(name, *args))
   with pytest.raises(ValueError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
-    benchmark_lib.tpu_devices('v5e:2x2')
+    benchmark_lib.devices_not_here('v5e:2x2')
 
 
-def test_tpu_topology_with_flags_that_run_stops_at_once(tmp_path):
+def test_compile_for_with_flags_that_run_stops_at_once(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'hded_jax.benchmark', '--config=configs/smoke.py',
-       '--tpu_topology=v5e:2x2', '--rendering'],
+       '--compile_for=v5e:2x2', '--rendering'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert run.returncode != 0
-  assert '--tpu_topology compiles for chips that are not here and runs nothing' in run.stderr
+  assert '--compile_for compiles for devices that are not here and runs nothing' in run.stderr
 
 
 def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):

@@ -287,9 +287,12 @@ def test_tpu_hosts_and_clusters_start_jax_distributed(platform, variables, detec
   assert ('trains as one process' in caplog.text) == (outcome == 'one process'), caplog.text
 
 
-@pytest.mark.skipif(runtime.computation_platform() != 'cpu' or bool(runtime._pjrt_plugins()),
-                    reason='an accelerator or a PJRT plugin is installed')
+@pytest.mark.skipif(runtime.computation_platform() != 'cpu'
+                    or any('cuda' not in plugin for plugin in runtime.pjrt_plugins()),
+                    reason='an accelerator or a PJRT plugin other than CUDA\'s is installed')
 def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
+  # The test extra's own CUDA plugin (compiling for a GPU, `benchmark_lib.devices_not_here`)
+  # beside a second one.
   assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == ('cpu', ['cpu'])
 
 
@@ -339,6 +342,8 @@ def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
 def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   devices = '--xla_force_host_platform_device_count=2'
   monkeypatch.setenv('XLA_FLAGS', devices)
+  # The same as one compile's options, for a GPU this process does not compute on.
+  assert runtime.gpu_compiler_options() == {'xla_gpu_enable_triton_gemm': False}
   assert runtime.use_cublas_gemms()
   assert runtime.use_cublas_gemms()  # Idempotent.
   assert os.environ['XLA_FLAGS'] == f'{devices} {runtime._CUBLAS_GEMMS_FLAG}'
@@ -349,6 +354,7 @@ def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', users)
   assert not runtime.use_cublas_gemms()
   assert os.environ['XLA_FLAGS'] == users
+  assert runtime.gpu_compiler_options() == {}
 
 
 def test_processes_that_do_not_train_take_gpu_memory_as_needed(monkeypatch):
