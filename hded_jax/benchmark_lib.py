@@ -689,15 +689,25 @@ def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int |
   """The largest-batch search's next batch (a multiple of ``unit``), or None where it ends.
 
   ``buffer_bytes``: XLA's buffers of each batch whose step compiled (the sizing batches' too);
-  ``largest_fit``: the largest batch found to fit. Only refusals so far: 10% below the
-  smallest. A fit and a refusal: halfway between them until they are ``tolerance`` apart. Only
-  fits: the line through the buffers of the two largest extrapolated to ``memory_bytes`` (at
-  most twice the batch), where that is more than ``tolerance`` above it: XLA's buffers grow
-  less than in proportion to the batch, so the line through the two sizing batches can stop
-  short (the full model on a TPU slice; docs/performance.md)."""
+  ``largest_fit``: the largest batch found to fit. Only refusals so far: where the smallest
+  refusal's buffers are known (it compiled: on a GPU) and exceed the memory, the line through
+  them and the largest sizing batch's, interpolated to ``memory_bytes``; else 10% below it.
+  A fit and a refusal: halfway between them until they are ``tolerance`` apart. Only fits: the
+  line through the buffers of the two largest extrapolated to ``memory_bytes`` (at most twice
+  the batch), where that is more than ``tolerance`` above it: XLA's buffers grow less than in
+  proportion to the batch on a TPU, so the line through the two sizing batches can stop short,
+  and more on a GPU with remat, so it can overshoot far (docs/performance.md)."""
   if largest_fit is None:
-    batch = int(smallest_refused * 0.9) // unit * unit
-    return batch if batch >= unit else None
+    batch = smallest_refused * 0.9
+    refused = buffer_bytes.get(smallest_refused)
+    sizing = [b for b, used in buffer_bytes.items()
+              if used is not None and b < smallest_refused and used <= memory_bytes]
+    if refused is not None and refused > memory_bytes and sizing:
+      low = max(sizing)
+      batch = low + (memory_bytes - buffer_bytes[low]) * (smallest_refused - low) / (
+          refused - buffer_bytes[low])
+    batch = int(batch) // unit * unit
+    return batch if unit <= batch < smallest_refused else None
   if smallest_refused is not None:
     if smallest_refused - largest_fit <= max(unit, tolerance * largest_fit):
       return None
