@@ -691,7 +691,9 @@ def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int |
   ``buffer_bytes``: XLA's buffers of each batch whose step compiled (the sizing batches' too);
   ``largest_fit``: the largest batch found to fit. Only refusals so far: where the smallest
   refusal's buffers are known (it compiled: on a GPU) and exceed the memory, the line through
-  them and the largest sizing batch's, interpolated to ``memory_bytes``; else 10% below it.
+  them and the largest sizing batch's, interpolated to ``tolerance`` below ``memory_bytes``
+  (aiming below the limit: where the buffers grow faster than the line, as with remat on a GPU,
+  a line aimed at the limit lands above it, try after try); else 10% below it.
   A fit and a refusal: halfway between them until they are ``tolerance`` apart. Only fits: the
   line through the buffers of the two largest extrapolated to ``memory_bytes`` (at most twice
   the batch), where that is more than ``tolerance`` above it: XLA's buffers grow less than in
@@ -704,8 +706,8 @@ def next_batch_to_try(buffer_bytes: Mapping[int, int | None], largest_fit: int |
               if used is not None and b < smallest_refused and used <= memory_bytes]
     if refused is not None and refused > memory_bytes and sizing:
       low = max(sizing)
-      batch = low + (memory_bytes - buffer_bytes[low]) * (smallest_refused - low) / (
-          refused - buffer_bytes[low])
+      batch = low + ((1 - tolerance) * memory_bytes - buffer_bytes[low]) * (
+          smallest_refused - low) / (refused - buffer_bytes[low])
     batch = int(batch) // unit * unit
     return batch if unit <= batch < smallest_refused else None
   if smallest_refused is not None:
