@@ -26,6 +26,7 @@ _HEX_CONSTANT = re.compile(r'dense<"0x([0-9A-Fa-f]*)">')
 # A convolution's or matrix product's precision (its first operand's), as printed.
 _PRECISION = re.compile(r'precision(?:_config)? = \[(?:#stablehlo<precision )?([A-Z]+)')
 _SSA_NAME = re.compile(r'%[\w#:]+')
+_LOCATION = re.compile(r'\s*loc\(.*\)\s*$')
 # A compiled HLO module's text: a value's definition (`%name = type op(`), a custom call's
 # target, and the metadata that names where an instruction came from.
 _HLO_VALUE = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) ', re.MULTILINE)
@@ -36,7 +37,6 @@ _HLO_METADATA = re.compile(r'metadata=\{[^}]*\}')
 # What XLA's GPU autotuner times, by custom-call target: cuDNN's convolutions (every
 # algorithm of each) and cuBLAS's matrix products.
 _AUTOTUNED = {'cudnn_convolutions': '__cudnn$conv', 'cublas_gemms': '__cublas$'}
-_LOCATION = re.compile(r'\s*loc\(.*\)\s*$')
 
 
 def op_counts(jitted, *args, platforms: Sequence[str] = PLATFORMS, **kwargs) -> dict[str, dict]:
