@@ -378,15 +378,18 @@ def compile_phase_times(trace: str, top: int = 80) -> list[dict]:
 
 def device_op_times(trace: str, steps: int, top: int = 60) -> dict:
   """Per step, from a Perfetto trace: the busy time of each line (thread) of the device and the
-  ``top`` ops by time. The device is the trace's '/device:...' processes (a GPU: its streams,
-  and lines such as 'XLA Ops' that summarise the same time), else the host threads that XLA's
-  CPU backend computes on."""
+  ``top`` ops by time. The device is the trace's '/device:...' processes with events (a GPU:
+  its streams, and lines such as 'XLA Ops' that summarise the same time; libtpu, where
+  installed, may add an empty '/device:CUSTOM:Megascale Trace'), else the host threads that
+  XLA's CPU backend computes on."""
   events = _trace_events(trace)
   processes = {e['pid']: e['args'].get('name', '') for e in events
                if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   threads = {(e['pid'], e['tid']): e['args'].get('name', '') for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
-  device = {pid for pid, name in processes.items() if name.startswith('/device:')}
+  with_events = {e.get('pid') for e in events if e.get('ph') == 'X'}
+  device = {pid for pid, name in processes.items()
+            if name.startswith('/device:') and pid in with_events}
   total_us, calls = collections.Counter(), collections.Counter()
   for e in events:
     line = threads.get((e.get('pid'), e.get('tid')), '')

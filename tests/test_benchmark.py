@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import gzip
 import importlib.util
 import json
 import math
@@ -502,3 +503,28 @@ def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_
   compiled, figures = benchmark_lib._compile('step', step, jnp.ones((4, 4)),
                                              profile_dir=str(tmp_path / 'none'))
   assert figures['compile_s'] > 0 and float(compiled(jnp.ones((4, 4)))) > 0
+
+
+def test_device_op_times_come_from_the_device_lines_with_events(tmp_path):
+  """libtpu, where installed, may add an empty '/device:CUSTOM:...' process to a CPU trace: the
+  ops are then those of XLA's CPU threads; a GPU's come from its own processes."""
+  def trace(*events):
+    path = tmp_path / 'trace.json.gz'
+    with gzip.open(path, 'wt') as f:
+      json.dump({'traceEvents': list(events)}, f)
+    return str(path)
+
+  meta = lambda kind, pid, name, tid=0: {'ph': 'M', 'name': f'{kind}_name', 'pid': pid,
+                                         'tid': tid, 'args': {'name': name}}
+  op = lambda pid, tid, name, dur: {'ph': 'X', 'pid': pid, 'tid': tid, 'name': name, 'dur': dur}
+  cpu = [meta('process', 1, '/device:CUSTOM:Megascale Trace'), meta('process', 7, '/host:CPU'),
+         meta('thread', 7, 'tf_XLAEigen/1', tid=3), meta('thread', 7, 'main', tid=4),
+         op(7, 3, 'fusion.1', 3000), op(7, 3, 'convolution.2', 6000), op(7, 4, 'python', 9000)]
+  times = benchmark_lib.device_op_times(trace(*cpu), steps=3)
+  assert times['busy_ms_per_step'] == {'XLA CPU threads': 3.0}
+  assert [o['name'] for o in times['top_ops']] == ['convolution.2', 'fusion.1']
+  gpu = [*cpu, meta('process', 2, '/device:GPU:0'), meta('thread', 2, 'Stream #1', tid=5),
+         op(2, 5, 'gemm', 1500)]
+  times = benchmark_lib.device_op_times(trace(*gpu), steps=3)
+  assert times['top_ops'] == [{'line': '/device:GPU:0 Stream #1', 'name': 'gemm',
+                               'ms_per_step': 0.5, 'calls_per_step': 1 / 3}]
