@@ -70,10 +70,6 @@ def main(argv):
     raise app.UsageError('--compile_for compiles for devices that are not here and runs '
                          'nothing: leave out --torch, --pipeline_only, --profile_dir, '
                          '--compile_profile_dir and --rendering, or --compile_for.')
-  if FLAGS.compile_for:
-    # Without a GPU, JAX's CUDA plugin starts (and describes GPUs to compile for) only so;
-    # JAX reads it when its backends start.
-    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
   if FLAGS.torch:
     try:  # Before minutes of JAX measurements, not after them.
       import torch  # pylint: disable=g-import-not-at-top,unused-import

@@ -154,8 +154,8 @@ def _gpu_not_here(target: str) -> DevicesNotHere:
     raise ValueError(
         f'JAX\'s CUDA plugin could not describe the GPU {target!r} ({error}). Without a GPU '
         'the plugin starts only if JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 is set before JAX starts '
-        '(python -m hded_jax.benchmark sets it), and reads the file as XLA\'s '
-        'GpuTargetConfigProto.') from error
+        '(python -m hded_jax.benchmark sets it there: runtime.skip_unused_cuda_check), and '
+        'reads the file as XLA\'s GpuTargetConfigProto.') from error
   size = re.search(r'device_memory_size:\s*(\d+)', text)
   fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', JAX_GPU_MEMORY_FRACTION))
   return DevicesNotHere(target, devices, int(int(size.group(1)) * fraction) if size else None)

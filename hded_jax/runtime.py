@@ -132,10 +132,11 @@ def tune_for_platform(*, training: bool, share_gpu: bool | None = None) -> str |
   On the CPU: glibc keeps freed memory, programs run on the calling thread, and where
   ``training`` (the process runs gradients, not the forward alone) convolutions on Eigen. On a
   GPU: matrix products on cuBLAS, and where ``share_gpu`` (default: not ``training``) memory
-  taken as needed. Elsewhere nothing. The entry points call it (``setup`` for train.py and
+  taken as needed. Elsewhere nothing, but off a GPU ``skip_unused_cuda_check``. The entry points call it (``setup`` for train.py and
   eval.py; predict.py, the benchmark). Returns the platform whose settings were applied ('cpu'
   or 'gpu'), or None.
   """
+  skip_unused_cuda_check()
   platform = computation_platform()
   if platform == 'cpu':
     keep_freed_memory()
@@ -144,6 +145,7 @@ def tune_for_platform(*, training: bool, share_gpu: bool | None = None) -> str |
       use_eigen_convolutions()
     return platform
   if platform == 'gpu':
+    warn_of_several_cuda_plugins()
     use_cublas_gemms()
     if share_gpu is None:
       share_gpu = not training
@@ -152,6 +154,32 @@ def tune_for_platform(*, training: bool, share_gpu: bool | None = None) -> str |
     return platform
   logging.info('Computing on %s: no settings measured there; XLA flags left alone.', platform)
   return None
+
+
+def skip_unused_cuda_check() -> bool:
+  """Skips the check of CUDA's libraries that JAX's CUDA plugin makes when JAX starts, where JAX
+  will not compute on a GPU (``computation_platform``). There it can only fail, with a
+  traceback at every start where the plugin came without CUDA's libraries, as the test extra
+  installs it; skipped, the plugin starts and can describe GPUs to compile for
+  (``benchmark_lib.devices_not_here``). Where JAX computes on a GPU the check stays: it names a
+  missing or mismatched library. JAX reads JAX_SKIP_CUDA_CONSTRAINTS_CHECK when its backends
+  start: call before. Returns whether the check is skipped."""
+  if computation_platform() != 'gpu':
+    os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+  return bool(os.environ.get('JAX_SKIP_CUDA_CONSTRAINTS_CHECK'))
+
+
+def warn_of_several_cuda_plugins() -> list[str]:
+  """Warns where more than one of JAX's CUDA plugins is installed (e.g. the test extra's CUDA 13
+  one beside '.[cuda12]'): JAX starts every plugin whose check passes, in no fixed order, and
+  computes with whichever registers first. Returns the plugins' modules."""
+  plugins = sorted(p for p in pjrt_plugins() if 'cuda' in p)
+  if len(plugins) > 1:
+    logging.warning('JAX\'s CUDA plugins %s are all installed: JAX starts whichever passes its '
+                    'check first, in no fixed order. Keep the one for your CUDA driver, e.g. on '
+                    'CUDA 12: pip uninstall -y jax-cuda13-plugin jax-cuda13-pjrt.',
+                    ', '.join(plugins))
+  return plugins
 
 
 def computation_platform() -> str:

@@ -22,10 +22,10 @@ pytorch.load_triton_first()
 
 # As the entry points do (runtime.setup): before any test starts the backend.
 runtime.use_eigen_convolutions()
-# As `python -m hded_jax.benchmark --compile_for` does: JAX's CUDA plugin (the test extra)
-# starts without a GPU, so that tests compile for one (`benchmark_lib.devices_not_here`), and
-# child processes do not print its complaint that CUDA is missing.
-os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+# As the entry points do (runtime.tune_for_platform): off a GPU, JAX's CUDA plugin (the test
+# extra) starts without CUDA's libraries, so that tests compile for a GPU
+# (`benchmark_lib.devices_not_here`), and child processes inherit it.
+runtime.skip_unused_cuda_check()
 # Tests check what the programs compute, not how fast: XLA's CPU backend emits their machine
 # code without LLVM's optimisations (the same HLO; the tiny train step compiles in 5-7 s instead
 # of 12 and steps in 17 ms instead of 8), which cuts the suite by a third (2 cores: 13:56 ->

@@ -296,6 +296,59 @@ def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
   assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == ('cpu', ['cpu'])
 
 
+def test_cuda_check_is_skipped_only_where_jax_computes_elsewhere(monkeypatch):
+  for platform, skipped in (('cpu', True), ('tpu', True), ('gpu', False)):
+    monkeypatch.delenv('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', raising=False)
+    monkeypatch.setattr(runtime, 'computation_platform', lambda platform=platform: platform)
+    assert runtime.skip_unused_cuda_check() == skipped
+    assert ('JAX_SKIP_CUDA_CONSTRAINTS_CHECK' in os.environ) == skipped
+  # The user's own setting stands.
+  monkeypatch.setenv('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
+  assert runtime.skip_unused_cuda_check()
+
+
+def test_several_cuda_plugins_are_named_on_a_gpu(monkeypatch, caplog):
+  monkeypatch.setattr(runtime, 'computation_platform', lambda: 'gpu')
+  monkeypatch.setattr(runtime, 'use_cublas_gemms', lambda: True)
+  monkeypatch.setattr(runtime, 'allocate_gpu_memory_as_needed', lambda: True)
+  for plugins, warned in (({'jax_plugins.xla_cuda13'}, False),
+                          ({'jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13'}, True)):
+    monkeypatch.setattr(runtime, 'pjrt_plugins', lambda plugins=plugins: plugins)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert runtime.tune_for_platform(training=True) == 'gpu'
+    assert ('xla_cuda12, jax_plugins.xla_cuda13 are all installed' in caplog.text) == warned
+
+
+_START_JAX = '''
+import sys
+import jax
+from hded_jax import runtime
+if sys.argv[1] == 'entry point':
+  runtime.tune_for_platform(training=False)
+print(jax.devices()[0].platform)
+'''
+
+
+@pytest.mark.skipif(runtime.computation_platform() == 'gpu'
+                    or not any('cuda' in plugin for plugin in runtime.pjrt_plugins()),
+                    reason='no CUDA plugin, or JAX computes on a GPU here')
+def test_entry_points_start_a_cuda_plugin_without_cuda_quietly():
+  """The test extra's CUDA plugin has none of CUDA's libraries: JAX's check of them printed a
+  traceback (26 lines) at every start of train.py, eval.py or predict.py on a CPU machine."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_SKIP_CUDA_CONSTRAINTS_CHECK'}
+  env['PYTHONPATH'] = REPO
+  def start(how):
+    return subprocess.run([sys.executable, '-c', _START_JAX, how], cwd=REPO, check=True,
+                          capture_output=True, text=True, env=env)
+  entry_point = start('entry point')
+  assert entry_point.stdout.split() == ['cpu']
+  assert 'Jax plugin configuration error' not in entry_point.stderr, entry_point.stderr
+  bare = start('bare')
+  if 'Jax plugin configuration error' not in bare.stderr:
+    pytest.skip('CUDA\'s libraries are installed: the check passes without a GPU')
+
+
 # The XLA options JAX compiles with after the set-up: GPU autotune cache directory, GPU kernel
 # cache file.
 _XLA_CACHE_OPTIONS = '''
