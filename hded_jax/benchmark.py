@@ -41,10 +41,12 @@ flags.DEFINE_bool('largest_batch', False, 'Also find the largest batch that fits
                   'memory, with and without remat.')
 flags.DEFINE_string('compile_for', None, 'Compile the train and eval programs on this machine '
                     "for a TPU slice ('v5e:2x2', 'v4:2x2x1', ...; needs libtpu: the tpu or "
-                    "test extra) or a GPU ('h100', 'h200', or XLA's GpuTargetConfigProto of "
-                    "another card in a .pbtxt file; needs JAX's CUDA plugin: the test extra) "
-                    'that it lacks, instead of timing them here: compile time (GPU autotuning '
-                    'off), FLOPs, memory per device, what a GPU would autotune; with '
+                    "test extra) or GPUs ('h100', 'h200', or XLA's GpuTargetConfigProto of "
+                    "another card in a .pbtxt file; 'h100:8' for eight on one host, "
+                    "'h100:2x8' for two hosts of eight; needs JAX's CUDA plugin: the test "
+                    'extra) that it lacks, instead of timing them here: compile time (GPU '
+                    'autotuning off), FLOPs, memory per device, what a GPU would autotune, '
+                    'the collectives between devices; with '
                     '--largest_batch the largest batches that compile within a device\'s '
                     'memory. Nothing runs.')
 flags.DEFINE_string('profile_dir', None, 'Also trace a few train steps with the JAX profiler '

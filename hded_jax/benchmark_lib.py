@@ -103,17 +103,19 @@ def peak_bf16_flops(device_kind: str) -> float | None:
 class DevicesNotHere:
   """Devices described without them (`devices_not_here`): programs compile for them on this
   machine, with their platform's XLA compiler, and cannot run."""
-  target: str  # As named: 'v5e:2x2', 'h100', a GpuTargetConfigProto file.
+  target: str  # As named: 'v5e:2x2', 'h100', 'h100:8', a GpuTargetConfigProto file.
   devices: list[jax.Device]
   memory_bytes: int | None  # What a program may use on each device.
 
 
 def devices_not_here(target: str) -> DevicesNotHere:
   """The devices that ``target`` names: a TPU slice as JAX names it ('v5e:2x2', 'v4:2x2x1',
-  'v6e:4x4'...), described by libtpu; or one GPU, by a name in ``GPU_TARGETS_DIR`` ('h100',
-  'h200') or a GpuTargetConfigProto file ('.pbtxt'), described by JAX's CUDA plugin."""
-  if target.endswith('.pbtxt') or ':' not in target:
-    return _gpu_not_here(target)
+  'v6e:4x4'...), described by libtpu; or GPUs, described by JAX's CUDA plugin: a card named in
+  ``GPU_TARGETS_DIR`` ('h100', 'h200') or described in a GpuTargetConfigProto file ('.pbtxt'),
+  one of it, or several after a colon: 'h100:8' (8 on one host), 'h100:2x8' (2 hosts of 8)."""
+  gpus = _gpu_target(target)
+  if gpus is not None or ':' not in target:
+    return _gpus_not_here(target, gpus)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec('libtpu') is None:
     raise ValueError(f'Compiling for the TPU slice {target!r} needs libtpu, XLA\'s TPU '
@@ -126,22 +128,46 @@ def devices_not_here(target: str) -> DevicesNotHere:
   except Exception as error:  # pylint: disable=broad-except
     # libtpu's own error names neither the argument nor a valid form.
     raise ValueError(f'libtpu could not describe the TPU slice {target!r} ({error}); name '
-                     "one as 'v5e:2x2', 'v4:2x2x1' or 'v6e:4x4' (version:chips per axis)."
-                     ) from error
+                     "one as 'v5e:2x2', 'v4:2x2x1' or 'v6e:4x4' (version:chips per axis), or "
+                     f"GPUs as one of {_known_gpus()} ('h100:8': 8 on one host).") from error
   hbm = next((int(hbm) for kind, hbm in TPU_HBM_BYTES if kind in devices[0].device_kind), None)
   return DevicesNotHere(target, devices, hbm)
 
 
-def _gpu_not_here(target: str) -> DevicesNotHere:
-  """One GPU described by JAX's CUDA plugin from XLA's description of the card."""
+def _known_gpus() -> list[str]:
+  return sorted(name.removesuffix('.pbtxt') for name in os.listdir(GPU_TARGETS_DIR))
+
+
+def _gpu_target(target: str) -> tuple[str, int, int] | None:
+  """(the card's description file, hosts, GPUs per host) where ``target`` names GPUs, else
+  None."""
+  card, _, count = target.rpartition(':')
+  counts = re.fullmatch(r'(?:(\d+)x)?(\d+)', count)
+  if not card or not counts:
+    card, counts = target, None
+  if card.endswith('.pbtxt'):
+    path = card
+  elif card.lower() in _known_gpus():
+    path = os.path.join(GPU_TARGETS_DIR, f'{card.lower()}.pbtxt')
+  else:
+    return None
+  return path, *((int(counts.group(1) or 1), int(counts.group(2))) if counts else (1, 1))
+
+
+def _gpus_not_here(target: str, gpus: tuple[str, int, int] | None) -> DevicesNotHere:
+  """GPUs described by JAX's CUDA plugin from XLA's description of the card."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  known = sorted(name.removesuffix('.pbtxt') for name in os.listdir(GPU_TARGETS_DIR))
-  path = target if target.endswith('.pbtxt') else os.path.join(GPU_TARGETS_DIR,
-                                                               f'{target.lower()}.pbtxt')
-  if not os.path.isfile(path):
+  if gpus is None:
     raise ValueError(f'No GPU or TPU slice named {target!r}: name a TPU slice as \'v5e:2x2\' '
-                     f'(version:chips per axis), a GPU as one of {known}, or a file of XLA\'s '
-                     'GpuTargetConfigProto (.pbtxt) describing the card.')
+                     f'(version:chips per axis), a GPU as one of {_known_gpus()} or a file of '
+                     'XLA\'s GpuTargetConfigProto (.pbtxt) describing the card, several as '
+                     '\'h100:8\' (8 on one host) or \'h100:2x8\' (2 hosts of 8).')
+  path, hosts, per_host = gpus
+  if not os.path.isfile(path):
+    raise ValueError(f'No file {path!r} describing a GPU (XLA\'s GpuTargetConfigProto), or name '
+                     f'a GPU as one of {_known_gpus()}.')
+  if min(hosts, per_host) < 1:
+    raise ValueError(f'{target!r} names no GPU: give at least one host and one GPU on it.')
   if not any('cuda' in plugin for plugin in runtime.pjrt_plugins()):
     raise ValueError(f'Compiling for the GPU {target!r} needs JAX\'s CUDA plugin: pip install '
                      "-e '.[test]' (Linux on x86-64), or pip install 'jax[cuda13-local]'.")
@@ -149,7 +175,7 @@ def _gpu_not_here(target: str) -> DevicesNotHere:
     text = f.read()
   try:
     devices = list(topologies.get_topology_desc(target, 'cuda', target_config=text,
-                                                topology='1x1x1').devices)
+                                                topology=f'1x{hosts}x{per_host}').devices)
   except Exception as error:  # pylint: disable=broad-except
     raise ValueError(
         f'JAX\'s CUDA plugin could not describe the GPU {target!r} ({error}). Without a GPU '
@@ -567,7 +593,8 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
   seconds tracing and lowering and in XLA's compiler (on this host's cores: an accelerator
   VM's host has more), its FLOPs (the whole batch's), XLA's buffers on each device and the
   share of the device's memory they take; for a GPU, the calls its autotuner would time on
-  the device (`lowering.autotuned_calls`), which this compile skips."""
+  the device (`lowering.autotuned_calls`), which this compile skips; for several devices, the
+  collectives between them (`lowering.collectives`)."""
   devices = target.devices
   trainer = train_lib.Trainer(config, train_size=config.batch_size, devices=devices)
   device = devices[0]
@@ -586,6 +613,8 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
                        'share_of_memory': per_device / memory if per_device and memory else None}
       if device.platform == 'gpu':
         results[name]['autotuned'] = lowering.autotuned_calls(compiled.as_text())
+      if len(devices) > 1:
+        results[name]['collectives'] = lowering.collectives(compiled.as_text())
   return results
 
 
@@ -1011,6 +1040,10 @@ def _compiled_for_rows(results: Mapping) -> list[str]:
                   f'({tuned["distinct_cudnn_convolutions"]} distinct), {tuned["cublas_gemms"]} '
                   f'cuBLAS GEMMs ({tuned["distinct_cublas_gemms"]} distinct), '
                   f'{tuned["triton_fusions"]} Triton fusions')
+  for name in ('train', 'eval'):
+    if (collectives := target[name].get('collectives')) is not None:
+      rows.append(f'{name} collectives between the devices: ' + (', '.join(
+          f'{count} {kind}' for kind, count in collectives.items()) or 'none'))
   return rows
 
 

@@ -5,7 +5,8 @@
 CPU-only code paths that leak into the accelerator program and growth in what the accelerator
 compiler must work through: XLA's GPU backend autotunes every distinct convolution.
 ``autotuned_calls`` counts that work in a program compiled for a GPU (which needs no GPU either:
-`benchmark_lib.devices_not_here`).
+`benchmark_lib.devices_not_here`), ``collectives`` the traffic between devices in one compiled
+for several.
 """
 
 from collections import Counter
@@ -34,6 +35,10 @@ _HLO_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = (.*) custom-call\(([^)
                               re.MULTILINE)
 _HLO_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _HLO_METADATA = re.compile(r'metadata=\{[^}]*\}')
+# A collective between devices in a compiled HLO module (its asynchronous form by its start).
+_HLO_COLLECTIVE = re.compile(
+    r'^\s*(?:ROOT )?%[\w.\-]+ = (?:\([^)]*\)|\S+) (all-reduce|all-gather|reduce-scatter|'
+    r'all-to-all|collective-permute|collective-broadcast)(?:-start)?\(', re.MULTILINE)
 # What XLA's GPU autotuner times, by custom-call target: cuDNN's convolutions (every
 # algorithm of each) and cuBLAS's matrix products.
 _AUTOTUNED = {'cudnn_convolutions': '__cudnn$conv', 'cublas_gemms': '__cublas$'}
@@ -105,3 +110,12 @@ def autotuned_calls(hlo_text: str) -> dict[str, int]:
     counts[f'distinct_{kind}'] = len(distinct[kind])
   counts['triton_fusions'] = hlo_text.count('"kind":"__triton')
   return counts
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+  """The collectives between devices in a compiled program (the text of
+  ``jax.stages.Compiled.as_text()``), by kind ('all-reduce', 'all-gather', ...), each as
+  written in the program: one in a loop's body counts once. In this model's data-parallel train
+  step, the all-reduces of BatchNorm's batch statistics and of the gradients (which XLA
+  combines)."""
+  return dict(sorted(Counter(_HLO_COLLECTIVE.findall(hlo_text)).items()))

@@ -330,6 +330,28 @@ def test_benchmark_compiles_for_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
 
 
 @needs_cuda_plugin
+def test_benchmark_compiles_for_several_gpus_this_machine_lacks(tmp_path, monkeypatch):
+  results = _compiled_for(tmp_path, monkeypatch, 'h100:2')
+  gpus = results['compiled_for']
+  assert (gpus['target'], gpus['num_devices']) == ('h100:2', 2)
+  # The batch split over the two: BatchNorm's statistics and the gradients summed over both.
+  assert gpus['train']['collectives']['all-reduce'] > 0
+  assert ('train collectives between the devices: '
+          f'{gpus["train"]["collectives"]["all-reduce"]} all-reduce') in (
+              benchmark_lib.format_table(results))
+
+
+@needs_cuda_plugin
+def test_several_gpus_are_named_by_their_count_after_the_card():
+  target = benchmark_lib.devices_not_here('h200:2x4')  # Two hosts of four.
+  assert len(target.devices) == 8 and {d.device_kind for d in target.devices} == {'NVIDIA H200'}
+  assert sorted({d.process_index for d in target.devices}) == [0, 1]
+  assert len(benchmark_lib.devices_not_here('H100:8').devices) == 8
+  with pytest.raises(ValueError, match=r"'h100:0' names no GPU"):
+    benchmark_lib.devices_not_here('h100:0')
+
+
+@needs_cuda_plugin
 def test_a_gpu_is_named_by_a_known_card_or_a_file_of_xla_s_description(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"No GPU or TPU slice named 'a100'.*\['h100', 'h200'\]"):
     benchmark_lib.devices_not_here('a100')
