@@ -132,9 +132,9 @@ def tune_for_platform(*, training: bool, share_gpu: bool | None = None) -> str |
   On the CPU: glibc keeps freed memory, programs run on the calling thread, and where
   ``training`` (the process runs gradients, not the forward alone) convolutions on Eigen. On a
   GPU: matrix products on cuBLAS, and where ``share_gpu`` (default: not ``training``) memory
-  taken as needed. Elsewhere nothing, but off a GPU ``skip_unused_cuda_check``. The entry points call it (``setup`` for train.py and
-  eval.py; predict.py, the benchmark). Returns the platform whose settings were applied ('cpu'
-  or 'gpu'), or None.
+  taken as needed. Elsewhere nothing. Off a GPU also ``skip_unused_cuda_check``. The entry
+  points call it (``setup`` for train.py and eval.py; predict.py, the benchmark). Returns the
+  platform whose settings were applied ('cpu' or 'gpu'), or None.
   """
   skip_unused_cuda_check()
   platform = computation_platform()
