@@ -168,7 +168,7 @@ def _gpus_not_here(target: str, gpus: tuple[str, int, int] | None) -> DevicesNot
                      f'a GPU as one of {_known_gpus()}.')
   if min(hosts, per_host) < 1:
     raise ValueError(f'{target!r} names no GPU: give at least one host and one GPU on it.')
-  if not any('cuda' in plugin for plugin in runtime.pjrt_plugins()):
+  if not runtime.cuda_plugins():
     raise ValueError(f'Compiling for the GPU {target!r} needs JAX\'s CUDA plugin: pip install '
                      "-e '.[test]' (Linux on x86-64), or pip install 'jax[cuda13-local]'.")
   with open(path) as f:
@@ -611,10 +611,11 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
       per_device = _xla_buffer_bytes(compiled)
       results[name] = {**figures, 'xla_buffer_bytes_per_device': per_device,
                        'share_of_memory': per_device / memory if per_device and memory else None}
+      hlo_text = compiled.as_text()
       if device.platform == 'gpu':
-        results[name]['autotuned'] = lowering.autotuned_calls(compiled.as_text())
+        results[name]['autotuned'] = lowering.autotuned_calls(hlo_text)
       if len(devices) > 1:
-        results[name]['collectives'] = lowering.collectives(compiled.as_text())
+        results[name]['collectives'] = lowering.collectives(hlo_text)
   return results
 
 

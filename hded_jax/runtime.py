@@ -173,7 +173,7 @@ def warn_of_several_cuda_plugins() -> list[str]:
   """Warns where more than one of JAX's CUDA plugins is installed (e.g. the test extra's CUDA 13
   one beside '.[cuda12]'): JAX starts every plugin whose check passes, in no fixed order, and
   computes with whichever registers first. Returns the plugins' modules."""
-  plugins = sorted(p for p in pjrt_plugins() if 'cuda' in p)
+  plugins = cuda_plugins()
   if len(plugins) > 1:
     logging.warning('JAX\'s CUDA plugins %s are all installed: JAX starts whichever passes its '
                     'check first, in no fixed order. Keep the one for your CUDA driver, e.g. on '
@@ -230,6 +230,11 @@ def pjrt_plugins() -> set[str]:
                 for m in pkgutil.iter_modules(spec.submodule_search_locations)}
   modules |= {e.value for e in importlib.metadata.entry_points(group='jax_plugins')}
   return modules
+
+
+def cuda_plugins() -> list[str]:
+  """Modules of the installed PJRT plugins that are JAX's CUDA plugins (``pjrt_plugins``)."""
+  return sorted(plugin for plugin in pjrt_plugins() if 'cuda' in plugin)
 
 
 def add_xla_flag(flag: str) -> bool:

@@ -298,7 +298,7 @@ def test_benchmark_compiles_for_a_tpu_slice_this_machine_lacks(tmp_path, monkeyp
 
 # JAX's CUDA plugin (the test extra, on Linux x86-64) describes GPUs without them.
 needs_cuda_plugin = pytest.mark.skipif(
-    not any('cuda' in plugin for plugin in runtime.pjrt_plugins()),
+    not runtime.cuda_plugins(),
     reason="needs JAX's CUDA plugin: pip install 'jax[cuda13-local]'")
 
 

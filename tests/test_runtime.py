@@ -331,7 +331,7 @@ print(jax.devices()[0].platform)
 
 
 @pytest.mark.skipif(runtime.computation_platform() == 'gpu'
-                    or not any('cuda' in plugin for plugin in runtime.pjrt_plugins()),
+                    or not runtime.cuda_plugins(),
                     reason='no CUDA plugin, or JAX computes on a GPU here')
 def test_entry_points_start_a_cuda_plugin_without_cuda_quietly():
   """The test extra's CUDA plugin has none of CUDA's libraries: JAX's check of them printed a
