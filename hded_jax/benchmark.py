@@ -8,7 +8,6 @@ r"""Times the full training and inference programs of a config: compile, step, m
 What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
 """
 
-import os
 
 from absl import app
 from absl import flags
@@ -83,7 +82,7 @@ def main(argv):
   # those of the convolutions chosen for training (eval.py and predict.py keep XLA's on a CPU).
   runtime.tune_for_platform(training=True, share_gpu=FLAGS.torch)
   if FLAGS.cache_dir:
-    runtime.enable_compilation_cache(os.path.abspath(FLAGS.cache_dir))
+    runtime.enable_compilation_cache(runtime.local_path(FLAGS.cache_dir))
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
@@ -93,9 +92,9 @@ def main(argv):
       config, steps=FLAGS.steps, warmup=FLAGS.warmup, pipeline_batches=FLAGS.pipeline_batches,
       with_torch=FLAGS.torch, torch_modes=FLAGS.torch_modes, find_largest_batch=FLAGS.largest_batch,
       rendering=FLAGS.rendering, op_counts=FLAGS.op_counts,
-      profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
+      profile_dir=FLAGS.profile_dir and runtime.local_path(FLAGS.profile_dir),
       compile_profile_dir=(FLAGS.compile_profile_dir
-                           and os.path.abspath(FLAGS.compile_profile_dir)),
+                           and runtime.local_path(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       pipeline_only=FLAGS.pipeline_only, compile_for=FLAGS.compile_for, output=FLAGS.output)
   print(benchmark_lib.format_table(results))

@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hded_jax import models
+from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax.train_state import TrainState
 
@@ -96,7 +97,7 @@ def check_shared(workdir: str) -> None:
 def manager(directory: str, *, max_to_keep: int | None = 3, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager rooted at ``directory`` (made absolute: Orbax requires it)."""
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = runtime.local_path(directory)
   if read_only and not os.path.isdir(directory):
     raise FileNotFoundError(
         f'No checkpoint directory at {directory}. Pass the directory a training run wrote '
@@ -111,7 +112,7 @@ def locate(path: str) -> tuple[str, int | None]:
   """(checkpoint directory, step or None for the newest) that ``path`` names: a training run's
   WORKDIR, a checkpoint directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, a converted
   model) or one step of one (DIR/<step>)."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = runtime.local_path(path)
   expected = (f'expected a training run\'s WORKDIR (with checkpoints/<step>/), a checkpoint '
               f'directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, the output of `python -m '
               f'hded_jax.convert official`) or one step of one (DIR/<step>)')
@@ -422,7 +423,7 @@ def save_encoder_init(out_dir: str, arrays: Mapping[Path, np.ndarray], manifest:
 
 def load_encoder_init(model: nnx.Module, directory: str) -> list[str]:
   """Loads an ImageNet encoder init into ``model`` in place; returns the names loaded."""
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = runtime.local_path(directory)
   manifest_path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(manifest_path):
     raise FileNotFoundError(

@@ -31,6 +31,7 @@ from PIL import Image
 
 from hded_jax import checkpoints, defocus, visualize
 from hded_jax import images
+from hded_jax import runtime
 from hded_jax.models.hded_net import INPUT_MULTIPLE
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -216,6 +217,7 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
     raise ValueError(f'batch_size={batch_size}: must be at least 1.')
   if pad_mode not in PAD_MODES:
     raise ValueError(f'pad_mode={pad_mode!r}: choose one of {PAD_MODES}.')
+  output_dir = runtime.local_path(output_dir)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise NotADirectoryError(f'--output_dir={output_dir} is a file: pass a directory (created '
                              'if missing).')
@@ -263,6 +265,7 @@ def run(checkpoint: str, input_pattern: str, output_dir: str, *,
   checkpoint directory, one step of one) and predicts every image ``input_pattern`` names (see
   ``find_inputs``) taken with ``camera`` (see ``make_forward``); kwargs go to
   ``predict_files``."""
+  output_dir = runtime.local_path(output_dir)  # A bad one stops before the model loads.
   paths, skipped = find_inputs(input_pattern)
   model, config, step = checkpoints.load_model(checkpoint)
   logging.info('Loaded %s step %d (heads %s); %d images to predict.', checkpoint, step,

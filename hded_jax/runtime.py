@@ -25,16 +25,28 @@ if typing.TYPE_CHECKING:
 def setup(workdir: str, *, training: bool, distributed: bool = True) -> None:
   """``training``: whether this process trains (train.py) or only evaluates (eval.py), which
   decides the CPU's convolutions (``tune_for_platform``)."""
+  cache_dir = local_path(os.environ.get('HDED_JAX_CACHE_DIR')
+                         or os.path.join(local_path(workdir), 'jax_cache'))
   tune_for_platform(training=training)
   if distributed and (_is_multihost_env() or computation_platform() == 'tpu'):
     _initialize_distributed()
-  cache_dir = os.environ.get('HDED_JAX_CACHE_DIR') or os.path.join(
-      os.path.abspath(workdir), 'jax_cache')
   # Restarts (resume after preemption, eval beside train) reuse compiled programs.
   enable_compilation_cache(cache_dir)
   logging.info('JAX process %d/%d, %d local / %d global devices (%s); compilation cache %s.',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform, cache_dir)
+
+
+def local_path(path: str) -> str:
+  """``path`` absolute, ``~`` expanded. This package reads and writes its folders through the
+  operating system's files, where a URL such as gs://bucket/run would name a local folder
+  'gs:': refused instead, naming the mount that serves the same purpose."""
+  if '://' in path:
+    raise ValueError(
+        f'{path} is a URL: hded-jax reads and writes local paths only. Mount the bucket and '
+        'pass the path under the mount (for Cloud Storage: `gcsfuse --implicit-dirs BUCKET '
+        '/mnt/BUCKET`, then /mnt/BUCKET/...; on several hosts, the same mount on each).')
+  return os.path.abspath(os.path.expanduser(path))
 
 
 # XLA caches that JAX keeps inside the compilation cache directory; pure caches, no setting

@@ -420,7 +420,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from ``workdir``'s newest checkpoint that restores) until config's last
   step."""
   check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = runtime.local_path(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f'--workdir={workdir} is a file: pass a directory (created if '
                              'missing).')

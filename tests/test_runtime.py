@@ -14,7 +14,13 @@ import jaxlib.version
 from jaxlib import xla_client
 import pytest
 
+from hded_jax import checkpoints
+from hded_jax import eval_lib
+from hded_jax import predict_lib
 from hded_jax import runtime
+from hded_jax import train_lib
+from hded_jax.pytorch import weights
+from tests.conftest import tiny_config
 from tests.train_worker import finish
 from tests.train_worker import launch
 from tests.train_worker import REPO
@@ -539,3 +545,38 @@ def test_process_age_counts_from_the_process_start():
   age = float(_child_stdout('import time; time.sleep(1.0)\n'
                             'from hded_jax import runtime; print(runtime.process_age_s())'))
   assert 1.0 <= age < 60.0
+
+
+_URL_CALLS = {
+    'setup': lambda url: runtime.setup(url, training=True),
+    'train': lambda url: train_lib.train(tiny_config('/nonexistent'), url),
+    'evaluate': lambda url: eval_lib.evaluate(None, url, timeout_secs=0),
+    'evaluate_once': lambda url: eval_lib.evaluate(None, url, once=True, timeout_secs=0),
+    'predict': lambda url: predict_lib.run('/nonexistent', '*.png', url),
+    'predict_files': lambda url: predict_lib.predict_files(None, [], url),
+    'convert': lambda url: weights.write_official('model.pth.tar', url),
+    'encoder_init': lambda url: checkpoints.load_encoder_init(None, url),
+}
+
+
+@pytest.mark.parametrize('entry', sorted(_URL_CALLS))
+def test_urls_are_refused_before_anything_is_written(entry, tmp_path, monkeypatch):
+  """A URL is no local path: os.path would make gs://bucket/run a folder 'gs:' in the current
+  one, and a run on a Cloud TPU VM would keep its checkpoints on the VM's own disk."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r'gs://bucket/run is a URL: .*gcsfuse'):
+    _URL_CALLS[entry]('gs://bucket/run')
+  assert not os.listdir(tmp_path)
+
+
+def test_a_url_cache_directory_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setenv('HDED_JAX_CACHE_DIR', 'gs://bucket/cache')
+  with pytest.raises(ValueError, match='gs://bucket/cache is a URL'):
+    runtime.setup(str(tmp_path), training=True)
+
+
+def test_local_paths_are_absolute_with_the_home_directory_expanded(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', '/home/someone')
+  assert runtime.local_path('run') == str(tmp_path / 'run')
+  assert runtime.local_path('~/run') == '/home/someone/run'

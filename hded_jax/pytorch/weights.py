@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
 
-from hded_jax import checkpoints, models
+from hded_jax import checkpoints, models, runtime
 
 # hded-jax leaf -> PyTorch parameter/buffer name (BatchNorm and conv alike).
 _LEAF_NAMES = {'kernel': 'weight', 'bias': 'bias', 'scale': 'weight', 'mean': 'running_mean',
@@ -98,7 +98,7 @@ def canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 def _new_directory(path: str) -> str:
   """Checks (before any slow work) that the output goes to a new or empty directory."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = runtime.local_path(path)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise FileExistsError(f'{path} exists and is not empty; choose a new output directory.')
   return path
