@@ -942,6 +942,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
   timing = dict(steps=steps, warmup=warmup, max_busy_cores=max_busy_cores, max_wait=max_wait)
   results['jax'] = benchmark_jax(config, **timing, rendering=rendering, profile_dir=profile_dir,
                                  compile_profile_dir=compile_profile_dir)
+  if results['jax']['backend'] == 'gpu':
+    results['jax']['gpu_autotune_cache_entries'] = runtime.gpu_autotune_cache_entries()
   save()
   results['pipeline'] = benchmark_pipeline(config, pipeline_batches)
   save()

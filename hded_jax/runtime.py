@@ -70,6 +70,16 @@ def enable_compilation_cache(cache_dir: str) -> None:
   compilation_cache.reset_cache()
 
 
+def gpu_autotune_cache_entries() -> int | None:
+  """How many results XLA's GPU autotuner keeps in the compilation cache's directory (a file
+  per convolution, GEMM or fusion it tuned; ``enable_compilation_cache``), None without a
+  cache: after a cold compile on a GPU, 0 means this XLA keeps them elsewhere."""
+  cache_dir = jax.config.values.get('jax_compilation_cache_dir')
+  if not cache_dir:
+    return None
+  return sum(len(files) for _, _, files in os.walk(os.path.join(cache_dir, _XLA_CACHES)))
+
+
 def tensorflow() -> types.ModuleType:
   """TensorFlow, kept off the accelerators: TFDS's dataset builds and clu's TensorBoard writer
   use it for I/O only, and on a GPU its runtime would claim memory that JAX needs. Imported

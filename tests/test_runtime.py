@@ -398,6 +398,16 @@ def test_gpu_autotune_results_are_kept_beside_the_compilation_cache(tmp_path):
       '-', str(tmp_path / 'xla_gpu_kernel_cache_file')]
 
 
+def test_gpu_autotune_results_in_the_cache_are_counted(own_program_cache):
+  """The benchmark's JSON says on a GPU whether XLA kept its autotune results there."""
+  kept = os.path.join(os.path.dirname(own_program_cache), 'xla_gpu_per_fusion_autotune_cache_dir')
+  assert runtime.gpu_autotune_cache_entries() == 0
+  os.makedirs(os.path.join(kept, 'sm_90'))
+  for name in ('a.textproto', 'sm_90/b.textproto'):
+    open(os.path.join(kept, name), 'w').close()
+  assert runtime.gpu_autotune_cache_entries() == 2
+
+
 def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   devices = '--xla_force_host_platform_device_count=2'
   monkeypatch.setenv('XLA_FLAGS', devices)
