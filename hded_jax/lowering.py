@@ -35,9 +35,10 @@ _HLO_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = (.*) custom-call\(([^)
                               re.MULTILINE)
 _HLO_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _HLO_METADATA = re.compile(r'metadata=\{[^}]*\}')
-# A collective between devices in a compiled HLO module (its asynchronous form by its start).
+# A collective between devices in a compiled HLO module: its asynchronous form by its start,
+# whose shape is a tuple of tuples.
 _HLO_COLLECTIVE = re.compile(
-    r'^\s*(?:ROOT )?%[\w.\-]+ = (?:\([^)]*\)|\S+) (all-reduce|all-gather|reduce-scatter|'
+    r'^\s*(?:ROOT )?%[\w.\-]+ = [^=]*? (all-reduce|all-gather|reduce-scatter|'
     r'all-to-all|collective-permute|collective-broadcast)(?:-start)?\(', re.MULTILINE)
 # What XLA's GPU autotuner times, by custom-call target: cuDNN's convolutions (every
 # algorithm of each) and cuBLAS's matrix products.

@@ -206,9 +206,11 @@ def test_collectives_count_each_one_written_in_a_compiled_program():
   hlo = '''
   %all-reduce-start.2 = f32[32]{0} all-reduce-start(%wrapped_concatenate), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%region_0.1.clone
   %all-reduce-done.2 = f32[32]{0} all-reduce-done(%all-reduce-start.2)
+  %all-reduce-start.3 = ((f32[2048]{0}), f32[2048]{0}) all-reduce-start(%fusion.2), channel_id=4, replica_groups=mesh['data'=8,'model'=1] {'data'}, to_apply=%add, metadata={op_name="jit(train_step)/all-reduce-start(x)" scheduling_name="all-reduce-start.3"}
+  %all-reduce-done.3 = f32[2048]{0} all-reduce-done(%all-reduce-start.3)
   %all-reduce.7 = (f32[3,3,9,9]{3,1,0,2}, f32[2880]{0}) all-reduce(%a, %b), channel_id=2, to_apply=%add
   ROOT %all-gather.1 = bf16[8,16]{1,0} all-gather(%c), channel_id=3, dimensions={0}
   %fusion.3 = f32[32]{0} fusion(%all-reduce-done.2), kind=kLoop, calls=%all-reduce_like_name
   '''
-  assert lowering.collectives(hlo) == {'all-gather': 1, 'all-reduce': 2}
+  assert lowering.collectives(hlo) == {'all-gather': 1, 'all-reduce': 3}
   assert lowering.collectives('%fusion.1 = f32[8]{0} fusion(%p.0), kind=kLoop') == {}
