@@ -1,5 +1,5 @@
 """Process set-up: CPU settings only on the CPU, the allocator and dispatch settings, XLA's CPU
-convolutions, the compilation cache and XLA's autotune cache."""
+convolutions, the compilation cache and XLA's autotune cache, local paths."""
 
 import functools
 import logging
