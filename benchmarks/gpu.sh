@@ -43,8 +43,9 @@
 #              the step loses; bf16_b32 is its baseline
 #   flat_b32   bf16 batch 32, cold, with Adam over one vector of all the parameters
 #              (optimizer.flatten: 37% fewer ops in the step, for XLA's fusion passes, 13.5 s
-#              of the H200's compile; on the CPU the same compile and step time): compile time
-#              against step time, as max_solutions
+#              of the H200's compile; compiled for an H100 on a CPU, 2,175 kernels launched
+#              per step instead of 2,701; on the CPU the same compile and step time): compile
+#              time and step time against bf16_b32's
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the

@@ -56,10 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
       decay_factor=0.1,
       grad_clip_norm=0.0,  # 0 = no clipping.
       # Adam over one vector of all the parameters (optax.flatten) instead of each parameter
-      # apart: the same updates from ~40% fewer ops in the full model's train step (lowered for
-      # cuda, bf16 batch 32: 25,892 -> 16,182), for XLA's GPU compile to measure (benchmarks/gpu.sh
-      # flat_b32); on the CPU the same compile and step time. The optimizer state's layout
-      # follows it: a run resumes only with the setting it started with.
+      # apart: the same updates from far fewer ops and GPU kernels (docs/performance.md), not
+      # yet timed on a GPU (benchmarks/gpu.sh flat_b32); on the CPU no faster. The optimizer
+      # state's layout follows it: a run resumes only with the setting it started with.
       flatten=False,
   ))
 

@@ -593,8 +593,9 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
   seconds tracing and lowering and in XLA's compiler (on this host's cores: an accelerator
   VM's host has more), its FLOPs (the whole batch's), XLA's buffers on each device and the
   share of the device's memory they take; for a GPU, the calls its autotuner would time on
-  the device (`lowering.autotuned_calls`), which this compile skips; for several devices, the
-  collectives between them (`lowering.collectives`)."""
+  the device (`lowering.autotuned_calls`), which this compile skips, and the kernels one run
+  launches (`lowering.kernel_launches`); for several devices, the collectives between them
+  (`lowering.collectives`)."""
   devices = target.devices
   trainer = train_lib.Trainer(config, train_size=config.batch_size, devices=devices)
   device = devices[0]
@@ -614,6 +615,7 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
       hlo_text = compiled.as_text()
       if device.platform == 'gpu':
         results[name]['autotuned'] = lowering.autotuned_calls(hlo_text)
+        results[name]['kernel_launches'] = lowering.kernel_launches(hlo_text)
       if len(devices) > 1:
         results[name]['collectives'] = lowering.collectives(hlo_text)
   return results
@@ -781,8 +783,8 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   upper bound.
   Each program compiles in a thread while the next is lowered, ``compile_threads`` at once
   (default: all the sizing programs, then each round of the search's, one per config, on an
-  accelerator, whose host has cores to spare and whose compile without autotuning, ~30 s, is
-  mostly XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler
+  accelerator, whose host has cores to spare and whose compile without autotuning is mostly
+  XLA's one-threaded passes: not yet measured; one at a time on the CPU, whose compiler
   keeps its cores busy: on the 2-core VM side by side was no faster). The programs run one
   after the other. ``on_progress`` gets the results so far after each round of tries (a run
   stopped at a time limit keeps them)."""
@@ -1043,6 +1045,11 @@ def _compiled_for_rows(results: Mapping) -> list[str]:
                   f'({tuned["distinct_cudnn_convolutions"]} distinct), {tuned["cublas_gemms"]} '
                   f'cuBLAS GEMMs ({tuned["distinct_cublas_gemms"]} distinct), '
                   f'{tuned["triton_fusions"]} Triton fusions')
+  for name in ('train', 'eval'):
+    if launches := target[name].get('kernel_launches'):
+      rows.append(f'{name} kernels launched per run: {launches["total"]} ('
+                  f'{launches["fusions"]} fusions, {launches["custom_calls"]} custom calls, '
+                  f'{launches["copies"]} copies, {launches["other"]} other)')
   for name in ('train', 'eval'):
     if (collectives := target[name].get('collectives')) is not None:
       rows.append(f'{name} collectives between the devices: ' + (', '.join(

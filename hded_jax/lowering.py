@@ -5,8 +5,8 @@
 CPU-only code paths that leak into the accelerator program and growth in what the accelerator
 compiler must work through: XLA's GPU backend autotunes every distinct convolution.
 ``autotuned_calls`` counts that work in a program compiled for a GPU (which needs no GPU either:
-`benchmark_lib.devices_not_here`), ``collectives`` the traffic between devices in one compiled
-for several.
+`benchmark_lib.devices_not_here`), ``kernel_launches`` what one run of it launches, and
+``collectives`` the traffic between devices in one compiled for several.
 """
 
 from collections import Counter
@@ -35,11 +35,19 @@ _HLO_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = (.*) custom-call\(([^)
                               re.MULTILINE)
 _HLO_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _HLO_METADATA = re.compile(r'metadata=\{[^}]*\}')
+# The comments in a compiled HLO module's tuple types (`/*index=5*/`), removed before matching
+# the next two patterns, which take a type for the text up to the opcode, with no '=' in it.
+_HLO_COMMENT = re.compile(r'/\*.*?\*/')
 # A collective between devices in a compiled HLO module: its asynchronous form by its start,
 # whose shape is a tuple of tuples.
 _HLO_COLLECTIVE = re.compile(
     r'^\s*(?:ROOT )?%[\w.\-]+ = [^=]*? (all-reduce|all-gather|reduce-scatter|'
     r'all-to-all|collective-permute|collective-broadcast)(?:-start)?\(', re.MULTILINE)
+# An instruction's opcode in a compiled HLO module.
+_HLO_OPCODE = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = [^=]*? ([a-z][a-z\-]*)\(', re.MULTILINE)
+# Instructions that launch nothing on the device: they name, regroup or reinterpret buffers (as
+# does an asynchronous operation's `...-done`, which waits for its start).
+_NOT_LAUNCHED = frozenset({'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant'})
 # What XLA's GPU autotuner times, by custom-call target: cuDNN's convolutions (every
 # algorithm of each) and cuBLAS's matrix products.
 _AUTOTUNED = {'cudnn_convolutions': '__cudnn$conv', 'cublas_gemms': '__cublas$'}
@@ -113,10 +121,28 @@ def autotuned_calls(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+def kernel_launches(hlo_text: str) -> dict[str, int]:
+  """What one run of a program compiled for a GPU (the text of ``Compiled.as_text()``) launches
+  on the device, from its entry computation: ``fusions`` (XLA's own kernels), ``custom_calls``
+  (cuDNN, cuBLAS), ``copies``, ``other`` (collectives, loops, ...) and ``total``. A loop's body
+  is not looked into. Each launch costs the GPU a few microseconds however little it computes,
+  so thousands per step show up as idle time between kernels."""
+  start = hlo_text.find('\nENTRY ')
+  if start < 0:
+    raise ValueError('No entry computation in this HLO text: pass Compiled.as_text().')
+  entry = _HLO_COMMENT.sub('', hlo_text[start:])
+  end = entry.find('\n}')
+  opcodes = Counter(opcode for opcode in _HLO_OPCODE.findall(entry[:end if end >= 0 else None])
+                    if opcode not in _NOT_LAUNCHED and not opcode.endswith('-done'))
+  counts = {'fusions': opcodes.pop('fusion', 0), 'custom_calls': opcodes.pop('custom-call', 0),
+            'copies': opcodes.pop('copy', 0), 'other': sum(opcodes.values())}
+  return {**counts, 'total': sum(counts.values())}
+
+
 def collectives(hlo_text: str) -> dict[str, int]:
   """The collectives between devices in a compiled program (the text of
   ``jax.stages.Compiled.as_text()``), by kind ('all-reduce', 'all-gather', ...), each as
   written in the program: one in a loop's body counts once. In this model's data-parallel train
   step, the all-reduces of BatchNorm's batch statistics and of the gradients (which XLA
   combines)."""
-  return dict(sorted(Counter(_HLO_COLLECTIVE.findall(hlo_text)).items()))
+  return dict(sorted(Counter(_HLO_COLLECTIVE.findall(_HLO_COMMENT.sub('', hlo_text))).items()))

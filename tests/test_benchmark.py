@@ -323,10 +323,17 @@ def test_benchmark_compiles_for_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
         'distinct_convolutions']
     assert tuned['cublas_gemms'] >= pointwise and tuned['distinct_cublas_gemms'] > 0
     assert tuned['triton_fusions'] <= 1, tuned  # Not the GEMMs.
+    # Every cuDNN and cuBLAS call is a launch; the train step holds more kernels than eval.
+    launches = results['compiled_for'][name]['kernel_launches']
+    assert launches['custom_calls'] >= tuned['cudnn_convolutions'] + tuned['cublas_gemms']
+    assert launches['fusions'] > 0
+  assert (results['compiled_for']['train']['kernel_launches']['total']
+          > results['compiled_for']['eval']['kernel_launches']['total'])
   table = benchmark_lib.format_table(results)
   assert ('compiled for h100 (1 x NVIDIA H100 80GB HBM3, 64 GB each: JAX\'s share of the card) '
           'on this machine') in table and 'GPU autotuning off' in table
   assert 'train autotuned on a GPU: ' in table
+  assert 'train kernels launched per run: ' in table
 
 
 @needs_cuda_plugin

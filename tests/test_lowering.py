@@ -3,6 +3,7 @@
 from unittest import mock
 
 from flax import nnx
+import pytest
 
 from hded_jax import benchmark_lib
 from hded_jax import lowering
@@ -214,3 +215,37 @@ def test_collectives_count_each_one_written_in_a_compiled_program():
   '''
   assert lowering.collectives(hlo) == {'all-gather': 1, 'all-reduce': 3}
   assert lowering.collectives('%fusion.1 = f32[8]{0} fusion(%p.0), kind=kLoop') == {}
+  # A combined all-reduce of six or more arrays: its tuple type numbers its elements.
+  combined = ('%all-reduce.9 = (f32[4]{0}, f32[4]{0}, f32[4]{0}, f32[4]{0}, f32[4]{0}, '
+              '/*index=5*/f32[4]{0}) all-reduce(%a, %b, %c, %d, %e, %f), to_apply=%add')
+  assert lowering.collectives(combined) == {'all-reduce': 1}
+
+
+def test_kernel_launches_count_what_the_entry_computation_runs_on_the_device():
+  # As `Compiled.as_text()` prints a GPU program; the fusions' own computations come first and
+  # launch nothing themselves.
+  hlo = '''
+%fused_add (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %add.0 = f32[8]{0} add(%p0, %p0)
+}
+
+ENTRY %main.1 (p.0: f32[8], p.1: bf16[8,16,16,32]) -> (f32[8], f32[8]) {
+  %p.0 = f32[8]{0} parameter(0)
+  %p.1 = bf16[8,16,16,32]{3,2,1,0} parameter(1)
+  %constant.1 = f32[] constant(0)
+  %cudnn-conv.1 = (bf16[8,16,16,32]{3,2,1,0}, u8[0]{0}) custom-call(%p.1, %p.1), custom_call_target="__cudnn$convForward"
+  %get-tuple-element.1 = bf16[8,16,16,32]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %bitcast.1 = bf16[8,8192]{1,0} bitcast(%get-tuple-element.1)
+  %loop_fusion.1 = (f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, /*index=5*/f32[8]{0}) fusion(%p.0), kind=kLoop, calls=%fused_add
+  %input_reduce_fusion = f32[8]{0} fusion(%bitcast.1), kind=kInput, calls=%fused_add
+  %all-reduce-start.1 = f32[8]{0} all-reduce-start(%input_reduce_fusion), to_apply=%fused_add
+  %all-reduce-done.1 = f32[8]{0} all-reduce-done(%all-reduce-start.1)
+  %copy.1 = f32[8]{0} copy(%all-reduce-done.1)
+  ROOT %tuple.1 = (f32[8]{0}, f32[8]{0}) tuple(%copy.1, %p.0)
+}
+'''
+  assert lowering.kernel_launches(hlo) == {
+      'fusions': 2, 'custom_calls': 1, 'copies': 1, 'other': 1, 'total': 5}
+  with pytest.raises(ValueError, match='No entry computation'):
+    lowering.kernel_launches('%fusion.1 = f32[8]{0} fusion(%p.0), kind=kLoop')
