@@ -291,10 +291,10 @@ MAX_AUTO_THREADS = 16
 
 
 def preprocessing_threads(config: ml_collections.ConfigDict) -> int:
-  """``config.dataset.num_threads``, or one per host core up to ``MAX_AUTO_THREADS``:
-  NYU-sized preprocessing on a 16-core GPU host, 490 examples/s with 4 threads, 570 with 16
-  (and a buffer of 8 batches, so 8 at work), still fewer than a bf16 batch-32 step trains.
-  The threads share the GIL; worker processes (``dataset.num_workers``) do not."""
+  """``config.dataset.num_threads``, or one per host core up to ``MAX_AUTO_THREADS``: on a
+  GPU host a bf16 step trains faster than a few threads prepare its batches
+  (docs/performance.md). The threads share the GIL; worker processes
+  (``dataset.num_workers``) do not."""
   return config.dataset.num_threads or min(os.cpu_count(), MAX_AUTO_THREADS)
 
 

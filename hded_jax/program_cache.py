@@ -2,7 +2,7 @@
 train step instead of tracing and lowering it again.
 
 JAX's compilation cache is keyed by the lowered program, so every start traces and lowers the
-step before it can look there (4-7 s of a restart for the full model, docs/performance.md).
+step before it can look there, the longest part of a restart for the full model.
 The key here is a digest of everything the program is made from: this package's source, the
 files of the libraries that make programs (`_PROGRAM_LIBRARIES`: JAX, its plugins, Flax,
 Optax, NumPy...), JAX's settings, the environment variables JAX and XLA read, Python, the

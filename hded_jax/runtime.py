@@ -83,7 +83,7 @@ def gpu_autotune_cache_entries() -> int | None:
 def tensorflow() -> types.ModuleType:
   """TensorFlow, kept off the accelerators: TFDS's dataset builds and clu's TensorBoard writer
   use it for I/O only, and on a GPU its runtime would claim memory that JAX needs. Imported
-  where first needed, not at start-up: its import takes ~2 s, which train.py spends beside
+  where first needed, not at start-up: its import takes seconds, which train.py spends beside
   XLA's compile or program load, and predict.py never."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if hasattr(tf, 'config'):  # A stand-in for TensorFlow may have none.
@@ -280,13 +280,9 @@ _EIGEN_CONVOLUTIONS_JAXLIBS = ((0, 10), (0, 12))
 def use_eigen_convolutions() -> bool:
   """Has XLA's CPU backend run convolutions with Eigen instead of YNNPACK, its default.
 
-  On this model Eigen's are faster in all three passes: summed over the model's convolutions
-  (2 cores, batch 4, 256x256), forward 2.1 -> 1.3 s and input gradient 2.3 -> 1.3 s, and XLA's
-  kernel gradient, 11.6 s through YNNPACK, takes 2.1 s (AVX2). The full train step compiles in
-  70-100 s instead of 170 s; on an AVX-512 VM it steps in 4.4-4.5 s against 5.1-5.4 s (jaxlib
-  0.12: 4.5-4.6 against 5.6-5.7 s; 0.11: 5.6 against 5.5 s, so not there). The forward alone
-  is faster on YNNPACK there: one 480x640 photo in 1.47 s against 1.51-1.56 s on jaxlib 0.10,
-  1.32 against 1.49-1.54 s on 0.12, so processes that only evaluate keep it. The flag is
+  For this model's training Eigen's are faster in all three passes, most in the kernel
+  gradient, on jaxlib 0.10 and 0.12; on 0.11 they gain nothing. The forward alone is faster on
+  YNNPACK, so processes that only evaluate keep it (figures: docs/performance.md). The flag is
   experimental and XLA aborts on flags it does not know, so it is set only on the jaxlib
   versions it was measured on, and never over an ``xla_cpu_experimental_ynn_fusion_type`` the
   user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it
@@ -307,9 +303,9 @@ _CUBLAS_GEMMS_FLAG = '--xla_gpu_enable_triton_gemm=false'
 def use_cublas_gemms() -> bool:
   """Has XLA's GPU backend compute matrix products with cuBLAS instead of its own Triton
   kernels. The model's 1x1 convolutions are matrix products on a GPU (``model.pointwise_convs``);
-  XLA autotunes each Triton GEMM over its tile configurations when it compiles. On an H100
-  (bf16, batch 32) the train step compiled in 67 s instead of 102 s, the eval forward in 2.6 s
-  instead of 26 s, steps alike (docs/performance.md). Never over an
+  XLA autotunes each Triton GEMM over its tile configurations when it compiles, and on an H100
+  that made the train step's compile half as long again, the eval forward's ten times as long,
+  for no faster step (docs/performance.md). Never over an
   ``xla_gpu_enable_triton_gemm`` the user put in XLA_FLAGS; XLA reads XLA_FLAGS when its backend
   starts: call it before that. Returns whether the flag is in effect.
   """
@@ -349,10 +345,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 def keep_freed_memory() -> bool:
   """Makes glibc keep freed memory mapped for reuse instead of returning it to the OS.
 
-  XLA allocates a program's temporaries afresh on every run (3 GiB for the full train step on
-  CPU). glibc's default maps blocks that large on malloc and unmaps them on free: ~1M page
-  faults per step. No mmap and no trimming keep them in the main arena. Threads' own arenas
-  still map blocks over 64 MiB (glibc's fallback there; hence
+  XLA allocates a program's temporaries afresh on every run (gigabytes for the full train step
+  on CPU). glibc's default maps blocks that large on malloc and unmaps them on free, so every
+  step faults all their pages in again. No mmap and no trimming keep them in the main arena.
+  Threads' own arenas still map blocks over 64 MiB (glibc's fallback there; hence
   ``run_programs_on_the_calling_thread``), but confining every thread to one arena serialises
   XLA's compiler and the step's threads on its lock, which costs far more (figures for both in
   docs/performance.md). The main arena's RSS stays at its peak. Call before the JAX
@@ -378,8 +374,8 @@ def run_programs_on_the_calling_thread() -> bool:
 
   glibc gives each thread an arena of its own and maps any block over 64 MiB outside the main
   arena afresh, whatever ``keep_freed_memory`` sets: a worker thread running the full train step
-  faults its 3 GiB of temporaries in again on every step (~680 K page faults, ~1.1 s of system
-  time, 10% of the step; docs/performance.md). The main thread's arena keeps them. Programs over
+  faults its gigabytes of temporaries in again on every step, a tenth of the step in system time
+  (docs/performance.md). The main thread's arena keeps them. Programs over
   several devices are still dispatched (JAX's option only covers single-device ones). Never
   over the user's own ``JAX_CPU_ENABLE_ASYNC_DISPATCH``; read when the CPU backend starts, so
   call it before that. Returns whether programs run on the calling thread.

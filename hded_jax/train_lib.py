@@ -118,8 +118,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, graphdef, t
 
 def global_norm(tree) -> jax.Array:
   """The L2 norm of all leaves, as one reduction over their concatenation: `optax.global_norm`
-  reduces each leaf apart, a kernel per parameter shape (77 in the full model) that cost XLA's
-  CPU compiler 2-3 s more (docs/performance.md)."""
+  reduces each leaf apart, a kernel per parameter shape for XLA's compiler to build."""
   flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
   return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
@@ -386,7 +385,7 @@ def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict
     return trainer.initial_state()
 
   def check_config_fits(saved):
-    # Rebuilding the saved layout (2.3 s for the full model) is needed only where it may differ.
+    # Rebuilding the saved layout takes seconds: only where it may differ.
     if (checkpoints.differing_settings(saved, config) and
         not same_state_layout(saved, trainer.abstract_state)):
       raise checkpoints.config_mismatch(str(ckpt.directory), saved, config)
@@ -458,7 +457,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state = _resume(ckpt, trainer, data_iter, config, compile_step)
     first_step = int(state.step)
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
-    # clu's writers and periodic actions import TensorFlow (~2 s): here, beside XLA's compile
+    # clu's writers and periodic actions import TensorFlow (seconds): here, beside XLA's compile
     # or program load, rather than before the restore.
     writer = runtime.metric_writer(workdir)
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top

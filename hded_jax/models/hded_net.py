@@ -183,7 +183,7 @@ def abstract_model(config: ml_collections.ConfigDict, platform: str | None = Non
     # Only shapes come out, so the keys need no values and the draw counter can be a host
     # array. Flax's own is an array updated in place, a tracer under eval_shape, and each
     # update asks it for its sharding: JAX's error for a tracer walks the program traced so
-    # far, 1.4 of the 1.8 s this took for the full model (docs/performance.md).
+    # far, most of the time this took for the full model.
     rngs.default.count.value = np.zeros((), np.uint32)
     return HDEDNet(config, platform=platform or jax.default_backend(), rngs=rngs)
 

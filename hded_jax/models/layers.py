@@ -23,8 +23,8 @@ def _normal(key, shape, dtype, mean: float, stddev: float) -> jax.Array:
   """N(mean, stddev) drawn on the host by numpy, seeded with the key's bits.
 
   The same weights eagerly, under ``jit`` (through a host callback) and on every backend, and
-  nothing to compile: XLA builds one threefry program per parameter shape, 25 s for the tiny
-  model on a 2-core CPU (docs/performance.md).
+  nothing to compile: ``jax.random`` would have XLA build a threefry program per parameter shape,
+  which takes longer than the draw itself.
   """
   def draw(key_data):
     rng = np.random.default_rng(np.asarray(key_data).ravel().tolist())
@@ -38,7 +38,7 @@ def _normal(key, shape, dtype, mean: float, stddev: float) -> jax.Array:
 
 def host_array(x: np.ndarray) -> jax.Array:
   """``x`` on the default device, made on the host. jnp.asarray (jax 0.10) and jnp.zeros or a
-  device-side cast compile a program per shape, ~100 of them for the full model."""
+  device-side cast compile a program per shape."""
   return jax.device_put(x)
 
 
@@ -109,9 +109,9 @@ def _nhwc_gradient_conv(x, kernel, padding):
 
   XLA's CPU backend runs the kernel gradient as a conv over the images with one operand's
   channels moved in front of its positions, a transposing copy, and its own choice of operand
-  varies with the program around the conv; here it is always the one with fewer channels (a
-  64 -> 3 conv at 256x256: 89 against 16 ms; docs/performance.md). Inside a loop (a scanned
-  dense block), XLA's own gradients keep layouts that Eigen runs 135x slower; these do not.
+  varies with the program around the conv; here it is always the one with fewer channels, the
+  smaller copy. Inside a loop (a scanned dense block), XLA's own gradients keep layouts that
+  Eigen runs two orders of magnitude slower; these do not (docs/performance.md).
   A conv with few outputs per input (the output convs, the wider up-convolutions' phases) is
   computed as ``_conv_as_shifted_products``.
   """
@@ -125,8 +125,7 @@ def _conv_as_shifted_products(x, kernel, padding):
   """A stride-1 NHWC conv as one matrix product of each position with every tap's weights, then
   per output the sum of the products it reads, shifted. Eigen's conv copies kh * kw * in floats
   per position into the operand of a product with ``out`` columns, which for few of them is
-  most of its time; this writes kh * kw * out floats per position instead. The 64 -> 3 output
-  conv at 256x256: 48 -> 15 ms (YNNPACK's: 18 ms), 64 -> 1: 21 -> 9 ms (docs/performance.md).
+  most of its time; this writes kh * kw * out floats per position instead.
   """
   kh, kw, in_features, out_features = kernel.shape
   weights = kernel.transpose(2, 0, 1, 3).reshape(in_features, kh * kw * out_features)
@@ -171,11 +170,10 @@ def _padded_channels_first(x, padding, kernel):
   ``x`` once XLA has written it.
 
   The kernel gradient's conv over it is then unpadded: Eigen checks every element of a padded
-  conv's image-sized patches against the bounds, an eighth to a fifth of a kernel gradient (one
-  64 -> 64 conv at 256x256: 147 against 129 ms, at 128x128: 41.5 against 33.3 ms;
-  docs/performance.md). XLA's CPU backend otherwise fuses the elementwise work that made ``x``
-  (BatchNorm and ReLU, or their gradients) into the copy and recomputes it in the copy's order,
-  reading its inputs C floats apart: 58 against 11 ms (5 + 6) for a (4, 256, 256, 64) input. A
+  conv's image-sized patches against the bounds, an eighth to a fifth of a kernel gradient's
+  time. XLA's CPU backend otherwise fuses the elementwise work that made ``x`` (BatchNorm and
+  ReLU, or their gradients) into the copy and recomputes it in the copy's order, reading its
+  inputs C floats apart, several times slower than computing them once and copying. A
   conditional's operands are written before it runs, and XLA keeps one whose predicate is known
   only at run time: here a value of the kernel, which every device holds (one of ``x``'s,
   sharded over the batch, would cost a collective). Both branches are the same copy, so the
@@ -202,8 +200,8 @@ def _space_to_depth_gradient_conv(x, kernel, padding):
 
   XLA's own input gradient of a stride-2 conv is a conv over the output gradient dilated with
   zeros, and its kernel gradient one with a dilated window; Eigen runs both as if the zeros were
-  numbers. The model's 4x4 stem conv at 128x128: forward and gradients 102 against 31 ms. The
-  forward stays the stride-2 conv, which the space-to-depth copy would only slow down.
+  numbers. The forward stays the stride-2 conv, which the space-to-depth copy would only slow
+  down.
   """
   return jax.lax.conv_general_dilated(x, kernel, (2, 2), padding, dimension_numbers=_NHWC)
 
@@ -296,8 +294,8 @@ def _conv_transpose_strided_grads(x, kernel, conv=jax.lax.conv_general_dilated):
   of (``<conv_transpose(x, k), g> = <x, adjoint(g, k)>``, so both have the same derivative in
   k). JAX's own kernel gradient of ``conv_transpose`` is a convolution with a reversed window the
   size of the image, which XLA's GPU backend cannot hand cuDNN as a kernel gradient: on an H100
-  four of them took 9.7 ms of a 60 ms step (docs/performance.md). A stride-2 conv's kernel
-  gradient has no reversed window."""
+  they were the step's slowest kernels. A stride-2 conv's kernel gradient has no reversed
+  window."""
   return _conv_transpose(x, kernel, conv)
 
 
@@ -318,8 +316,8 @@ _conv_transpose_strided_grads.defvjp(_conv_transpose_strided_grads_fwd,
 
 def _phase_convs(x, kernel, conv):
   """The transposed conv as four 2x2 convs, one per output phase: the same function without
-  the dilated input's zeros. XLA's CPU backend runs forward and backward of the model's up-convs
-  20x faster that way than ``conv_transpose`` (whose kernel gradient is 30-70x slower)."""
+  the dilated input's zeros, which XLA's CPU backend would multiply too: the model's up-convs
+  run an order of magnitude faster that way than as ``conv_transpose``."""
   # Output row 2i + a sees input rows (i - 1, i) through taps (0, 2) for a = 0, and rows
   # (i, i + 1) through taps (1, 3) for a = 1; likewise for columns.
   phases = [[conv(x, kernel[a::2, b::2], (1, 1), ((1 - a, a), (1 - b, b)),
@@ -352,10 +350,9 @@ def _interleave_phases(phases):
 def _upsampling_conv(phases):
   """The up-convolution as ``phases(x, kernel, conv)`` computes it, with a custom gradient:
   the input gradient, the adjoint of a stride-2 transposed conv, is one stride-2 conv instead
-  of the phases' (at 128x128 on CPU, 113 against 159 ms; docs/performance.md); the kernel
-  gradient is that of ``phases``. With the CPU's conv gradients, where the kernel is larger
-  than the output gradient's windows, both gradients are matrix products instead
-  (``_upsampling_conv_gradients_as_products``)."""
+  of the phases' four (faster on the CPU); the kernel gradient is that of ``phases``. With the
+  CPU's conv gradients, where the kernel is larger than the output gradient's windows, both
+  gradients are matrix products instead (``_upsampling_conv_gradients_as_products``)."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
   def up_conv(x, kernel, conv=jax.lax.conv_general_dilated):
@@ -382,7 +379,7 @@ def _upsampling_conv_gradients_as_products(x, kernel, g):
   windows, one per input position, for XLA's CPU backend where the kernel is larger than those
   windows (more input channels than input positions: the first up-convolution at 256x256,
   batch 4). Its convolutions would copy the kernel, transposed, and pad each phase's kernel
-  gradient to the full kernel (one 1024 -> 512 at 8x8: 73 against 54 ms; docs/performance.md).
+  gradient to the full kernel.
 
   Input (i, j) reaches output (2i + 2 - p, 2j + 2 - q) through tap (p, q).
   """
@@ -417,11 +414,11 @@ UP_CONVS = {'transpose': _conv_transpose, 'phases': _upsampling_conv(_phase_conv
 POINTWISE_CONVS = ('conv', 'dot')
 _FORMULATIONS = {'conv_gradients': CONV_GRADIENTS, 'up_conv': UP_CONVS,
                  'pointwise_convs': POINTWISE_CONVS}
-# What 'auto' is, as measured: on the CPU (2-core Intel and AMD VMs) and on a GPU (H100: the
-# 1x1 convolutions as matrix products compile in 67 instead of 170 s, runtime.use_cublas_gemms;
-# H200, bf16 batch 32: the phases train in 48 ms a step against 55-60 ms as one conv_transpose,
-# whose kernel gradients cuDNN computes as convolutions with image-sized windows).
-# Other platforms (TPU) compute with XLA's own.
+# What 'auto' is: the fastest measured on the CPU (2-core Intel and AMD VMs) and on a GPU (H100,
+# H200: the 1x1 convolutions as matrix products, on cuBLAS (runtime.use_cublas_gemms), compile
+# in less than half the time; the phases step faster than one conv_transpose, whose kernel
+# gradients cuDNN computes as convolutions with image-sized windows). Other platforms (TPU)
+# compute with XLA's own. Figures: docs/performance.md.
 _AUTO_FORMULATIONS = {
     'cpu': {'conv_gradients': 'nhwc', 'up_conv': 'phases', 'pointwise_convs': 'conv'},
     'gpu': {'conv_gradients': 'xla', 'up_conv': 'phases', 'pointwise_convs': 'dot'},
@@ -445,8 +442,7 @@ def formulations(config, platform: str) -> Formulations:
   lacks it) is the one measured fastest there (``_AUTO_FORMULATIONS``).
 
   Chosen when the model is built rather than inside the program by ``lax.platform_dependent``,
-  which traces both formulations of every convolution: 2 s more tracing and lowering of the
-  full train step (docs/performance.md).
+  which traces both formulations of every convolution, lengthening every trace and lowering.
   """
   def resolve(option):
     mode = config.get(option, 'auto')
@@ -483,9 +479,8 @@ def batch_norm_train(x, scale, bias):
 
   The forward pass is ``nnx.BatchNorm``'s, bit for bit. The backward pass is the closed form
   (two reductions and one elementwise pass, as cuDNN and PyTorch compute it) rather than the
-  derivative of the statistics traced through. For the full train step XLA's CPU compiler then
-  builds 1,169 kernels instead of 1,537 (30 s instead of 40 s), and the step is ~6% faster
-  (docs/performance.md).
+  derivative of the statistics traced through: for the full train step XLA's CPU compiler then
+  builds a quarter fewer kernels, and the step runs faster (docs/performance.md).
   """
   return _batch_norm_train_fwd(x, scale, bias)[0]
 
@@ -522,8 +517,8 @@ class BatchNorm(nnx.Module):
   Flax's in-place assignment compares the new value's sharding with the old one's; under
   ``jit`` both are tracers, and the AttributeError JAX raises for a tracer's sharding first walks
   the whole program traced so far to say where the value came from. Four walks per layer made
-  tracing the full train step 2.7x slower (13.2 against 4.9 s; docs/performance.md), which
-  every backend pays before each compile and each restart.
+  tracing the full train step several times slower, which every backend pays before each
+  compile.
   """
 
   def __init__(self, num_features: int, *, dtype, rngs: nnx.Rngs):
