@@ -7,7 +7,8 @@ median of timed steps after warm-up (synchronised with `block_until_ready`); pea
 (`device.memory_stats()`; on CPU, which reports none, the process's max RSS plus XLA's own buffer
 sizes); XLA's FLOP count (`cost_analysis()`) and the FLOP/s achieved; the input pipeline's
 examples/s on its own (the prepared dataset if there is one, else an in-memory source of
-NYU-sized 480x640 frames); on an accelerator, FLOP/s as a share of the devices' dense bf16 peak.
+NYU-sized 480x640 frames); on an accelerator, FLOP/s as a share of the devices' dense bf16 peak;
+on a GPU, the kernels each program launches per run (`lowering.kernel_launches`).
 With ``config.dataset.camera`` the train step renders its inputs (`input_pipeline.Rendering`);
 that rendering (with ``rendering``, also when the config renders nothing: then with focus
 distances drawn from ``RENDERING_FOCUS_RANGE``) is timed alone, and what it adds to the train
@@ -503,10 +504,12 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   def figures(compiled, compile_times, times, load):
     flops = compile_times['flops']
     per_s = flops / times['median_s'] if flops else None
+    launches = ({'kernel_launches': lowering.kernel_launches(compiled.as_text())}
+                if results['backend'] == 'gpu' else {})
     return {**compile_times, **times,
             'images_per_s': n / times['median_s'], 'flops_per_s': per_s,
             'share_of_bf16_peak': per_s / peak if per_s and peak else None,
-            'xla_buffer_bytes': _xla_buffer_bytes(compiled), 'load': load}
+            'xla_buffer_bytes': _xla_buffer_bytes(compiled), 'load': load, **launches}
 
   peak_bytes, peak_source = peak_memory()
   results.update({
@@ -1011,6 +1014,7 @@ def format_table(results: Mapping) -> str:
               f'({jx["peak_memory_bytes_per_image"] / 2**20:.0f} MiB/image; '
               f'{jx["peak_memory_source"]}); XLA train buffers '
               f'{(jx["train"]["xla_buffer_bytes"] or 0) / 2**20:.0f} MiB')
+  rows += _kernel_launch_rows(jx)
   if render := jx.get('rendering'):
     rows.append(f'rendering the inputs ({render["mode"]}, sigma_tolerance '
                 f'{render["sigma_tolerance"]}): {render["median_s"]:.3f} s per batch, adds '
@@ -1045,16 +1049,20 @@ def _compiled_for_rows(results: Mapping) -> list[str]:
                   f'({tuned["distinct_cudnn_convolutions"]} distinct), {tuned["cublas_gemms"]} '
                   f'cuBLAS GEMMs ({tuned["distinct_cublas_gemms"]} distinct), '
                   f'{tuned["triton_fusions"]} Triton fusions')
-  for name in ('train', 'eval'):
-    if launches := target[name].get('kernel_launches'):
-      rows.append(f'{name} kernels launched per run: {launches["total"]} ('
-                  f'{launches["fusions"]} fusions, {launches["custom_calls"]} custom calls, '
-                  f'{launches["copies"]} copies, {launches["other"]} other)')
+  rows += _kernel_launch_rows(target)
   for name in ('train', 'eval'):
     if (collectives := target[name].get('collectives')) is not None:
       rows.append(f'{name} collectives between the devices: ' + (', '.join(
           f'{count} {kind}' for kind, count in collectives.items()) or 'none'))
   return rows
+
+
+def _kernel_launch_rows(programs: Mapping) -> list[str]:
+  """The kernel launches of ``programs``' train and eval, where counted (GPUs)."""
+  return [f'{name} kernels launched per run: {launches["total"]} ({launches["fusions"]} '
+          f'fusions, {launches["custom_calls"]} custom calls, {launches["copies"]} copies, '
+          f'{launches["other"]} other)'
+          for name in ('train', 'eval') if (launches := programs[name].get('kernel_launches'))]
 
 
 def _lowered_and_largest_rows(results: Mapping) -> list[str]:

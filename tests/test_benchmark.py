@@ -185,6 +185,24 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
        'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
 
 
+def test_on_a_gpu_the_benchmark_counts_the_kernels_each_program_launches(tmp_path, monkeypatch):
+  # The CPU stands in for the GPU: the model is built as for a GPU, and the programs' kernel
+  # launches are counted from their compiled text as on one.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config = tiny_config(str(tmp_path / 'tfds'), batch_size=2)
+  jx = benchmark_lib.benchmark_jax(config, steps=1, warmup=0, max_busy_cores=1e9, max_wait=0.0)
+  assert jx['backend'] == 'gpu'
+  for name in ('train', 'eval'):
+    launches = jx[name]['kernel_launches']
+    assert launches['fusions'] > 0 and launches['total'] == sum(
+        launches[kind] for kind in ('fusions', 'custom_calls', 'copies', 'other'))
+  assert jx['train']['kernel_launches']['total'] > jx['eval']['kernel_launches']['total']
+  assert 'eval kernels launched per run: ' in benchmark_lib.format_table(
+      {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},
+       'machine': {'cpu_count': 2}, 'jax': jx,
+       'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
+
+
 def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data_dir,
                                                                       monkeypatch):
   config = tiny_config(tiny_data_dir)
