@@ -48,8 +48,9 @@
 #              time and step time against bf16_b32's
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
-#              threads each; with 16 threads the H200 host gave 570 examples/s, fewer than the
-#              bf16 step trains
+#              threads each, in the first epoch and after it (examples kept in memory); with
+#              16 threads, before examples were kept, the H200 host gave 570 examples/s, fewer
+#              than the bf16 step trains
 #   profiled_b32  bf16 batch 32, cold, under the compile profiler: time per XLA compiler pass
 #              and phase (the profiler adds ~25 s; so do the next three)
 #   transpose_b32  the same with each up-convolution as one conv_transpose

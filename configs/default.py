@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
       num_threads=0,  # Preprocessing threads; 0 = one per host core, at most 16.
       prefetch=8,  # Batches prepared ahead (at least one per thread).
       num_workers=0,  # >0: grain worker processes for preprocessing.
+      # Examples kept in memory after their first read, decoded and resized, where this
+      # process's share of a split fits in this many GB (each worker process keeps its own);
+      # 0: read and resize every example every epoch.
+      keep_resized_gb=4.0,
       # Evaluation: depth range of valid ground truth, and where depth is scored (a name from
       # hded_jax.metrics.EVAL_PROTOCOLS, written beside every metric).
       min_depth=1e-3,

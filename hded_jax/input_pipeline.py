@@ -3,6 +3,8 @@
 grain's iterator state is small JSON that goes into every checkpoint, so a restarted run continues
 the data order where it stopped instead of starting over. Each process reads only its own slice of
 the data; `sharding.global_batch` assembles the per-process arrays into one array over the mesh.
+Each example is read, decoded and resized once and kept (`ResizedSource`); what is random (flips,
+colour changes, cameras) and what follows from it (blur maps) is drawn afresh every epoch.
 
 Every example carries its camera and its blur map. With ``config.dataset.camera`` set, the
 pipeline draws each example's camera and leaves out the stored defocused image: the jitted train
@@ -170,10 +172,15 @@ class Preprocess:
   fill_depth: float | None = None
 
   def __call__(self, example, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    return self.augmented(self.resized(example), rng)
+
+  def resized(self, example) -> dict[str, np.ndarray]:
+    """The part that is the same every epoch (what `ResizedSource` keeps): the images
+    resized (uint8), the depths, the example's own camera."""
     size = tuple(self.image_size)
-    out = {'aif': images.to_network_range(_resize(example['aif'], size, Image.BILINEAR))}
+    out = {'aif': _resize(example['aif'], size, Image.BILINEAR)}
     if self.camera is None:
-      out['image'] = images.to_network_range(_resize(example['image'], size, Image.BILINEAR))
+      out['image'] = _resize(example['image'], size, Image.BILINEAR)
     stored_depth = np.asarray(example['depth'], np.float32)
     out['depth'] = stored_depth if self.native_depth else _resize(stored_depth, size,
                                                                   Image.NEAREST)
@@ -186,12 +193,21 @@ class Preprocess:
       on_image_grid = stored_depth.shape == example['aif'].shape[:2]
       out['render_depth'] = _resize(np.where(valid, stored_depth, fill), size,
                                     Image.NEAREST if on_image_grid else Image.BILINEAR)
+    out['camera'] = camera_array(example)
+    return out
+
+  def augmented(self, resized: Mapping[str, np.ndarray],
+                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """A `resized` example scaled to [-1, 1], flipped and colour-changed (with ``rng``),
+    with its camera (drawn with ``rng``) and blur map. Writes nothing into ``resized``."""
+    out = {k: v for k, v in resized.items() if k != 'camera'}
+    out.update({k: images.to_network_range(out[k]) for k in ('aif', 'image') if k in out})
     if rng is not None and self.hflip and rng.random() < 0.5:
       out = {k: v[:, ::-1] for k, v in out.items()}
     if rng is not None and self.color_jitter:
       jitter = _color_jitter(rng, self.color_jitter)
       out.update({k: jitter(out[k]) for k in ('image', 'aif') if k in out})
-    camera = camera_array(example)
+    camera = resized['camera']
     if self.camera is not None:
       camera = self.camera.sample(camera, rng)
     out = {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -261,13 +277,66 @@ def preprocess(config: ml_collections.ConfigDict, **kwargs) -> Preprocess:
                     fill_depth=config.dataset.max_depth, **kwargs)
 
 
-class _RandomPreprocess(grain.transforms.RandomMap):
+class ResizedSource:
+  """``source``'s examples through ``preprocess.resized``, each kept in memory after its first
+  read where this process's share of the split fits in ``max_bytes``: decoding the stored
+  images and depths and resizing them are most of an example's preprocessing, and give the
+  same arrays every epoch (docs/performance.md). Random access, as grain reads a source."""
+
+  def __init__(self, source, preprocess: Preprocess, max_bytes: float):
+    self.source, self.preprocess = source, preprocess
+    first = self._read(0) if len(source) else {}
+    share = math.ceil(len(source) / jax.process_count())
+    self.nbytes = share * sum(v.nbytes for v in first.values())
+    self._kept = {0: first} if first and self.nbytes <= max_bytes else None
+
+  @property
+  def keeps_examples(self) -> bool:
+    return self._kept is not None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index) -> dict[str, np.ndarray]:
+    if self._kept is None:
+      return self._read(index)
+    index = int(index)
+    if (example := self._kept.get(index)) is None:
+      # Threads may read one example twice at first; each keeps an equal copy.
+      example = self._kept[index] = self._read(index)
+    return example
+
+  def _read(self, index) -> dict[str, np.ndarray]:
+    resized = {k: v.view() for k, v in self.preprocess.resized(self.source[index]).items()}
+    for v in resized.values():
+      v.flags.writeable = False  # Every epoch reads these same arrays.
+    return resized
+
+
+def resized_source(config: ml_collections.ConfigDict, source, prepare: Preprocess
+                   ) -> ResizedSource:
+  """``source`` for ``prepare``, its examples kept in memory within
+  ``config.dataset.keep_resized_gb`` (per process; 0: none)."""
+  max_gb = config.dataset.get('keep_resized_gb', 0.0)
+  resized = ResizedSource(source, prepare, max_gb * 1e9)
+  if resized.keeps_examples:
+    logging.info('Keeping the %d examples in memory once read and resized: %.2f GB in this '
+                 'process (dataset.keep_resized_gb=%g).', len(source), resized.nbytes / 1e9,
+                 max_gb)
+  else:
+    logging.info('Reading and resizing the %d examples every epoch: keeping them would take '
+                 '%.2f GB in this process, over dataset.keep_resized_gb=%g.', len(source),
+                 resized.nbytes / 1e9, max_gb)
+  return resized
+
+
+class _RandomAugment(grain.transforms.RandomMap):
 
   def __init__(self, preprocess: Preprocess):
     self.preprocess = preprocess
 
   def random_map(self, example, rng: np.random.Generator):
-    return self.preprocess(example, rng)
+    return self.preprocess.augmented(example, rng)
 
 
 def batch_spec(config: ml_collections.ConfigDict, source,
@@ -303,11 +372,12 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   if len(source) < config.batch_size:
     raise ValueError(f'The training split has {len(source)} examples, fewer than '
                      f'batch_size={config.batch_size}.')
-  ds = grain.MapDataset.source(source)
+  prepare = preprocess(config, hflip=config.dataset.hflip,
+                       color_jitter=config.dataset.color_jitter)
+  ds = grain.MapDataset.source(resized_source(config, source, prepare))
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.seed(config.seed).shuffle().repeat(None)
-  ds = ds.random_map(_RandomPreprocess(preprocess(
-      config, hflip=config.dataset.hflip, color_jitter=config.dataset.color_jitter)))
+  ds = ds.random_map(_RandomAugment(prepare))
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
   # Each thread prepares a whole batch, and only the batches in the buffer are being prepared:
   # a buffer smaller than the threads would leave some idle.
@@ -319,14 +389,22 @@ def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIt
   return iter(it)
 
 
-def eval_batches(config: ml_collections.ConfigDict, source, num_examples: int | None = None,
-                 native_depth: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """Local batches covering the split once, in order; padding carries ``example_mask`` 0.
+def eval_source(config: ml_collections.ConfigDict, source,
+                native_depth: bool = False) -> ResizedSource:
+  """``source`` as `eval_batches` reads it (``native_depth``: the depth kept on its stored
+  grid); one kept across evaluations reads each example once."""
+  return resized_source(config, source, preprocess(config, native_depth=native_depth))
+
+
+def eval_batches(config: ml_collections.ConfigDict, source: ResizedSource,
+                 num_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Local batches covering the split (an `eval_source`) once, in order; padding carries
+  ``example_mask`` 0.
 
   Every process yields the same number of batches (processes must step together). A batch's
   examples are prepared by ``preprocessing_threads`` threads, as training's are.
   """
-  prepare = preprocess(config, native_depth=native_depth)
+  prepare = source.preprocess
   n = len(source) if num_examples is None else min(num_examples, len(source))
   local = local_batch_size(config.eval_batch_size)
   global_size = local * jax.process_count()
@@ -335,7 +413,7 @@ def eval_batches(config: ml_collections.ConfigDict, source, num_examples: int | 
     for b in range(math.ceil(n / global_size)):
       start = b * global_size + jax.process_index() * local
       indices = range(start, start + local)
-      examples = list(pool.map(lambda i: prepare(source[min(i, n - 1)]), indices))
+      examples = list(pool.map(lambda i: prepare.augmented(source[min(i, n - 1)]), indices))
       batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
       batch['example_mask'] = np.array([i < n for i in indices])
       yield batch

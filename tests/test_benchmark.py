@@ -60,6 +60,8 @@ def test_benchmark_writes_every_figure(tmp_path):
 
   pipe = results['pipeline']
   assert _positive(pipe['examples_per_s']) and pipe['source'].startswith('synthetic')
+  # The first epoch reads every example; the epochs after it read the ones kept in memory.
+  assert _positive(pipe['first_epoch_examples_per_s']) and pipe['keep_resized_gb'] > 0
 
   for name in ('train', 'eval'):
     assert _positive(results['torch']['float32'][name]['images_per_s'])

@@ -28,6 +28,12 @@ def fake_source(n=10, h=8, w=12):
            'index': i} for i in range(n)]
 
 
+def eval_source(config, source=None):
+  """``source`` (default: the config's test split) as evaluation reads it."""
+  return input_pipeline.eval_source(
+      config, input_pipeline.data_source(config, 'test') if source is None else source)
+
+
 def test_scaling_and_nearest_depth_resize():
   example = fake_source(1)[0]
   out = input_pipeline.Preprocess((8, 12))(example)
@@ -77,6 +83,53 @@ def test_train_iterator_shuffles_batches_and_resumes_from_its_state():
   assert len({x.tobytes() for x in seen}) == 8
 
 
+class CountingSource:
+  """A source that counts how often each example is read."""
+
+  def __init__(self, examples):
+    self.examples, self.reads = examples, [0] * len(examples)
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, index):
+    self.reads[index] += 1
+    return self.examples[index]
+
+
+def test_resized_examples_are_kept_in_memory_where_the_split_fits_and_batches_stay_the_same():
+  config = tiny_config('unused', batch_size=4)
+  config.dataset.image_size = (16, 24)  # Resized: nothing is the source's own array.
+  config.dataset.num_threads = 2
+  batches = {}
+  for keep_gb in (0.0, 1.0):
+    config.dataset.keep_resized_gb = keep_gb
+    source = CountingSource(fake_source(10))
+    it = input_pipeline.train_iterator(config, source)
+    batches[keep_gb] = [next(it) for _ in range(8)]  # Three epochs and more.
+    it.close()
+    if keep_gb:
+      assert source.reads == [1] * 10
+    else:
+      assert min(source.reads) >= 3
+  for a, b in zip(*batches.values(), strict=True):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+  # A split that does not fit is read afresh; what is kept is read-only, the source untouched.
+  prepare = input_pipeline.Preprocess((8, 12))
+  one = sum(v.nbytes for v in prepare.resized(fake_source(1)[0]).values())
+  source = CountingSource(fake_source(10))
+  assert not input_pipeline.ResizedSource(source, prepare, 10 * one - 1).keeps_examples
+  kept = input_pipeline.ResizedSource(source, prepare, 10 * one)
+  assert kept.keeps_examples and kept.nbytes == 10 * one
+  assert kept[3] is kept[3] and not kept[3]['depth'].flags.writeable
+  assert source.examples[0]['depth'].flags.writeable  # Same size: kept as a read-only view.
+  expected = prepare(source.examples[3])
+  for k, v in prepare.augmented(kept[3]).items():
+    np.testing.assert_array_equal(v, expected[k])
+
+
 def test_every_preprocessing_thread_prepares_a_batch_with_a_small_prefetch(monkeypatch):
   """A thread prepares a whole batch and only the buffer's batches are prepared: the buffer
   holds at least one batch per thread."""
@@ -85,18 +138,18 @@ def test_every_preprocessing_thread_prepares_a_batch_with_a_small_prefetch(monke
   config.dataset.num_threads, config.dataset.prefetch = 4, 1
   running, most = [0], [0]
   lock = threading.Lock()
-  preprocess = input_pipeline.Preprocess.__call__
+  augmented = input_pipeline.Preprocess.augmented
 
-  def slow_preprocess(self, example, rng=None):
+  def slow_augmented(self, example, rng=None):
     with lock:
       running[0] += 1
       most[0] = max(most[0], running[0])
     time.sleep(0.2)
     with lock:
       running[0] -= 1
-    return preprocess(self, example, rng)
+    return augmented(self, example, rng)
 
-  monkeypatch.setattr(input_pipeline.Preprocess, '__call__', slow_preprocess)
+  monkeypatch.setattr(input_pipeline.Preprocess, 'augmented', slow_augmented)
   it = input_pipeline.train_iterator(config, fake_source(10))
   for _ in range(4):
     next(it)
@@ -107,31 +160,33 @@ def test_every_preprocessing_thread_prepares_a_batch_with_a_small_prefetch(monke
 def test_eval_batches_cover_the_split_once_with_padding_masked():
   config = tiny_config('unused', eval_batch_size=4)
   config.dataset.image_size = (8, 12)
-  batches = list(input_pipeline.eval_batches(config, fake_source(10)))
+  batches = list(input_pipeline.eval_batches(config, eval_source(config, fake_source(10))))
   assert len(batches) == 3
   masks = np.concatenate([b['example_mask'] for b in batches])
   assert masks.tolist() == [True] * 10 + [False] * 2
   np.testing.assert_array_equal(batches[0]['image'][0],
                                 fake_source(10)[0]['image'] / np.float32(127.5) - 1)
-  assert len(list(input_pipeline.eval_batches(config, fake_source(10), num_examples=3))) == 1
+  assert len(list(input_pipeline.eval_batches(config, eval_source(config, fake_source(10)),
+                                              num_examples=3))) == 1
 
 
 def test_eval_batches_are_prepared_by_threads_in_order(monkeypatch):
   config = tiny_config('unused', eval_batch_size=4)
   config.dataset.image_size = (8, 12)
   config.dataset.num_threads = 1
-  one_thread = list(input_pipeline.eval_batches(config, fake_source(10)))
+  one_thread = list(input_pipeline.eval_batches(config, eval_source(config, fake_source(10))))
   threads = set()
-  preprocess = input_pipeline.Preprocess.__call__
+  augmented = input_pipeline.Preprocess.augmented
 
   def recorded(self, example, rng=None):
     threads.add(threading.current_thread().name)
     time.sleep(0.01)  # So that every thread gets work.
-    return preprocess(self, example, rng)
+    return augmented(self, example, rng)
 
-  monkeypatch.setattr(input_pipeline.Preprocess, '__call__', recorded)
+  monkeypatch.setattr(input_pipeline.Preprocess, 'augmented', recorded)
   config.dataset.num_threads = 3
-  for a, b in zip(one_thread, input_pipeline.eval_batches(config, fake_source(10)),
+  for a, b in zip(one_thread,
+                  input_pipeline.eval_batches(config, eval_source(config, fake_source(10))),
                   strict=True):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
@@ -212,12 +267,12 @@ def test_rendering_with_the_datasets_own_camera_gives_the_stored_images(tiny_dat
   """The stored tiny images were rendered by the builder at 32x32 with the NYU camera focused
   at 2 m; the steps' rendering with that camera gives them back (up to their uint8 rounding)."""
   config = tiny_config(tiny_data_dir)
-  stored = next(input_pipeline.eval_batches(config, input_pipeline.data_source(config, 'test')))
+  stored = next(input_pipeline.eval_batches(config, eval_source(config)))
   config.dataset.camera.focus_distance = 2.0
   rendering = input_pipeline.rendering(config)
   assert rendering == input_pipeline.Rendering(mode='clean', sigma_tolerance=None,
                                                scale=(1.0, 1.0), dilation_radius=4)
-  batch = next(input_pipeline.eval_batches(config, input_pipeline.data_source(config, 'test')))
+  batch = next(input_pipeline.eval_batches(config, eval_source(config)))
   assert 'image' not in batch
   rendered = jax.jit(rendering)(batch)['image']
   difference = np.abs(images.to_unit_range(np.asarray(rendered)) -
@@ -226,7 +281,7 @@ def test_rendering_with_the_datasets_own_camera_gives_the_stored_images(tiny_dat
   # Another camera gives other images: focused at 0.6 m, the near objects sharpen.
   config.dataset.camera.focus_distance = 0.6
   refocused = jax.jit(rendering)({**batch, 'camera': next(input_pipeline.eval_batches(
-      config, input_pipeline.data_source(config, 'test')))['camera']})['image']
+      config, eval_source(config)))['camera']})['image']
   assert np.abs(np.asarray(refocused) - rendered).mean() > 5 / 255
 
 
