@@ -356,7 +356,7 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
   next(it)  # Starts the threads and fills the prefetch buffer.
   # The rest of the first epoch reads every example (`input_pipeline.ResizedSource` keeps them);
   # the epochs after it are what training runs.
-  first_epoch = len(source) // jax.process_count() // config.batch_size - 1
+  first_epoch = len(source) // config.batch_size - 1
   timed = {}
   for part, batches in (('first_epoch_examples_per_s', first_epoch),
                         ('examples_per_s', num_batches)):
