@@ -302,7 +302,7 @@ class ResizedSource:
       return self._read(index)
     index = int(index)
     if (example := self._kept.get(index)) is None:
-      # Threads may read one example twice at first; each keeps an equal copy.
+      # Two threads may read one example at once at first: the later keeps an equal copy.
       example = self._kept[index] = self._read(index)
     return example
 

@@ -124,7 +124,9 @@ def test_resized_examples_are_kept_in_memory_where_the_split_fits_and_batches_st
   kept = input_pipeline.ResizedSource(source, prepare, 10 * one)
   assert kept.keeps_examples and kept.nbytes == 10 * one
   assert kept[3] is kept[3] and not kept[3]['depth'].flags.writeable
-  assert source.examples[0]['depth'].flags.writeable  # Same size: kept as a read-only view.
+  # At the stored size the kept depth is a view of the source's array: only the view is
+  # read-only.
+  assert source.examples[0]['depth'].flags.writeable
   expected = prepare(source.examples[3])
   for k, v in prepare.augmented(kept[3]).items():
     np.testing.assert_array_equal(v, expected[k])

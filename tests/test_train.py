@@ -442,6 +442,7 @@ def test_native_resolution_protocol_scores_the_resized_prediction(tiny_data_dir)
   model = models.create_model(config.model)
   evaluator = eval_lib.Evaluator(config, model, mean_depth=1.0)
   _, graphdef, params, batch_stats = models.split_model(model)
+  assert evaluator.source.keeps_examples  # Every evaluation after the first reads none.
   local = next(input_pipeline.eval_batches(config, evaluator.source))
   assert local['image'].shape[1:3] == (64, 64) and local['depth'].shape[1:] == (32, 32)
   with jax.set_mesh(evaluator.mesh):
