@@ -1,10 +1,12 @@
 """benchmarks/gpu.sh rehearsed on the CPU with the tiny model: the default check and the
 experiments run, in the order asked, and their figures and exit codes are merged into one
-results.json."""
+results.json. The experiments that differ only in the benchmark's arguments are checked for
+those arguments, without running them."""
 
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -22,6 +24,19 @@ def _gpu_script(out, data_dir=None, **env):
   return (json.loads(results.read_text()) if results.exists() else None,
           (out / 'log.txt').read_text() if (out / 'log.txt').exists() else '',
           run)
+
+
+_RECORDING_PYTHON = f"""#!{sys.executable}
+# python3 for gpu.sh: records the benchmark's arguments and XLA flags as its JSON output, and
+# runs everything else.
+import json, os, sys
+if sys.argv[1:3] == ['-m', 'hded_jax.benchmark']:
+  output = next(a for a in sys.argv if a.startswith('--output=')).split('=', 1)[1]
+  json.dump({{'argv': sys.argv[3:], 'xla_flags': os.environ.get('XLA_FLAGS', '').split()}},
+            open(output, 'w'))
+else:
+  os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+"""
 
 
 def _ran(results):
@@ -68,23 +83,18 @@ def test_gpu_script_default_check(tiny_data_dir, tmp_path):
 def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
   results, log, run = _gpu_script(
       tmp_path / 'out', tiny_data_dir, RESTART_MODEL='--config.batch_size=4', PIPELINE_WORKERS='1',
-      B32_OVERRIDES='--config.model.up_conv=phase_channels --config.optimizer.flatten=True',
-      ONLY='transpose_b32 bf16_b32 restart train_restart max_solutions flat_b32 channels_b32 '
-           'overrides_b32 pipeline')
+      ONLY='transpose_b32 bf16_b32 restart train_restart max_solutions pipeline')
   assert run.returncode == 0, run.stderr[-3000:]
   assert _ran(results) == set(results) == {
-      'bf16_b32', 'restart', 'train_restart', 'max_solutions', 'flat_b32', 'channels_b32',
-      'overrides_b32', 'pipeline', 'transpose_b32'}, log[-3000:]
+      'bf16_b32', 'restart', 'train_restart', 'max_solutions', 'pipeline', 'transpose_b32'}, (
+      log[-3000:])
   assert log.index('== transpose_b32') < log.index('== bf16_b32') < log.index('== restart')
   cold, restart = results['bf16_b32'], results['restart']
   assert results['transpose_b32']['config']['model']['up_conv'] == 'transpose'
+  # XLA flags reach the benchmark (the other experiments' arguments: the test below).
   assert ('--xla_gpu_autotune_max_solutions=1' in
           results['max_solutions']['machine']['xla_flags'])
   assert results['max_solutions']['jax']['train']['images_per_s'] > 0
-  assert results['flat_b32']['config']['optimizer']['flatten'] is True
-  assert results['channels_b32']['config']['model']['up_conv'] == 'phase_channels'
-  both = results['overrides_b32']['config']
-  assert both['model']['up_conv'] == 'phase_channels' and both['optimizer']['flatten'] is True
   # A profiled cold compile: XLA's phases by time (on the CPU, its CPU compiler's).
   phases = results['transpose_b32']['jax']['compile_profile']
   assert any('Compiler' in phase['name'] for phase in phases), phases[:10]
@@ -107,6 +117,44 @@ def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
   pipelines = {k: v for k, v in results['pipeline'].items() if k.startswith('workers_')}
   assert {k: p['num_workers'] for k, p in pipelines.items()} == {'workers_0': 0, 'workers_1': 1}
   assert all(p['examples_per_s'] > 0 for p in pipelines.values())
+
+
+def test_gpu_script_experiments_pass_their_settings_to_the_benchmark(tmp_path):
+  """Each experiment the default leaves out, by the arguments and XLA flags it gives the
+  benchmark (recorded instead of run: those above run it with such arguments)."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'python3').write_text(_RECORDING_PYTHON)
+  (bin_dir / 'python3').chmod(0o755)
+  experiments = {
+      'bf16_b4': ['--dtype=bfloat16', '--batch_size=4'],
+      'profiled_b32': ['--compile_profile_dir='],
+      'transpose_b32': ['--config.model.up_conv=transpose', '--compile_profile_dir='],
+      'strided_b32': ['--config.model.up_conv=transpose_strided_grads', '--compile_profile_dir='],
+      'autotune': ['--compile_profile_dir=', '--xla_gpu_autotune_level=0'],
+      'max_solutions': ['--xla_gpu_autotune_max_solutions=1'],
+      'flat_b32': ['--config.optimizer.flatten=True'],
+      'channels_b32': ['--config.model.up_conv=phase_channels'],
+      'overrides_b32': ['--config.model.up_conv=phase_channels',
+                        '--config.optimizer.flatten=True'],
+      'scan_b32': ['--config.model.dense_block=scan'],
+      'rendering': ['--rendering', '--batch_size=4'],
+  }
+  results, log, run = _gpu_script(
+      tmp_path / 'out', PATH=f"{bin_dir}:{os.environ['PATH']}", AUTOTUNE_LEVEL='0',
+      B32_OVERRIDES='--config.model.up_conv=phase_channels --config.optimizer.flatten=True',
+      ONLY=' '.join(experiments))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert _ran(results) == set(results) == set(experiments), log[-3000:]
+  for name, expected in experiments.items():
+    given = [*results[name]['argv'], *results[name]['xla_flags']]
+    missing = [e for e in expected if not any(g.startswith(e) for g in given)]
+    assert not missing, (name, missing, given)
+    if name.endswith('_b32') or name in ('autotune', 'max_solutions'):
+      # Each a cold bf16 batch-32 compile (BIG_BATCH), as bf16_b32 is, with nothing cached.
+      assert {'--dtype=bfloat16', '--batch_size=8'} <= set(given), (name, given)
+      assert not any(g.startswith('--cache_dir') for g in given), (name, given)
+  assert not any('--config.' in g for g in results['profiled_b32']['argv']), results
 
 
 def test_gpu_script_unknown_step_and_spent_budget(tmp_path):
