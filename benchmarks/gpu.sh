@@ -59,7 +59,7 @@
 #              convolution's it is the adjoint of (model.up_conv=transpose_strided_grads)
 #   autotune   the same at XLA GPU autotune level AUTOTUNE_LEVEL (default 2: no correctness
 #              checks; on the H200 XLA's compile 66.0 -> 65.3 s, the step 2% slower; 0, no
-#              autotuning, compiled in 29 s but ran > 2.5 s a step)
+#              autotuning: on an H100 with older code, compiled in 29 s but ran > 2.5 s a step)
 #   channels_b32  bf16 batch 32, cold, with model.up_conv=phase_channels: each up-convolution's
 #              four phases as one convolution's output channels; compiled for an H100 on a CPU
 #              it holds 1.8 GiB less than the phases, and the same 54 distinct cuDNN

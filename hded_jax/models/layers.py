@@ -328,9 +328,10 @@ def _phase_convs(x, kernel, conv):
 def _phase_channel_conv(x, kernel, conv):
   """The four phases of ``_phase_convs`` as the output channels of one 2x2 conv over the input
   padded by one all round: phase (a, b) of output (i, j) is that conv's output (i + a, j + b),
-  which sees input rows (i - 1 + a, i + a) and columns likewise. One convolution shape per
-  up-convolution instead of four, for XLA's GPU autotuner (one search per distinct shape),
-  for (1 + 1/h)(1 + 1/w) of the phases' products."""
+  which sees input rows (i - 1 + a, i + a) and columns likewise. One convolution per
+  up-convolution instead of four, holding less memory than the phases compiled for a GPU, for
+  (1 + 1/h)(1 + 1/w) of the phases' products. (XLA's GPU rewrites merge the phases' shapes too,
+  so both leave its autotuner the same convolutions.)"""
   _, h, w, _ = x.shape
   out_features = kernel.shape[-1]
   kernels = jnp.concatenate([kernel[a::2, b::2] for a in (0, 1) for b in (0, 1)], axis=-1)

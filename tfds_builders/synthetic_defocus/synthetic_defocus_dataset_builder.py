@@ -8,7 +8,7 @@ defocused image is rendered with ``hded_jax.defocus`` and the ``nyu`` camera (fo
 in the renderer's 'clean' mode (no border darkening).
 
 All depths lie in ``DEPTH_RANGE`` = 0.5-1.95 m, in front of the focal plane, where the blur
-sigma falls monotonically from 6.7 to 0.1 px: depth is recoverable from defocus alone, without
+sigma falls monotonically from 6.5 to 0.06 px: depth is recoverable from defocus alone, without
 the front/back ambiguity of a scene straddling the focal plane.
 
 Example ``index`` i of a split is generated from ``np.random.default_rng((seed, split, i))``,
