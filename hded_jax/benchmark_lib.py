@@ -44,6 +44,7 @@ import os
 import re
 import resource
 import statistics
+import tempfile
 import time
 from typing import TypeVar
 
@@ -605,9 +606,10 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
   seconds tracing and lowering and in XLA's compiler (on this host's cores: an accelerator
   VM's host has more), its FLOPs (the whole batch's), XLA's buffers on each device and the
   share of the device's memory they take; for a GPU, the calls its autotuner would time on
-  the device (`lowering.autotuned_calls`), which this compile skips, and the kernels one run
-  launches (`lowering.kernel_launches`); for several devices, the collectives between them
-  (`lowering.collectives`)."""
+  the device (`lowering.autotuned_calls`), which this compile skips, the kernels one run
+  launches (`lowering.kernel_launches`) and how XLA submits them, grouped into command buffers
+  (`lowering.command_buffers`, from the thunk sequence XLA dumps as it compiles); for several
+  devices, the collectives between them (`lowering.collectives`)."""
   devices = target.devices
   trainer = train_lib.Trainer(config, train_size=config.batch_size, devices=devices)
   device = devices[0]
@@ -619,8 +621,17 @@ def compile_for_devices(config: ml_collections.ConfigDict, target: DevicesNotHer
     programs = {'train': (trainer.step_fn, (trainer.abstract_state, batch)),
                 'eval': eval_program(trainer, trainer.abstract_state, batch)}
     for name, (jitted, args) in programs.items():
-      compiled, figures = _compile(f'{name} for {len(devices)} x {device.device_kind}',
-                                   jitted, *args, compiler_options=compiler_options_for(devices))
+      with tempfile.TemporaryDirectory() as dump_dir:
+        options = compiler_options_for(devices)
+        if device.platform == 'gpu':
+          options['xla_dump_to'] = dump_dir
+        compiled, figures = _compile(f'{name} for {len(devices)} x {device.device_kind}',
+                                     jitted, *args, compiler_options=options)
+        thunk_sequences = glob.glob(
+            os.path.join(dump_dir, '*.thunk_sequence_after_thunk_passes.txt'))
+        if len(thunk_sequences) == 1:
+          with open(thunk_sequences[0]) as f:
+            figures['command_buffers'] = lowering.command_buffers(f.read())
       per_device = _xla_buffer_bytes(compiled)
       results[name] = {**figures, 'xla_buffer_bytes_per_device': per_device,
                        'share_of_memory': per_device / memory if per_device and memory else None}
@@ -1062,6 +1073,13 @@ def _compiled_for_rows(results: Mapping) -> list[str]:
                   f'cuBLAS GEMMs ({tuned["distinct_cublas_gemms"]} distinct), '
                   f'{tuned["triton_fusions"]} Triton fusions')
   rows += _kernel_launch_rows(target)
+  for name in ('train', 'eval'):
+    if graphs := target[name].get('command_buffers'):
+      buffers = graphs['command_buffers']
+      rows.append(f'{name} submitted per run: {graphs["submissions"]} ({buffers} command '
+                  f'buffer{"s" * (buffers != 1)} holding {graphs["in_command_buffers"]}; outside: '
+                  + (', '.join(f'{count} {kind}' for kind, count in graphs['outside'].items())
+                     or 'nothing') + ')')
   for name in ('train', 'eval'):
     if (collectives := target[name].get('collectives')) is not None:
       rows.append(f'{name} collectives between the devices: ' + (', '.join(

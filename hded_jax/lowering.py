@@ -5,8 +5,9 @@
 CPU-only code paths that leak into the accelerator program and growth in what the accelerator
 compiler must work through: XLA's GPU backend autotunes every distinct convolution.
 ``autotuned_calls`` counts that work in a program compiled for a GPU (which needs no GPU either:
-`benchmark_lib.devices_not_here`), ``kernel_launches`` what one run of it launches, and
-``collectives`` the traffic between devices in one compiled for several.
+`benchmark_lib.devices_not_here`), ``kernel_launches`` what one run of it launches,
+``command_buffers`` how XLA groups those launches into CUDA graphs, and ``collectives`` the
+traffic between devices in one compiled for several.
 """
 
 from collections import Counter
@@ -137,6 +138,28 @@ def kernel_launches(hlo_text: str) -> dict[str, int]:
   counts = {'fusions': opcodes.pop('fusion', 0), 'custom_calls': opcodes.pop('custom-call', 0),
             'copies': opcodes.pop('copy', 0), 'other': sum(opcodes.values())}
   return {**counts, 'total': sum(counts.values())}
+
+
+# A line of XLA's dumped thunk sequence: its indentation (nested in a command buffer when
+# indented), its index and its kind (`000: kCommandBuffer  [...`, `    001: kCopy  [...`).
+_THUNK = re.compile(r'^( *)\d+: +(k\w+)', re.MULTILINE)
+
+
+def command_buffers(thunk_sequence: str) -> dict:
+  """How one run of a program compiled for a GPU reaches the device, from XLA's thunk sequence
+  after its thunk passes (the ``*.thunk_sequence_after_thunk_passes.txt`` that ``xla_dump_to``
+  writes). XLA records runs of kernels, copies and library calls into command buffers, each
+  launched as one CUDA graph; the kinds it records are ``--xla_gpu_enable_command_buffer``'s,
+  and a run of fewer than ``--xla_gpu_graph_min_graph_size`` stays outside. ``submissions``:
+  the command buffers and the thunks left outside them, what the host launches per run;
+  ``in_command_buffers``: the thunks recorded; ``outside``: the thunks left outside, by kind."""
+  thunks = _THUNK.findall(thunk_sequence)
+  top = [kind for indent, kind in thunks if not indent]
+  if not top:
+    raise ValueError('No thunks in this text: pass the thunk sequence XLA dumps for a GPU.')
+  outside = Counter(kind for kind in top if kind != 'kCommandBuffer')
+  return {'submissions': len(top), 'command_buffers': top.count('kCommandBuffer'),
+          'in_command_buffers': len(thunks) - len(top), 'outside': dict(sorted(outside.items()))}
 
 
 def collectives(hlo_text: str) -> dict[str, int]:

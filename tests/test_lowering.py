@@ -249,3 +249,23 @@ ENTRY %main.1 (p.0: f32[8], p.1: bf16[8,16,16,32]) -> (f32[8], f32[8]) {
       'fusions': 2, 'custom_calls': 1, 'copies': 1, 'other': 1, 'total': 5}
   with pytest.raises(ValueError, match='No entry computation'):
     lowering.kernel_launches('%fusion.1 = f32[8]{0} fusion(%p.0), kind=kLoop')
+
+
+def test_command_buffers_count_what_the_host_submits_per_run():
+  # As XLA dumps a GPU program's thunk sequence after its thunk passes: the thunks recorded
+  # into a command buffer are indented under it.
+  thunks = '''000: kCommandBuffer  [source        | next=091 (1)  ]
+    001: kCopy         [source        | next=002 (1) ] kCopy
+    002: kCustomKernel [prev=001 (1)  | next=004 (2) ] loop_select_fusion_18 grid: [1, 1, 1]
+    003: kCublasLtMatmul [prev=001 (2)  | next=004 (1) ] kCublasLtMatmul
+091: kConvolution    [prev=000 (1)  | next=092 (1)  ] kConvolution
+092: kCustomKernel   [prev=091 (1)  | next=093 (1)  ] input_reduce_fusion_57 grid: [1, 1, 1]
+093: kConvolution    [prev=092 (1)  | next=000 (1)  ] kConvolution
+000: kCommandBuffer  [prev=093 (1)  | sink          ]
+    094: kCustomKernel [source        | sink         ] loop_add_fusion_5 grid: [1, 1, 1]
+'''
+  assert lowering.command_buffers(thunks) == {
+      'submissions': 5, 'command_buffers': 2, 'in_command_buffers': 4,
+      'outside': {'kConvolution': 2, 'kCustomKernel': 1}}
+  with pytest.raises(ValueError, match='No thunks'):
+    lowering.command_buffers('ENTRY %main.1 () -> f32[] {')
