@@ -46,6 +46,12 @@
 #              of the H200's compile; compiled for an H100 on a CPU, 2,175 kernels launched
 #              per step instead of 2,701; on the CPU the same compile and step time): compile
 #              time and step time against bf16_b32's
+#   graphs_b32  bf16 batch 32, cold, with XLA's command buffers (CUDA graphs, each launched as
+#              one) also recording the cuDNN convolutions, which XLA's default set leaves out
+#              (--xla_gpu_enable_command_buffer=+CONVOLUTION): compiled for an H100 on a CPU,
+#              the train step is then one command buffer instead of 581 submissions (222
+#              command buffers, the 305 convolutions between them and 54 others; the H200
+#              idled 17% of a step between kernels): step time against bf16_b32's
 #   pipeline   the input pipeline alone at batch BIG_BATCH (NYU-sized frames): one thread per
 #              core (the default), and PIPELINE_WORKERS (default 4 and 8) worker processes of 2
 #              threads each, in the first epoch and after it (examples kept in memory); with
@@ -230,6 +236,9 @@ step_max_solutions() {
     cold_b32 max_solutions 150
 }
 step_flat_b32() { cold_b32 flat_b32 150 --config.optimizer.flatten=True; }
+step_graphs_b32() {
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONVOLUTION" cold_b32 graphs_b32 150
+}
 step_pipeline() {
   run pipeline 120 sh -c '
     workers_list=$1

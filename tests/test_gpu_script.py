@@ -134,6 +134,7 @@ def test_gpu_script_experiments_pass_their_settings_to_the_benchmark(tmp_path):
       'autotune': ['--compile_profile_dir=', '--xla_gpu_autotune_level=0'],
       'max_solutions': ['--xla_gpu_autotune_max_solutions=1'],
       'flat_b32': ['--config.optimizer.flatten=True'],
+      'graphs_b32': ['--xla_gpu_enable_command_buffer=+CONVOLUTION'],
       'channels_b32': ['--config.model.up_conv=phase_channels'],
       'overrides_b32': ['--config.model.up_conv=phase_channels',
                         '--config.optimizer.flatten=True'],
