@@ -121,13 +121,12 @@ def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
 
 def test_gpu_script_experiments_pass_their_settings_to_the_benchmark(tmp_path):
   """Each experiment the default leaves out, by the arguments and XLA flags it gives the
-  benchmark (recorded instead of run: those above run it with such arguments)."""
+  benchmark (recorded instead of run: the tests above run the benchmark with such ones)."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   (bin_dir / 'python3').write_text(_RECORDING_PYTHON)
   (bin_dir / 'python3').chmod(0o755)
   experiments = {
-      'bf16_b4': ['--dtype=bfloat16', '--batch_size=4'],
       'profiled_b32': ['--compile_profile_dir='],
       'transpose_b32': ['--config.model.up_conv=transpose', '--compile_profile_dir='],
       'strided_b32': ['--config.model.up_conv=transpose_strided_grads', '--compile_profile_dir='],
