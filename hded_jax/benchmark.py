@@ -5,7 +5,7 @@ r"""Times the full training and inference programs of a config: compile, step, m
       [--profile_dir=DIR] [--compile_profile_dir=DIR]
       [--compile_for=v5e:2x2|h100|h200|GPU.pbtxt]
 
-What each figure means: hded_jax/benchmark_lib.py and docs/performance.md.
+What each figure means: hded_jax/benchmark_lib.py, hded_jax/benchmarking/ and docs/performance.md.
 """
 
 
@@ -14,6 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from hded_jax import benchmark_lib
+from hded_jax.benchmarking import table
+from hded_jax.benchmarking import torch_reference
 from hded_jax import pytorch
 from hded_jax import runtime
 
@@ -29,7 +31,7 @@ flags.DEFINE_bool('pipeline_only', False, 'Time only the input pipeline (the con
 flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference on the same device (needs the '
                   'torch extra; on a GPU, JAX then takes memory as it needs it, beside PyTorch).')
 flags.DEFINE_list('torch_modes', None, 'PyTorch modes to time (default: all the device has: '
-                  f'{benchmark_lib.TORCH_MODES}).')
+                  f'{torch_reference.TORCH_MODES}).')
 flags.DEFINE_bool('rendering', False, 'Also time rendering the inputs from the AiF image and '
                   'the depth, as config.dataset.camera does (focus drawn from '
                   f'{benchmark_lib.RENDERING_FOCUS_RANGE} m if the config sets no camera), and '
@@ -97,7 +99,7 @@ def main(argv):
                            and runtime.local_path(FLAGS.compile_profile_dir)),
       max_busy_cores=FLAGS.max_busy_cores, max_wait=FLAGS.max_wait,
       pipeline_only=FLAGS.pipeline_only, compile_for=FLAGS.compile_for, output=FLAGS.output)
-  print(benchmark_lib.format_table(results))
+  print(table.format_table(results))
 
 
 if __name__ == '__main__':

@@ -439,3 +439,14 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
   if choice is not None:
     batch['render_depth'] = depth.copy()
   return batch
+
+
+def random_batch_spec(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding
+                      ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of `random_batch`'s batch, from one image's: a batch of thousands
+  need not be made to be compiled for."""
+  one = config.copy_and_resolve_references()
+  one.batch_size = 1
+  return {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
+                                  sharding=batch_sharding)
+          for k, v in random_batch(one).items()}

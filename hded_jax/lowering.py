@@ -5,7 +5,7 @@
 CPU-only code paths that leak into the accelerator program and growth in what the accelerator
 compiler must work through: XLA's GPU backend autotunes every distinct convolution.
 ``autotuned_calls`` counts that work in a program compiled for a GPU (which needs no GPU either:
-`benchmark_lib.devices_not_here`), ``kernel_launches`` what one run of it launches,
+`compile_targets.devices_not_here`), ``kernel_launches`` what one run of it launches,
 ``command_buffers`` how XLA groups those launches into CUDA graphs, and ``collectives`` the
 traffic between devices in one compiled for several.
 """

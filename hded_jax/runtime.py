@@ -183,7 +183,7 @@ def skip_unused_cuda_check() -> bool:
   will not compute on a GPU (``computation_platform``). There it can only fail, with a
   traceback at every start where the plugin came without CUDA's libraries, as the test extra
   installs it; skipped, the plugin starts and can describe GPUs to compile for
-  (``benchmark_lib.devices_not_here``). Where JAX computes on a GPU the check stays: it names a
+  (``compile_targets.devices_not_here``). Where JAX computes on a GPU the check stays: it names a
   missing or mismatched library. JAX reads JAX_SKIP_CUDA_CONSTRAINTS_CHECK when its backends
   start: call before. Returns whether the check is skipped."""
   if computation_platform() != 'gpu':
@@ -314,7 +314,7 @@ def use_cublas_gemms() -> bool:
 
 def gpu_compiler_options() -> dict[str, bool]:
   """``use_cublas_gemms`` as options of one compile, for a program compiled for a GPU that
-  this process does not compute on (`benchmark_lib.devices_not_here`): its XLA_FLAGS were
+  this process does not compute on (`compile_targets.devices_not_here`): its XLA_FLAGS were
   chosen for the CPU. None over an ``xla_gpu_enable_triton_gemm`` the user put in XLA_FLAGS."""
   name, _, value = _CUBLAS_GEMMS_FLAG.removeprefix('--').partition('=')
   return {} if name in os.environ.get('XLA_FLAGS', '') else {name: value == 'true'}

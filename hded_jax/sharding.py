@@ -20,7 +20,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh over ``devices``: default all devices of all processes; those of
   a TPU slice or GPU that this machine lacks, to compile for them ahead of time
-  (`benchmark_lib.devices_not_here`)."""
+  (`compile_targets.devices_not_here`)."""
   num_devices = len(devices) if devices is not None else jax.device_count()
   model = mesh_config.model
   data = mesh_config.data if mesh_config.data > 0 else num_devices // model

@@ -24,7 +24,7 @@ pytorch.load_triton_first()
 runtime.use_eigen_convolutions()
 # As the entry points do (runtime.tune_for_platform): off a GPU, JAX's CUDA plugin (the test
 # extra) starts without CUDA's libraries, so that tests compile for a GPU
-# (`benchmark_lib.devices_not_here`), and child processes inherit it.
+# (`compile_targets.devices_not_here`), and child processes inherit it.
 runtime.skip_unused_cuda_check()
 # Tests check what the programs compute, not how fast: XLA's CPU backend emits their machine
 # code without LLVM's optimisations (the same HLO; the tiny train step compiles in 5-7 s instead

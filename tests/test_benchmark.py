@@ -18,9 +18,15 @@ import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
+from hded_jax import input_pipeline
 from hded_jax import models
 from hded_jax import runtime
 from hded_jax import train_lib
+from hded_jax.benchmarking import compile_targets
+from hded_jax.benchmarking import largest_batch
+from hded_jax.benchmarking import table
+from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import traces
 from tests.conftest import REPO
 from tests.conftest import tiny_config
 
@@ -72,11 +78,11 @@ def test_benchmark_writes_every_figure(tmp_path):
   assert math.isclose(results['jax_vs_torch']['train_pipelined_vs_float32'],
                       jx['train']['pipelined_images_per_s'] / torch_train['pipelined_images_per_s'])
 
-  table = benchmark_lib.format_table(returned)
+  printed = table.format_table(returned)
   assert jx['products_in'] == 'float32'
   for text in ('jax float32 train', 'jax float32 eval', 'torch float32 train', 'input pipeline',
                'dispatched back to back: jax', 'matrix products in float32'):
-    assert text in table
+    assert text in printed
 
 
 @pytest.mark.parametrize('platform, capability, overrides, expected', [
@@ -181,7 +187,7 @@ def test_benchmark_reports_what_rendering_the_inputs_adds(tmp_path):
   assert _positive(render['median_s']) and _positive(render['overhead'])
   assert _positive(render['compile_s'])
   assert math.isclose(render['overhead'], render['median_s'] / jx['train']['median_s'])
-  assert 'rendering the inputs (clean' in benchmark_lib.format_table(
+  assert 'rendering the inputs (clean' in table.format_table(
       {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},
        'machine': {'cpu_count': 2}, 'jax': jx,
        'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
@@ -199,7 +205,7 @@ def test_on_a_gpu_the_benchmark_counts_the_kernels_each_program_launches(tmp_pat
     assert launches['fusions'] > 0 and launches['total'] == sum(
         launches[kind] for kind in ('fusions', 'custom_calls', 'copies', 'other'))
   assert jx['train']['kernel_launches']['total'] > jx['eval']['kernel_launches']['total']
-  assert 'eval kernels launched per run: ' in benchmark_lib.format_table(
+  assert 'eval kernels launched per run: ' in table.format_table(
       {'config': {'image_size': [32, 32], 'batch_size': 2, 'dtype': 'float32'},
        'machine': {'cpu_count': 2}, 'jax': jx,
        'pipeline': {'examples_per_s': 1.0, 'source': 'x', 'num_threads': 1, 'num_workers': 0}})
@@ -222,7 +228,7 @@ def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data
     return compile_lowered(self, **kwargs)
 
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
-  results = benchmark_lib.largest_batches({'plain': config, 'remat': remat},
+  results = largest_batch.largest_batches({'plain': config, 'remat': remat},
                                           memory_bytes=64 << 20, compile_threads=4)
   # No program autotunes on a GPU (cold: most of a GPU compile; at the estimate, minutes), and
   # none compiles on the calling thread.
@@ -239,7 +245,7 @@ def test_largest_batches_extrapolate_xla_buffers_and_run_the_estimates(tiny_data
     assert result['batch_size'] % jax.device_count() == 0
   # Compiled beside other programs or alone (as on the CPU by default), the same figures.
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_lowered)
-  assert benchmark_lib.largest_batches({'plain': config}, memory_bytes=64 << 20) == {
+  assert largest_batch.largest_batches({'plain': config}, memory_bytes=64 << 20) == {
       'plain': results['plain']}
 
 
@@ -249,7 +255,7 @@ def test_the_largest_batch_search_goes_up_where_the_buffers_grow_less_than_the_b
   # through 16 and 156, which gives 296, the largest.
   mib = 2**20
   buffer_bytes = {4: 2 * mib, 16: 5 * mib, 156: 22.5 * mib}
-  search = functools.partial(benchmark_lib.next_batch_to_try, memory_bytes=40 * mib, unit=4)
+  search = functools.partial(largest_batch.next_batch_to_try, memory_bytes=40 * mib, unit=4)
   assert search(buffer_bytes, largest_fit=156, smallest_refused=None) == 296
   assert search({**buffer_bytes, 296: 40 * mib}, largest_fit=296, smallest_refused=None) is None
   # At most twice the batch at a time; where the buffers do not grow, twice.
@@ -300,8 +306,8 @@ def _compiled_for(tmp_path, monkeypatch, target: str) -> dict:
                         r['xla_buffer_bytes_per_device'] / compiled['memory_bytes'])
   assert 2 * compiled['eval']['flops'] < compiled['train']['flops'] < 6 * compiled['eval']['flops']
   assert 'jax' not in results and 'pipeline' not in results
-  table = benchmark_lib.format_table(results)
-  assert table.splitlines()[2].startswith('train') and table.splitlines()[3].startswith('eval')
+  text = table.format_table(results)
+  assert text.splitlines()[2].startswith('train') and text.splitlines()[3].startswith('eval')
   return results
 
 
@@ -313,7 +319,7 @@ def test_benchmark_compiles_for_a_tpu_slice_this_machine_lacks(tmp_path, monkeyp
           tpu['memory_bytes']) == ('v5e:2x2', 'tpu', 'TPU v5 lite', 4, 16e9)
   assert 'autotuned' not in tpu['train']
   assert 'compiled for v5e:2x2 (4 x TPU v5 lite, 16 GB each) on this machine' in (
-      benchmark_lib.format_table(results))
+      table.format_table(results))
 
 
 # JAX's CUDA plugin (the test extra, on Linux x86-64) describes GPUs without them.
@@ -359,12 +365,12 @@ def test_benchmark_compiles_for_a_gpu_this_machine_lacks(tmp_path, monkeypatch):
     assert gemms_outside < tuned['cublas_gemms'], graphs
   assert (results['compiled_for']['train']['kernel_launches']['total']
           > results['compiled_for']['eval']['kernel_launches']['total'])
-  table = benchmark_lib.format_table(results)
+  text = table.format_table(results)
   assert ('compiled for h100 (1 x NVIDIA H100 80GB HBM3, 64 GB each: JAX\'s share of the card) '
-          'on this machine') in table and 'GPU autotuning off' in table
-  assert 'train autotuned on a GPU: ' in table
-  assert 'train kernels launched per run: ' in table
-  assert 'train submitted per run: ' in table
+          'on this machine') in text and 'GPU autotuning off' in text
+  assert 'train autotuned on a GPU: ' in text
+  assert 'train kernels launched per run: ' in text
+  assert 'train submitted per run: ' in text
 
 
 @needs_cuda_plugin
@@ -376,46 +382,46 @@ def test_benchmark_compiles_for_several_gpus_this_machine_lacks(tmp_path, monkey
   assert gpus['train']['collectives']['all-reduce'] > 0
   assert ('train collectives between the devices: '
           f'{gpus["train"]["collectives"]["all-reduce"]} all-reduce') in (
-              benchmark_lib.format_table(results))
+              table.format_table(results))
 
 
 @needs_cuda_plugin
 def test_several_gpus_are_named_by_their_count_after_the_card():
-  target = benchmark_lib.devices_not_here('h200:2x4')  # Two hosts of four.
+  target = compile_targets.devices_not_here('h200:2x4')  # Two hosts of four.
   assert len(target.devices) == 8 and {d.device_kind for d in target.devices} == {'NVIDIA H200'}
   assert sorted({d.process_index for d in target.devices}) == [0, 1]
-  assert len(benchmark_lib.devices_not_here('H100:8').devices) == 8
+  assert len(compile_targets.devices_not_here('H100:8').devices) == 8
   with pytest.raises(ValueError, match=r"'h100:0' names no GPU"):
-    benchmark_lib.devices_not_here('h100:0')
+    compile_targets.devices_not_here('h100:0')
 
 
 @needs_cuda_plugin
 def test_a_gpu_is_named_by_a_known_card_or_a_file_of_xla_s_description(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"No GPU or TPU slice named 'a100'.*\['h100', 'h200'\]"):
-    benchmark_lib.devices_not_here('a100')
+    compile_targets.devices_not_here('a100')
   # Another card: its description in a file, memory share as the user sets it.
   card = tmp_path / 'small.pbtxt'
-  card.write_text(open(os.path.join(benchmark_lib.GPU_TARGETS_DIR, 'h200.pbtxt')).read().replace(
+  card.write_text(open(os.path.join(compile_targets.GPU_TARGETS_DIR, 'h200.pbtxt')).read().replace(
       'device_memory_size: 150754820096', 'device_memory_size: 1000000000'))
   monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
-  target = benchmark_lib.devices_not_here(str(card))
+  target = compile_targets.devices_not_here(str(card))
   assert (target.target, target.memory_bytes) == (str(card), 500_000_000)
   assert [d.device_kind for d in target.devices] == ['NVIDIA H200']
   card.write_text('gpu_device_info { no_such_field: 1 }')
   with pytest.raises(ValueError, match="could not describe the GPU .*GpuTargetConfigProto"):
-    benchmark_lib.devices_not_here(str(card))
+    compile_targets.devices_not_here(str(card))
 
 
 def test_compiling_for_a_gpu_without_jax_s_cuda_plugin_says_how_to_install_it(monkeypatch):
   monkeypatch.setattr(runtime, 'pjrt_plugins', set)
   with pytest.raises(ValueError, match=r"needs JAX's CUDA plugin.*jax\[cuda13-local\]"):
-    benchmark_lib.devices_not_here('h100')
+    compile_targets.devices_not_here('h100')
 
 
 @needs_libtpu
 def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(tiny_data_dir,
                                                                               monkeypatch):
-  target = benchmark_lib.devices_not_here('v5e:2x2')
+  target = compile_targets.devices_not_here('v5e:2x2')
   devices = target.devices
   # XLA's TPU compiler knows the chip's memory and refuses a program larger: a batch fits
   # where its step compiles.
@@ -443,12 +449,12 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
 
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
   made = []
-  random_batch = benchmark_lib.input_pipeline.random_batch
-  monkeypatch.setattr(benchmark_lib.input_pipeline, 'random_batch',
+  random_batch = input_pipeline.random_batch
+  monkeypatch.setattr(input_pipeline, 'random_batch',
                       lambda config: made.append(config.batch_size) or random_batch(config))
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
   progress = []
-  results = benchmark_lib.largest_batches(
+  results = largest_batch.largest_batches(
       {'plain': tiny_config(tiny_data_dir)}, memory_bytes=48 << 20, target=target,
       on_progress=lambda found: progress.append(copy.deepcopy(found)))
   # Per chip 2 MiB at batch 4, 5 MiB at 16: 0.25 MiB per image of the global batch over 1 MiB;
@@ -466,15 +472,15 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
       (None, 'none fitted yet'), (None, 'none fitted yet'), (148, None), (156, None)]
   assert progress[-1] == results
   assert set(made) == {1}  # Batch shapes from one image's: no batch of thousands made.
-  assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
+  assert table._lowered_and_largest_rows({'largest_batch': results}) == [
       'largest batch (plain): 156 (compiled for devices not here; 168 did not fit)']
 
   # Where the estimate is far out, four tries 10% apart may all be refused: none found.
   limit_mib = 20
-  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
+  results = largest_batch.largest_batches({'plain': tiny_config(tiny_data_dir)},
                                           memory_bytes=48 << 20, target=target)
   assert [fit for _, fit, _ in results['plain']['tried']] == [False] * 4
-  assert benchmark_lib._lowered_and_largest_rows({'largest_batch': results}) == [
+  assert table._lowered_and_largest_rows({'largest_batch': results}) == [
       'largest batch (plain): None (no batch from 188 down fitted)']
 
 
@@ -483,7 +489,7 @@ def test_largest_batches_for_a_gpu_not_here_are_those_whose_buffers_fit_its_memo
     tiny_data_dir, monkeypatch):
   """XLA's GPU compiler, unlike the TPU's, compiles a program larger than the card: a batch
   fits where XLA's buffers fit the memory."""
-  target = benchmark_lib.devices_not_here('h100')
+  target = compile_targets.devices_not_here('h100')
   compiled = []
 
   def compile_(lowered, compiler_options):
@@ -498,7 +504,7 @@ def test_largest_batches_for_a_gpu_not_here_are_those_whose_buffers_fit_its_memo
 
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
-  results = benchmark_lib.largest_batches({'plain': tiny_config(tiny_data_dir)},
+  results = largest_batch.largest_batches({'plain': tiny_config(tiny_data_dir)},
                                           memory_bytes=48 << 20, target=target)
   # 1 MiB per image from batches 1 and 4 puts 47 images in 48 MiB; they take 63 MiB, refused;
   # the line through 4 (5 MiB) and 47 aimed at 95% of 48 MiB gives 34, which fits (37 MiB);
@@ -512,7 +518,7 @@ def test_largest_batches_for_a_gpu_not_here_are_those_whose_buffers_fit_its_memo
 @needs_libtpu
 def test_a_tpu_slice_libtpu_does_not_know_is_named_with_the_form_it_takes():
   with pytest.raises(ValueError, match=r"'v5x:9'.*name one as 'v5e:2x2'"):
-    benchmark_lib.devices_not_here('v5x:9')
+    compile_targets.devices_not_here('v5x:9')
 
 
 def test_compiling_for_a_tpu_slice_without_libtpu_says_how_to_install_it(monkeypatch):
@@ -520,7 +526,7 @@ def test_compiling_for_a_tpu_slice_without_libtpu_says_how_to_install_it(monkeyp
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *args: None if name == 'libtpu' else find_spec(name, *args))
   with pytest.raises(ValueError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
-    benchmark_lib.devices_not_here('v5e:2x2')
+    compile_targets.devices_not_here('v5e:2x2')
 
 
 def test_compile_for_with_flags_that_run_stops_at_once(tmp_path):
@@ -535,24 +541,24 @@ def test_compile_for_with_flags_that_run_stops_at_once(tmp_path):
 def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):
   """As on a GPU behind JAX's CUDA plugin, whose lowered programs have no cost analysis."""
   lowered = jax.jit(lambda x: jnp.sum(x @ x)).lower(jnp.ones((64, 64)))
-  flops = benchmark_lib._flops(lowered)
+  flops = timing.program_flops(lowered)
   assert flops > 2 * 64**3
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
-  assert benchmark_lib._flops(lowered) == flops
+  assert timing.program_flops(lowered) == flops
 
   def refuse(self):  # As jax 0.12 does for a TPU slice described without its chips.
     raise jax.errors.JaxRuntimeError('This operation is implemented for a PjRt-compatible '
                                      'backend only.')
 
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', refuse)
-  assert benchmark_lib._flops(lowered) == flops
+  assert timing.program_flops(lowered) == flops
 
 
 def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_trace(
     tmp_path, monkeypatch):
   step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
-  _, figures = benchmark_lib._compile('step', step, jnp.ones((8, 8)), profile_dir=str(tmp_path))
-  phases = benchmark_lib.compile_phase_times(benchmark_lib.newest_trace(str(tmp_path)))
+  _, figures = timing.timed_compile('step', step, jnp.ones((8, 8)), profile_dir=str(tmp_path))
+  phases = traces.compile_phase_times(traces.newest_trace(str(tmp_path)))
   assert figures['compile_s'] > 0 and any('Compiler' in p['name'] for p in phases), phases
   assert all(not p['name'].startswith('$') for p in phases)  # XLA's events, not Python's.
 
@@ -560,7 +566,7 @@ def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_
     raise RuntimeError('no CUPTI')
 
   monkeypatch.setattr(jax.profiler, 'start_trace', no_profiler)
-  compiled, figures = benchmark_lib._compile('step', step, jnp.ones((4, 4)),
+  compiled, figures = timing.timed_compile('step', step, jnp.ones((4, 4)),
                                              profile_dir=str(tmp_path / 'none'))
   assert figures['compile_s'] > 0 and float(compiled(jnp.ones((4, 4)))) > 0
 
@@ -580,11 +586,11 @@ def test_device_op_times_come_from_the_device_lines_with_events(tmp_path):
   cpu = [meta('process', 1, '/device:CUSTOM:Megascale Trace'), meta('process', 7, '/host:CPU'),
          meta('thread', 7, 'tf_XLAEigen/1', tid=3), meta('thread', 7, 'main', tid=4),
          op(7, 3, 'fusion.1', 3000), op(7, 3, 'convolution.2', 6000), op(7, 4, 'python', 9000)]
-  times = benchmark_lib.device_op_times(trace(*cpu), steps=3)
+  times = traces.device_op_times(trace(*cpu), steps=3)
   assert times['busy_ms_per_step'] == {'XLA CPU threads': 3.0}
   assert [o['name'] for o in times['top_ops']] == ['convolution.2', 'fusion.1']
   gpu = [*cpu, meta('process', 2, '/device:GPU:0'), meta('thread', 2, 'Stream #1', tid=5),
          op(2, 5, 'gemm', 1500)]
-  times = benchmark_lib.device_op_times(trace(*gpu), steps=3)
+  times = traces.device_op_times(trace(*gpu), steps=3)
   assert times['top_ops'] == [{'line': '/device:GPU:0 Stream #1', 'name': 'gemm',
                                'ms_per_step': 0.5, 'calls_per_step': 1 / 3}]

@@ -301,7 +301,7 @@ def test_tpu_hosts_and_clusters_start_jax_distributed(platform, variables, detec
                     or any('cuda' not in plugin for plugin in runtime.pjrt_plugins()),
                     reason='an accelerator or a PJRT plugin other than CUDA\'s is installed')
 def test_cuda_plugin_without_a_visible_gpu_computes_on_the_cpu(tmp_path):
-  # The test extra's own CUDA plugin (compiling for a GPU, `benchmark_lib.devices_not_here`)
+  # The test extra's own CUDA plugin (compiling for a GPU, `compile_targets.devices_not_here`)
   # beside a second one.
   assert _tune(tmp_path, '', plugin='xla_cuda99')[:2] == ('cpu', ['cpu'])
 
