@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from hded_jax import defocus
+from hded_jax import files
 from hded_jax import input_pipeline
 from hded_jax import lowering
 from hded_jax import models
@@ -337,7 +338,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: 
 
   def save():
     if output:
-      with open(output, 'w') as f:
+      with files.atomic_write(output) as f:  # A run stopped while writing keeps the last.
         json.dump(results, f, indent=2, default=str)
 
   def find_largest_batch_for(target=None):

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hded_jax import files
 from hded_jax import models
 from hded_jax import runtime
 from hded_jax import sharding
@@ -72,10 +73,8 @@ def check_shared(workdir: str) -> None:
       np.random.default_rng().integers(1, 2**31 - 1, dtype=np.int32)))
   mark = os.path.join(workdir, _SHARED_MARK)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(mark + '.tmp', 'w') as f:
+    with files.atomic_write(mark) as f:
       f.write(str(token))
-    os.replace(mark + '.tmp', mark)
   multihost_utils.sync_global_devices('checkpoints.check_shared: written')
   try:
     with open(mark) as f:
@@ -113,9 +112,9 @@ def locate(path: str) -> tuple[str, int | None]:
   WORKDIR, a checkpoint directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, a converted
   model) or one step of one (DIR/<step>)."""
   path = runtime.local_path(path)
-  expected = (f'expected a training run\'s WORKDIR (with checkpoints/<step>/), a checkpoint '
-              f'directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, the output of `python -m '
-              f'hded_jax.convert official`) or one step of one (DIR/<step>)')
+  expected = ('expected a training run\'s WORKDIR (with checkpoints/<step>/), a checkpoint '
+              'directory (WORKDIR/checkpoints, WORKDIR/best_checkpoint, the output of `python -m '
+              'hded_jax.convert official`) or one step of one (DIR/<step>)')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {expected}.')
   if not os.path.isdir(path):

@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from hded_jax import checkpoints, defocus, visualize
+from hded_jax import checkpoints, defocus, files, visualize
 from hded_jax import images
 from hded_jax import runtime
 from hded_jax.models.hded_net import INPUT_MULTIPLE
@@ -178,16 +178,18 @@ def write_outputs(output_dir: str, stem: str, outputs: dict[str, np.ndarray],
   if 'depth' in outputs:
     depth = outputs['depth'].astype(np.float32)
     vmin, vmax = depth_limits(depth, depth_range)
-    np.save(os.path.join(output_dir, f'{stem}_depth.npy'), depth)
-    Image.fromarray(visualize.colorize_depth(depth, vmin, vmax)).save(
-        os.path.join(output_dir, f'{stem}_depth.png'))
+    with files.atomic_write(os.path.join(output_dir, f'{stem}_depth.npy'), 'wb') as f:
+      np.save(f, depth)
+    with files.atomic_write(os.path.join(output_dir, f'{stem}_depth.png'), 'wb') as f:
+      Image.fromarray(visualize.colorize_depth(depth, vmin, vmax)).save(f, format='PNG')
     logging.info('%s: depth %.4g..%.4g, colour-mapped over [%.4g, %.4g] (turbo, near = blue).',
                  stem, depth.min(), depth.max(), vmin, vmax)
   if 'aif' in outputs:
     aif = outputs['aif'].astype(np.float32)
-    np.save(os.path.join(output_dir, f'{stem}_aif.npy'), aif)
-    Image.fromarray(np.round(aif * 255).astype(np.uint8)).save(
-        os.path.join(output_dir, f'{stem}_aif.png'))
+    with files.atomic_write(os.path.join(output_dir, f'{stem}_aif.npy'), 'wb') as f:
+      np.save(f, aif)
+    with files.atomic_write(os.path.join(output_dir, f'{stem}_aif.png'), 'wb') as f:
+      Image.fromarray(np.round(aif * 255).astype(np.uint8)).save(f, format='PNG')
 
 
 class _Progress:

@@ -23,12 +23,13 @@ import pathlib
 import pickle
 import platform
 import sys
-import tempfile
 import threading
 
 from absl import logging
 import jax
 from jax.experimental import serialize_executable
+
+from hded_jax import files
 
 # The newest programs kept; older ones are deleted when a new one is written.
 MAX_PROGRAMS = 8
@@ -57,9 +58,9 @@ def _code() -> str:
     if spec is None:
       continue
     for location in spec.submodule_search_locations or [spec.origin]:
-      for root, dirs, files in os.walk(location):
+      for root, dirs, names in os.walk(location):
         dirs[:] = sorted(d for d in dirs if d != '__pycache__')
-        for file in sorted(files):
+        for file in sorted(names):
           stat = os.stat(os.path.join(root, file))
           digest.update(f'{root}/{file} {stat.st_size} {stat.st_mtime_ns}\n'.encode())
   return digest.hexdigest()
@@ -133,17 +134,11 @@ class CachedProgram:
                       error)
       return
     directory = os.path.dirname(self.path)
-    temporary = None
     try:
-      os.makedirs(directory, exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
-        temporary = f.name
+      with files.atomic_write(self.path, 'wb') as f:
         f.write(blob)
-      os.replace(temporary, self.path)
     except OSError as error:  # A full disk, a read-only cache: training goes on without it.
       logging.warning('The compiled program is not cached: %s (%s).', self.path, error)
-      if temporary:
-        pathlib.Path(temporary).unlink(missing_ok=True)
       return
     programs = []
     for path in pathlib.Path(directory).glob(f'*{_SUFFIX}'):

@@ -21,6 +21,7 @@ from absl import app, flags
 from PIL import Image
 
 from hded_jax import defocus
+from hded_jax import files
 from hded_jax import images
 from hded_jax import input_pipeline
 from hded_jax import visualize
@@ -91,7 +92,8 @@ def main(argv: Sequence[str]) -> None:
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'Error: {e}')  # A message to act on, not a traceback.
   grid, _ = visualize.stack_rows(rows)
-  Image.fromarray(grid).save(_OUTPUT.value)
+  with files.atomic_write(_OUTPUT.value, 'wb') as f:
+    Image.fromarray(grid).save(f, format='PNG')
   print(f'Wrote {len(rows)} examples of {builder.info.full_name} {_SPLIT.value} to '
         f'{_OUTPUT.value}.')
 
