@@ -308,12 +308,10 @@ def _lists_to_tuples(value):
   return value
 
 
-def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module,
-                       placement: jax.sharding.Sharding | None = None) -> None:
-  """Restores the ``model`` item of ``step`` into ``model`` in place (placed with
-  ``placement``, else where the model's arrays are)."""
+def restore_model_into(mngr: ocp.CheckpointManager, step: int, model: nnx.Module) -> None:
+  """Restores the ``model`` item of ``step`` into ``model`` in place, where its arrays are."""
   state = nnx.state(model)
-  target = sharding.abstract(state.to_pure_dict(), placement)
+  target = sharding.abstract(state.to_pure_dict())
   restored = mngr.restore(step, args=ocp.args.Composite(**{
       MODEL: ocp.args.StandardRestore(_on_host(target))}))
   nnx.replace_by_pure_dict(state, _placed(restored[MODEL], target))
@@ -334,8 +332,7 @@ def _placed(host_arrays, target):
       like.shape, like.sharding, lambda index: x[index]), host_arrays, target)
 
 
-def restore_model(mngr: ocp.CheckpointManager, step: int | None = None,
-                  placement: jax.sharding.Sharding | None = None
+def restore_model(mngr: ocp.CheckpointManager, step: int | None = None
                   ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """(model in eval mode, experiment config, step) of ``step``, else of the newest step that
   restores. The network is built from the config saved with it."""
@@ -344,7 +341,7 @@ def restore_model(mngr: ocp.CheckpointManager, step: int | None = None,
     config = restore_config(mngr, step)
     # Abstract: the weights come from the checkpoint, so skip the random init.
     model = models.abstract_model(config.model)
-    restore_model_into(mngr, step, model, placement)
+    restore_model_into(mngr, step, model)
     return model, config
 
   step, (model, config) = restore_newest(mngr, restore, step=step)
@@ -352,13 +349,12 @@ def restore_model(mngr: ocp.CheckpointManager, step: int | None = None,
   return model, config, step
 
 
-def load_model(path: str, placement: jax.sharding.Sharding | None = None
-               ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+def load_model(path: str) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """``restore_model`` for what ``path`` names (see ``locate``): a step, else the newest that
   restores."""
   directory, step = locate(path)
   with manager(directory, read_only=True) as mngr:
-    return restore_model(mngr, step, placement)
+    return restore_model(mngr, step)
 
 
 BEST_OLD_SUFFIX, BEST_NEW_SUFFIX = '.old', '.tmp'

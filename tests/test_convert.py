@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -26,8 +25,26 @@ TINY = {k: tuple(v) if k == 'block_sizes' else v
         for k, v in models.model_config('tiny').items() if k in ARCH_KEYS}
 
 
+def randomize_(model, seed: int = 0):
+  """Random weights and BatchNorm running stats that keep activations O(1) through the net."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2),
+                          (m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 2.0)):
+          t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
+      elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        fan_in = m.weight[0].numel() if isinstance(m, torch.nn.Conv2d) else (
+            m.weight.shape[0] * m.weight[0, 0].numel() / 4)  # Stride 2: 1/4 of taps are live.
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+        if m.bias is not None:
+          m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+  return model.eval()
+
+
 def torch_model(heads=('depth', 'aif'), seed=0, **arch):
-  return torch_reference.randomize_(torch_reference.HDEDNet(heads=heads, **arch), seed)
+  return randomize_(torch_reference.HDEDNet(heads=heads, **arch), seed)
 
 
 def numpy_state_dict(model):

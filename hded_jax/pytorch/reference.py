@@ -147,24 +147,6 @@ class HDEDNet(nn.Module):
     return out
 
 
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-  """Random weights and BatchNorm running stats that keep activations O(1) through the net."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2),
-                          (m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 2.0)):
-          t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
-      elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        fan_in = m.weight[0].numel() if isinstance(m, nn.Conv2d) else (
-            m.weight.shape[0] * m.weight[0, 0].numel() / 4)  # Stride 2: 1/4 of taps are live.
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
-        if m.bias is not None:
-          m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-  return model.eval()
-
-
 # The loss terms of `hded_jax.losses` that the reference implements (what the benchmark times).
 LOSS_TERMS = {
     'depth_l1': lambda out, batch, eps: F.l1_loss(out['depth'], batch['depth']),
