@@ -27,6 +27,8 @@ from absl import app, flags
 
 from hded_jax import defocus
 from hded_jax import input_pipeline
+from hded_jax import runtime
+from hded_jax.benchmarking import timing
 from tfds_builders import common
 from tfds_builders import synthetic_defocus
 from tfds_builders.nyu_depth_v2_defocus import nyu_depth_v2_defocus_dataset_builder as nyu
@@ -55,16 +57,10 @@ def measure_render(size: tuple[int, int], variants: Sequence[str], repeats: int)
     mode, _, tolerance = variant.partition(':')
     render = functools.partial(defocus.render_defocus, image, depth, camera, mode=mode,
                                sigma_tolerance=float(tolerance) if tolerance else None)
-    start = time.perf_counter()
-    render()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      render()
-      times.append(time.perf_counter() - start)
-    print(f'{variant}: {np.median(times):.3f} s per frame (median of {repeats}; first call '
-          f'with compilation {first:.2f} s)')
+    first = timing.time_steps(render, steps=1, warmup=0)['median_s']
+    median = timing.time_steps(render, steps=repeats, warmup=0)['median_s']
+    print(f'{variant}: {median:.3f} s per frame (median of {repeats}; first call with '
+          f'compilation {first:.2f} s)')
 
 
 def measure_prepare(size: tuple[int, int], worker_counts: Sequence[int], num_frames: int,
@@ -116,12 +112,7 @@ def measure_blur_map(size: tuple[int, int], repeats: int) -> None:
   blur_bytes = len(blur_feature.encode_example(blur))
 
   def best_of(fn):
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return min(times)
+    return timing.time_steps(fn, steps=repeats, warmup=0)['min_s']
 
   encoded = blur_feature.encode_example(blur)
   decode = lambda: np.frombuffer(zlib.decompress(encoded), np.float32).reshape(size)
@@ -138,6 +129,7 @@ def measure_blur_map(size: tuple[int, int], repeats: int) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.skip_unused_cuda_check()
   size = tuple(int(n) for n in _FRAME_SIZE.value)
   if len(size) != 2:
     raise app.UsageError(f'--frame_size takes a height and a width, got {_FRAME_SIZE.value}.')
@@ -146,8 +138,7 @@ def main(argv: Sequence[str]) -> None:
   elif _MEASURE.value == 'render':
     # One core, one XLA thread: set before JAX's backend starts (it has not: nothing ran yet).
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_cpu_multi_thread_eigen=false')
+    runtime.add_xla_flag('--xla_cpu_multi_thread_eigen=false')
     measure_render(size, _VARIANTS.value, _REPEATS.value)
   else:
     workers = [int(w) for w in _WORKERS.value]

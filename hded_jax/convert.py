@@ -17,6 +17,7 @@ from absl import logging
 
 from hded_jax import checkpoints
 from hded_jax import models
+from hded_jax import runtime
 from hded_jax.pytorch import weights
 
 FLAGS = flags.FLAGS
@@ -34,6 +35,7 @@ USAGE = ('usage: python -m hded_jax.convert imagenet IN.pth OUT_DIR\n'
 def main(argv):
   if len(argv) != 4 or argv[1] not in ('imagenet', 'official'):
     raise app.UsageError(USAGE)
+  runtime.skip_unused_cuda_check()
   kind, in_path, out_dir = argv[1:]
   if kind == 'imagenet':
     state_dict = weights.read_torch_state_dict(in_path, allow_pickle=FLAGS.allow_pickle)

@@ -8,6 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hded_jax import models
+from hded_jax import runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -18,6 +19,7 @@ flags.mark_flag_as_required('config')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.skip_unused_cuda_check()
   rows = models.parameter_table(FLAGS.config.model, FLAGS.depth)
   width = max(len(name) for name, _ in rows)
   print(f'{"module":<{width}}  {"parameters":>12}')

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 
 from hded_jax import defocus
+from hded_jax import runtime
 
 CAMERA_KEYS = defocus.CAMERA_FIELDS
 PROGRESS_EVERY_SECS = 30
@@ -123,8 +124,7 @@ def _start_worker() -> None:
   # neither JAX nor TensorFlow (which encodes the PNGs) on an accelerator, where each worker
   # would claim the memory of one GPU that all of them share. Set before either starts.
   os.environ['CUDA_VISIBLE_DEVICES'] = ''
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_multi_thread_eigen=false')
+  runtime.add_xla_flag('--xla_cpu_multi_thread_eigen=false')
   jax.config.update('jax_platforms', 'cpu')
 
 

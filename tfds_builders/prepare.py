@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from hded_jax import runtime
 from tfds_builders import registry
 
 _MANUAL_DIR = flags.DEFINE_string(
@@ -28,6 +29,7 @@ _NUM_WORKERS = flags.DEFINE_integer(
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f'Give exactly one dataset name, one of {sorted(registry.DATASETS)}.')
+  runtime.skip_unused_cuda_check()
   try:
     registry.prepare(argv[1], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
                      config=_CONFIG.value,

@@ -24,6 +24,7 @@ from hded_jax import defocus
 from hded_jax import files
 from hded_jax import images
 from hded_jax import input_pipeline
+from hded_jax import runtime
 from hded_jax import visualize
 from tfds_builders import registry
 
@@ -85,6 +86,7 @@ def preview_rows(builder, split: str, num: int, camera: dict[str, float] | None 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError(f'Give exactly one dataset name, one of {sorted(registry.DATASETS)}.')
+  runtime.skip_unused_cuda_check()
   try:
     builder = load_builder(argv[1], _CONFIG.value, _DATA_DIR.value)
     camera = {name: flag.value for name, flag in _CAMERA.items() if flag.value is not None}
