@@ -25,10 +25,25 @@ def to_unit_range(image):
   return (image + 1) / 2
 
 
+def to_clipped_unit_range(image):
+  """[-1, 1] -> [0, 1], clipped (a network output shown or scored as an image); numpy or jax
+  arrays alike."""
+  return to_unit_range(image).clip(0, 1)
+
+
+def from_unit_range(image):
+  """[0, 1] -> [-1, 1]; numpy or jax arrays alike."""
+  return image * 2 - 1
+
+
+def unit_to_uint8(image) -> np.ndarray:
+  """[0, 1] -> uint8, clipped and rounded (in the input's precision)."""
+  return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
 def to_uint8(image) -> np.ndarray:
   """[-1, 1] -> uint8, clipped and rounded."""
-  return np.round(np.clip(to_unit_range(np.asarray(image, np.float32)), 0, 1) * 255).astype(
-      np.uint8)
+  return unit_to_uint8(to_unit_range(np.asarray(image, np.float32)))
 
 
 def read_rgb(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -57,7 +72,7 @@ def _to_rgb(image: Image.Image, path: str) -> Image.Image:
           f'{path}: a float image with values in [{np.nanmin(values):.4g}, '
           f'{np.nanmax(values):.4g}]; only [0, 1] says where white is. Scale it to [0, 1] or '
           'save it as an 8-bit image.')
-    return Image.fromarray(np.round(values * 255).astype(np.uint8)).convert('RGB')
+    return Image.fromarray(unit_to_uint8(values)).convert('RGB')
   if image.mode == 'I':
     raise ValueError(f'{path}: 32-bit integer pixels (PIL mode I) have no white level; save it '
                      'as an 8- or 16-bit image.')

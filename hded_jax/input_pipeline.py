@@ -246,10 +246,10 @@ class Rendering:
     render = functools.partial(
         defocus.render_defocus, mode=self.mode, sigma_tolerance=self.sigma_tolerance,
         dilation_radius=self.dilation_radius, scale=self.scale)
-    aif = jnp.clip(images.to_unit_range(batch['aif']), 0, 1)
+    aif = images.to_clipped_unit_range(batch['aif'])
     cameras = defocus.Camera(*jnp.moveaxis(batch['camera'], -1, 0))
     image = jax.vmap(render)(aif, batch['render_depth'], cameras)
-    return {**batch, 'image': image * 2 - 1}
+    return {**batch, 'image': images.from_unit_range(image)}
 
 
 def rendering(config: ml_collections.ConfigDict) -> Rendering | None:

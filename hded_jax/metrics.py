@@ -220,7 +220,7 @@ def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
     for name in DEPTH_METRICS:
       values[f'depth/{name}'] = depth_values[name]
       masks[f'depth/{name}'] = has_depth
-  to_unit = lambda image: jnp.clip(images.to_unit_range(jnp.asarray(image, jnp.float32)), 0, 1)
+  to_unit = lambda image: images.to_clipped_unit_range(jnp.asarray(image, jnp.float32))
   compared = {}
   if 'aif' in outputs:
     if 'aif' not in batch:

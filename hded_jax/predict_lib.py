@@ -139,7 +139,7 @@ def predict_batch(forward: Forward, photos: Sequence[np.ndarray], *,
       pad_to_multiple(images.to_network_range(p)[None], pad_mode)[0] for p in photos])
   outputs = {k: np.asarray(v) for k, v in forward(batch).items()}
   if 'aif' in outputs:
-    outputs['aif'] = np.clip(images.to_unit_range(outputs['aif']), 0.0, 1.0)
+    outputs['aif'] = images.to_clipped_unit_range(outputs['aif'])
   return [{k: v[i, :p.shape[0], :p.shape[1]] for k, v in outputs.items()}
           for i, p in enumerate(photos)]
 
@@ -189,7 +189,7 @@ def write_outputs(output_dir: str, stem: str, outputs: dict[str, np.ndarray],
     with files.atomic_write(os.path.join(output_dir, f'{stem}_aif.npy'), 'wb') as f:
       np.save(f, aif)
     with files.atomic_write(os.path.join(output_dir, f'{stem}_aif.png'), 'wb') as f:
-      Image.fromarray(np.round(aif * 255).astype(np.uint8)).save(f, format='PNG')
+      Image.fromarray(images.unit_to_uint8(aif)).save(f, format='PNG')
 
 
 class _Progress:

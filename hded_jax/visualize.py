@@ -27,8 +27,7 @@ def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   """Depth (..., H, W) -> uint8 RGB (..., H, W, 3); near is blue, far is red."""
   if not vmax > vmin:
     vmax = vmin + 1e-6
-  rgb = turbo((np.asarray(depth, np.float64) - vmin) / (vmax - vmin))
-  return np.round(rgb * 255).astype(np.uint8)
+  return images.unit_to_uint8(turbo((np.asarray(depth, np.float64) - vmin) / (vmax - vmin)))
 
 
 def diverging(x: np.ndarray) -> np.ndarray:
@@ -67,7 +66,7 @@ class Scale:
     unit = (np.asarray(values, np.float64) - self.vmin) / span
     if self.colour_map == 'diverging':
       unit = unit * 2 - 1
-    rgb = np.round(COLOUR_MAPS[self.colour_map](unit) * 255).astype(np.uint8)
+    rgb = images.unit_to_uint8(COLOUR_MAPS[self.colour_map](unit))
     if valid is not None:
       rgb[~np.asarray(valid, bool)] = MASKED
     return rgb

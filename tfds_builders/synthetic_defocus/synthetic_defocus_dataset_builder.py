@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from scipy import ndimage
 
 from hded_jax import defocus
+from hded_jax import images
 from tfds_builders import common
 
 DEPTH_RANGE = (0.5, 1.95)
@@ -106,7 +107,7 @@ def generate_scene(rng, height, width):
     surfaces.append((np.where(inside, distance, np.inf),
                      _colourise(rng, _texture(rng, height, width))))
   rgb, depth = composite(surfaces)
-  return np.round(rgb * 255).astype(np.uint8), depth.astype(np.float32)
+  return images.unit_to_uint8(rgb), depth.astype(np.float32)
 
 
 def room_scene(height=480, width=640, seed=0):
@@ -125,7 +126,7 @@ def room_scene(height=480, width=640, seed=0):
   texture = sum(
       ndimage.zoom(rng.random((-(-height // s), -(-width // s), 3)), (s, s, 1),
                    order=1)[:height, :width] for s in (1, 4, 16)) / 3
-  return np.round(texture * 255).astype(np.uint8), depth.astype(np.float32)
+  return images.unit_to_uint8(texture), depth.astype(np.float32)
 
 
 class Builder(common.DefocusBuilder):
