@@ -45,6 +45,8 @@ PARAMS = 'params'
 _MAX_LISTED = 20
 _MAX_ERROR_CHARS = 400
 DAMAGED_SUFFIX = '.damaged'
+# In a training run's WORKDIR: its checkpoints, and the best of them that evaluation keeps.
+TRAIN_CHECKPOINTS, BEST_CHECKPOINT = 'checkpoints', 'best_checkpoint'
 
 Path = tuple[str | int, ...]
 T = TypeVar('T')
@@ -119,18 +121,30 @@ def locate(path: str) -> tuple[str, int | None]:
     raise FileNotFoundError(f'{path} does not exist: {expected}.')
   if not os.path.isdir(path):
     raise NotADirectoryError(f'{path} is a file: {expected}.')
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
+  if os.path.isdir(train_checkpoints_dir(path)):
+    path = train_checkpoints_dir(path)
   if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, MODEL)):
     return os.path.dirname(path), int(os.path.basename(path))
-  if _has_steps(path):
+  if has_steps(path):
     return path, None
   entries = sorted(os.listdir(path))
   found = listing('It holds', entries) if entries else 'It is empty'
   raise FileNotFoundError(f'No checkpoint in {path}: {expected}. {found}.')
 
 
-def _has_steps(directory: str) -> bool:
+def train_checkpoints_dir(workdir: str) -> str:
+  return os.path.join(workdir, TRAIN_CHECKPOINTS)
+
+
+def best_checkpoint_dir(checkpoint_dir: str) -> str | None:
+  """Where evaluation keeps the best step of ``checkpoint_dir``: WORKDIR/best_checkpoint for a
+  training run's checkpoints, else None (a model checkpoint: converted, or a best one)."""
+  if os.path.basename(os.path.normpath(checkpoint_dir)) != TRAIN_CHECKPOINTS:
+    return None
+  return os.path.join(os.path.dirname(os.path.normpath(checkpoint_dir)), BEST_CHECKPOINT)
+
+
+def has_steps(directory: str) -> bool:
   """Whether ``directory`` holds a complete step (Orbax gives a step its number as its name
   once it is fully written)."""
   return any(n.isdigit() and os.path.isdir(os.path.join(directory, n))

@@ -432,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   saved_config.num_train_steps = trainer.num_steps
   data_iter = input_pipeline.train_iterator(config, source)
   # Closing waits for the last save, also when an error ends the run.
-  with checkpoints.manager(os.path.join(workdir, 'checkpoints'),
+  with checkpoints.manager(checkpoints.train_checkpoints_dir(workdir),
                            max_to_keep=config.max_checkpoints_to_keep) as ckpt:
     # XLA compiles the step (or reads it from the cache) while the state is restored or drawn,
     # from the moment the checkpoint's config is known to fit: a mismatch stops at once.

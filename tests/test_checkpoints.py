@@ -206,6 +206,11 @@ def test_eval_once_takes_a_run_its_best_checkpoint_or_one_step(tiny_run, tmp_pat
   assert list(by_step) == [2]
   assert {'metrics_2.json', 'metrics_4.json'} <= set(os.listdir(os.path.join(workdir, 'eval')))
   assert eval_lib.run_dir(os.path.join(workdir, 'best_checkpoint'), once=True) == workdir
+  # Only a run's training checkpoints get a best one, however the folder is written.
+  for given, best in (('checkpoints', 'best_checkpoint'), ('checkpoints/', 'best_checkpoint'),
+                      ('best_checkpoint', None), ('checkpoints/2', None)):
+    expected = best and os.path.join(workdir, best)
+    assert checkpoints.best_checkpoint_dir(os.path.join(workdir, given)) == expected, given
 
 
 def test_eval_and_predict_fall_back_past_a_damaged_step_and_say_which(tiny_run, tmp_path,
