@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import glob
 import os
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -31,6 +30,7 @@ from PIL import Image
 
 from hded_jax import checkpoints, defocus, files, visualize
 from hded_jax import images
+from hded_jax import progress
 from hded_jax import runtime
 from hded_jax.models.hded_net import INPUT_MULTIPLE
 
@@ -192,24 +192,6 @@ def write_outputs(output_dir: str, stem: str, outputs: dict[str, np.ndarray],
       Image.fromarray(images.unit_to_uint8(aif)).save(f, format='PNG')
 
 
-class _Progress:
-  """Logs images/s and the ETA at most every LOG_EVERY_S seconds, and at the end."""
-
-  def __init__(self, total: int):
-    self.total, self.done, self.start = total, 0, time.monotonic()
-    self.last_log = self.start
-
-  def update(self, count: int) -> None:
-    self.done += count
-    now = time.monotonic()
-    if now - self.last_log < LOG_EVERY_S and self.done < self.total:
-      return
-    self.last_log = now
-    rate = self.done / max(now - self.start, 1e-9)
-    logging.info('%d/%d images, %.2f images/s, ETA %.0f s.', self.done, self.total, rate,
-                 (self.total - self.done) / rate if rate else float('nan'))
-
-
 def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, batch_size: int = 8,
                   resize: tuple[int, int] | None = None, pad_mode: str = 'reflect',
                   depth_range: tuple[float, float] | None = None) -> PredictionReport:
@@ -234,7 +216,8 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
   for path, size in sizes.items():
     buckets[padded_size(resize or size)].append(path)
   os.makedirs(output_dir, exist_ok=True)
-  progress = _Progress(len(sizes))
+  predicted = progress.Progress(len(sizes), what='Predicting', unit='images',
+                                every_s=LOG_EVERY_S)
   for _, bucket in sorted(buckets.items()):
     for i in range(0, len(bucket), batch_size):
       photos, done = [], []
@@ -255,7 +238,7 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
           single = {k: resize_output(v, sizes[path]) for k, v in single.items()}
           write_outputs(output_dir, _stem(path), single, depth_range)
         report.written.extend(done)
-      progress.update(len(bucket[i:i + batch_size]))
+      predicted.update(len(bucket[i:i + batch_size]))
   for path, reason in report.skipped.items():
     logging.warning('Skipped %s: %s', path, reason)
   return report

@@ -13,7 +13,8 @@ from tests.conftest import REPO
 LEVELS = {
     'hded_jax': 0, 'hded_jax.pytorch': 0, 'hded_jax.images': 0, 'hded_jax.defocus': 0,
     'hded_jax.sharding': 0, 'hded_jax.train_state': 0, 'hded_jax.runtime': 0,
-    'hded_jax.lowering': 0, 'hded_jax.files': 0, 'hded_jax.program_cache': 1,
+    'hded_jax.lowering': 0, 'hded_jax.files': 0, 'hded_jax.progress': 0,
+    'hded_jax.program_cache': 1,
     'hded_jax.models.layers': 0, 'hded_jax.pytorch.reference': 0,
     'hded_jax.models.densenet': 1, 'hded_jax.models.decoder': 1, 'hded_jax.metrics': 1,
     'hded_jax.visualize': 1, 'tfds_builders.common': 1,

@@ -7,17 +7,16 @@ import dataclasses
 import functools
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from etils import epath
 
 from hded_jax import defocus
+from hded_jax import progress
 from hded_jax import runtime
 
 CAMERA_KEYS = defocus.CAMERA_FIELDS
@@ -156,19 +155,5 @@ def map_in_order(fn: Callable[[Any], Any], items: Iterable[Any],
 
 
 def log_progress(items: Iterable[Any], total: int, what: str) -> Iterator[Any]:
-  """Yields ``items``, logging the count, the rate and the time left every 30 s and at the end."""
-  start = last = time.monotonic()
-  for count, item in enumerate(items, 1):
-    yield item
-    now = time.monotonic()
-    if now - last >= PROGRESS_EVERY_SECS or count == total:
-      last = now
-      rate = count / max(now - start, 1e-9)
-      logging.info('%s: %d / %d frames, %.2f frames/s, %s left.', what, count, total, rate,
-                   _duration((total - count) / rate))
-
-
-def _duration(seconds: float) -> str:
-  minutes, seconds = divmod(round(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+  """Yields ``items`` (frames), logging their progress every 30 s and at the end."""
+  return progress.logged(items, total, what=what, unit='frames', every_s=PROGRESS_EVERY_SECS)
