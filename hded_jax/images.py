@@ -46,6 +46,15 @@ def to_uint8(image) -> np.ndarray:
   return unit_to_uint8(to_unit_range(np.asarray(image, np.float32)))
 
 
+def resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+  """uint8 (H, W) or (H, W, 3), or float32 (H, W), resized by PIL to size = (h, w): the one
+  resize of the builders, the input pipeline and predictions, so that they agree."""
+  if array.shape[:2] == tuple(size):
+    return array
+  h, w = size
+  return np.asarray(Image.fromarray(array).resize((w, h), resample))
+
+
 def read_rgb(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
   """An image file as uint8 (H, W, 3), turned as its EXIF orientation says, optionally resized
   (bilinear) to size = (h, w).

@@ -88,13 +88,6 @@ def data_source(config: ml_collections.ConfigDict,
   return dataset_builder(config).as_data_source(split=split)
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-  if array.shape[:2] == tuple(size):
-    return array
-  h, w = size
-  return np.asarray(Image.fromarray(array).resize((w, h), resample))
-
-
 @dataclasses.dataclass(frozen=True)
 class CameraChoice:
   """``config.dataset.camera``: per field of ``defocus.Camera``, None (each example's own), a
@@ -178,12 +171,12 @@ class Preprocess:
     """The part that is the same every epoch (what `ResizedSource` keeps): the images
     resized (uint8), the depths, the example's own camera."""
     size = tuple(self.image_size)
-    out = {'aif': _resize(example['aif'], size, Image.BILINEAR)}
+    out = {'aif': images.resize(example['aif'], size, Image.BILINEAR)}
     if self.camera is None:
-      out['image'] = _resize(example['image'], size, Image.BILINEAR)
+      out['image'] = images.resize(example['image'], size, Image.BILINEAR)
     stored_depth = np.asarray(example['depth'], np.float32)
-    out['depth'] = stored_depth if self.native_depth else _resize(stored_depth, size,
-                                                                  Image.NEAREST)
+    out['depth'] = (stored_depth if self.native_depth
+                    else images.resize(stored_depth, size, Image.NEAREST))
     if self.camera is not None:
       valid = stored_depth > 0
       fill = self.fill_depth or (stored_depth.max() if valid.any() else 1.0)
@@ -191,8 +184,8 @@ class Preprocess:
       # depths across occlusion edges would blur them as one layer), a coarser grid
       # (Make3D's) upsampled bilinearly.
       on_image_grid = stored_depth.shape == example['aif'].shape[:2]
-      out['render_depth'] = _resize(np.where(valid, stored_depth, fill), size,
-                                    Image.NEAREST if on_image_grid else Image.BILINEAR)
+      out['render_depth'] = images.resize(np.where(valid, stored_depth, fill), size,
+                                          Image.NEAREST if on_image_grid else Image.BILINEAR)
     out['camera'] = camera_array(example)
     return out
 

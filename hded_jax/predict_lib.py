@@ -157,9 +157,8 @@ def resize_output(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of float (H, W) or (H, W, C) to size = (h, w), channel by channel."""
   if array.shape[:2] == tuple(size):
     return array
-  def resize(channel):
-    return np.asarray(Image.fromarray(channel.astype(np.float32), mode='F').resize(
-        size[::-1], Image.Resampling.BILINEAR))
+  resize = lambda channel: images.resize(channel.astype(np.float32), size,
+                                         Image.Resampling.BILINEAR)
   if array.ndim == 2:
     return resize(array)
   return np.stack([resize(array[..., c]) for c in range(array.shape[-1])], axis=-1)

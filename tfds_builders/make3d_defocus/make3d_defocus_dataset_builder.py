@@ -32,6 +32,7 @@ from etils import epath
 from PIL import Image, ImageOps
 
 from hded_jax import defocus
+from hded_jax import images
 from tfds_builders import common
 
 DATA_PAGE = 'http://make3d.cs.cornell.edu/data.html'
@@ -171,6 +172,4 @@ def read_image(data: bytes, size: tuple[int, int], where: str) -> np.ndarray:
 
 
 def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  h, w = size
-  return np.asarray(Image.fromarray(depth.astype(np.float32)).resize(
-      (w, h), Image.Resampling.BILINEAR))
+  return images.resize(depth.astype(np.float32), size, Image.Resampling.BILINEAR)
