@@ -54,13 +54,16 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   logging.info('Building %s/%s in %s (first run only).', name, builder.builder_config.name,
                builder.data_dir_root)
   runtime.tensorflow()  # Before TFDS's build starts its runtime.
+  # As `python -m tfds_builders.prepare` builds it: on every core this process may use.
+  prepare = functools.partial(
+      registry.prepare, name, data_dir=builder.data_dir_root,
+      config=builder.builder_config.name, num_workers=registry.default_num_workers())
   if jax.process_count() == 1:
-    builder.download_and_prepare()
-    return builder
+    return prepare()
   failure = None
   if jax.process_index() == 0:
     try:
-      builder.download_and_prepare()
+      prepare()
     except Exception as e:  # pylint: disable=broad-exception-caught
       failure = e  # Raised below, once the other processes stop waiting.
   multihost_utils.sync_global_devices(f'dataset_builder: {name} prepared')

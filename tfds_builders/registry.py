@@ -59,7 +59,7 @@ def prepare(
   Missing manual files fail here, before any work starts, with a list of what is expected and
   where to get it. TFDS writes into an `incomplete.*` folder next to the final one and renames
   it only once every split and the metadata are written, so an interrupted build never looks
-  prepared. `num_workers` processes render the examples (the same bytes for any number).
+  prepared. `num_workers` processes render the examples (the same examples for any number).
   """
   dataset = builder(name, data_dir=data_dir, config=config, num_workers=num_workers)
   if dataset.is_prepared():
