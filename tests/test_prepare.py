@@ -195,6 +195,10 @@ def test_auto_prepare_in_two_processes_builds_once(tmp_path):
         time.sleep(2)  # Long enough for a second builder to start, if there were one.
         return prepare(*args, **kwargs)
       synthetic_defocus.Builder._download_and_prepare = announce_and_prepare
+      from tfds_builders import registry
+      prepare_dataset = registry.prepare
+      registry.prepare = lambda *args, **kwargs: print(
+          'workers', kwargs['num_workers']) or prepare_dataset(*args, **kwargs)
 
       config = ml_collections.ConfigDict({{'dataset': {{
           'name': 'synthetic_defocus', 'builder_config': 'tiny', 'data_dir': {str(tmp_path)!r},
@@ -212,6 +216,8 @@ def test_auto_prepare_in_two_processes_builds_once(tmp_path):
     assert process.returncode == 0, output
     assert f'process {i} reads 8' in output
   assert 'building in process 0' in outputs[0]
+  # On every core, as `python -m tfds_builders.prepare` builds it.
+  assert f'workers {len(os.sched_getaffinity(0))}' in outputs[0]
   # Before TFDS's build can start TensorFlow's runtime.
   assert (outputs[0].index('TensorFlow kept off the accelerators') <
           outputs[0].index('building in process 0')), outputs[0]
