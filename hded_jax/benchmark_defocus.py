@@ -28,7 +28,7 @@ from absl import app, flags
 from hded_jax import defocus
 from hded_jax import input_pipeline
 from hded_jax import runtime
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 from tfds_builders import common
 from tfds_builders import synthetic_defocus
 from tfds_builders.nyu_depth_v2_defocus import nyu_depth_v2_defocus_dataset_builder as nyu
@@ -57,8 +57,8 @@ def measure_render(size: tuple[int, int], variants: Sequence[str], repeats: int)
     mode, _, tolerance = variant.partition(':')
     render = functools.partial(defocus.render_defocus, image, depth, camera, mode=mode,
                                sigma_tolerance=float(tolerance) if tolerance else None)
-    first = timing.time_steps(render, steps=1, warmup=0)['median_s']
-    median = timing.time_steps(render, steps=repeats, warmup=0)['median_s']
+    first = measure.time_steps(render, steps=1, warmup=0)['median_s']
+    median = measure.time_steps(render, steps=repeats, warmup=0)['median_s']
     print(f'{variant}: {median:.3f} s per frame (median of {repeats}; first call with '
           f'compilation {first:.2f} s)')
 
@@ -112,7 +112,7 @@ def measure_blur_map(size: tuple[int, int], repeats: int) -> None:
   blur_bytes = len(blur_feature.encode_example(blur))
 
   def best_of(fn):
-    return timing.time_steps(fn, steps=repeats, warmup=0)['min_s']
+    return measure.time_steps(fn, steps=repeats, warmup=0)['min_s']
 
   encoded = blur_feature.encode_example(blur)
   decode = lambda: np.frombuffer(zlib.decompress(encoded), np.float32).reshape(size)

@@ -29,7 +29,7 @@ for a GPU, the calls its autotuner would time, before renting the machine.
 
 The machine may be shared: before each timed run the benchmark waits (up to ``--max_wait``
 seconds) until other processes keep fewer than ``--max_busy_cores`` cores busy, and records that
-figure and the 1-minute load average beside each result (`timing`). `table` prints the
+figure and the 1-minute load average beside each result (`measure`). `table` prints the
 headline figures.
 """
 
@@ -56,7 +56,7 @@ from hded_jax import sharding
 from hded_jax import train_lib
 from hded_jax.benchmarking import compile_targets
 from hded_jax.benchmarking import largest_batch
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 from hded_jax.benchmarking import torch_reference
 from hded_jax.benchmarking import traces
 
@@ -127,7 +127,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     # Building the model and its initial state: part of every start and restart.
     results['setup_s'] = time.perf_counter() - start
 
-    train_step, train_compile = timing.timed_compile(
+    train_step, train_compile = measure.timed_compile(
         'Train step', trainer.step_fn, state, device_batch, profile_dir=compile_profile_dir)
     if compile_profile_dir:
       try:
@@ -148,9 +148,9 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     # What a (re)start costs to its first step: imports, setup, tracing, compiling (or reading
     # the compilation cache), the step.
     results['first_step_after_process_start_s'] = runtime.process_age_s()
-    train_load = timing.wait_for_quiet(max_busy_cores, max_wait)
-    train_times = timing.time_steps(run_train, steps=steps, warmup=warmup)
-    train_times.update(timing.time_pipelined(dispatch_train, jax.block_until_ready, steps=steps,
+    train_load = measure.wait_for_quiet(max_busy_cores, max_wait)
+    train_times = measure.time_steps(run_train, steps=steps, warmup=warmup)
+    train_times.update(measure.time_pipelined(dispatch_train, jax.block_until_ready, steps=steps,
                                       batch_size=n))
     logging.info('Train step: %s (load %s).', train_times, train_load)
     if profile_dir:
@@ -167,12 +167,12 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
           max_busy_cores=max_busy_cores, max_wait=max_wait)
 
     forward, eval_args = eval_program(trainer, state, device_batch)
-    eval_forward, eval_compile = timing.timed_compile('Eval forward', forward, *eval_args)
+    eval_forward, eval_compile = measure.timed_compile('Eval forward', forward, *eval_args)
     run_eval = lambda: jax.block_until_ready(eval_forward(*eval_args))
-    eval_load = timing.wait_for_quiet(max_busy_cores, max_wait)
-    eval_times = timing.time_steps(run_eval, steps=steps, warmup=warmup)
+    eval_load = measure.wait_for_quiet(max_busy_cores, max_wait)
+    eval_times = measure.time_steps(run_eval, steps=steps, warmup=warmup)
 
-  peak = timing.peak_bf16_flops(results['device'])
+  peak = measure.peak_bf16_flops(results['device'])
   peak = peak * jax.device_count() if peak else None
 
   def figures(compiled, compile_times, times, load):
@@ -183,9 +183,9 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
     return {**compile_times, **times,
             'images_per_s': n / times['median_s'], 'flops_per_s': per_s,
             'share_of_bf16_peak': per_s / peak if per_s and peak else None,
-            'xla_buffer_bytes': timing.xla_buffer_bytes(compiled), 'load': load, **launches}
+            'xla_buffer_bytes': measure.xla_buffer_bytes(compiled), 'load': load, **launches}
 
-  peak_bytes, peak_source = timing.peak_memory()
+  peak_bytes, peak_source = measure.peak_memory()
   results.update({
       'train': figures(train_step, train_compile, train_times, train_load),
       'eval': figures(eval_forward, eval_compile, eval_times, eval_load),
@@ -269,7 +269,7 @@ def compile_for_devices(config: ml_collections.ConfigDict,
         options = compile_targets.compiler_options_for(devices)
         if device.platform == 'gpu':
           options['xla_dump_to'] = dump_dir
-        compiled, figures = timing.timed_compile(
+        compiled, figures = measure.timed_compile(
             f'{name} for {len(devices)} x {device.device_kind}', jitted, *args,
             compiler_options=options)
         thunk_sequences = glob.glob(
@@ -277,7 +277,7 @@ def compile_for_devices(config: ml_collections.ConfigDict,
         if len(thunk_sequences) == 1:
           with open(thunk_sequences[0]) as f:
             figures['command_buffers'] = lowering.command_buffers(f.read())
-      per_device = timing.xla_buffer_bytes(compiled)
+      per_device = measure.xla_buffer_bytes(compiled)
       results[name] = {**figures, 'xla_buffer_bytes_per_device': per_device,
                        'share_of_memory': per_device / memory if per_device and memory else None}
       hlo_text = compiled.as_text()
@@ -299,10 +299,10 @@ def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train
     config.dataset.camera.focus_distance = RENDERING_FOCUS_RANGE
   rendering = input_pipeline.rendering(config)
   batch = sharding.global_batch(input_pipeline.random_batch(config), batch_sharding)
-  render, compile_times = timing.timed_compile(
+  render, compile_times = measure.timed_compile(
       'Rendering', jax.jit(lambda batch: rendering(batch)['image']), batch)
-  load = timing.wait_for_quiet(max_busy_cores, max_wait)
-  times = timing.time_steps(lambda: jax.block_until_ready(render(batch)), steps=steps,
+  load = measure.wait_for_quiet(max_busy_cores, max_wait)
+  times = measure.time_steps(lambda: jax.block_until_ready(render(batch)), steps=steps,
                             warmup=warmup)
   plain_step_s = train_step_s - times['median_s'] if step_renders else train_step_s
   return {**compile_times, **times, 'mode': rendering.mode,

@@ -25,7 +25,7 @@ from hded_jax import train_lib
 from hded_jax.benchmarking import compile_targets
 from hded_jax.benchmarking import largest_batch
 from hded_jax.benchmarking import table
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 from hded_jax.benchmarking import traces
 from tests.conftest import REPO
 from tests.conftest import tiny_config
@@ -541,23 +541,23 @@ def test_compile_for_with_flags_that_run_stops_at_once(tmp_path):
 def test_flops_are_counted_where_the_backend_does_not_analyse_lowered_programs(monkeypatch):
   """As on a GPU behind JAX's CUDA plugin, whose lowered programs have no cost analysis."""
   lowered = jax.jit(lambda x: jnp.sum(x @ x)).lower(jnp.ones((64, 64)))
-  flops = timing.program_flops(lowered)
+  flops = measure.program_flops(lowered)
   assert flops > 2 * 64**3
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', lambda self: None)
-  assert timing.program_flops(lowered) == flops
+  assert measure.program_flops(lowered) == flops
 
   def refuse(self):  # As jax 0.12 does for a TPU slice described without its chips.
     raise jax.errors.JaxRuntimeError('This operation is implemented for a PjRt-compatible '
                                      'backend only.')
 
   monkeypatch.setattr(jax.stages.Lowered, 'cost_analysis', refuse)
-  assert timing.program_flops(lowered) == flops
+  assert measure.program_flops(lowered) == flops
 
 
 def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_trace(
     tmp_path, monkeypatch):
   step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
-  _, figures = timing.timed_compile('step', step, jnp.ones((8, 8)), profile_dir=str(tmp_path))
+  _, figures = measure.timed_compile('step', step, jnp.ones((8, 8)), profile_dir=str(tmp_path))
   phases = traces.compile_phase_times(traces.newest_trace(str(tmp_path)))
   assert figures['compile_s'] > 0 and any('Compiler' in p['name'] for p in phases), phases
   assert all(not p['name'].startswith('$') for p in phases)  # XLA's events, not Python's.
@@ -566,7 +566,7 @@ def test_compile_profile_lists_xla_phases_and_a_failing_profiler_costs_only_the_
     raise RuntimeError('no CUPTI')
 
   monkeypatch.setattr(jax.profiler, 'start_trace', no_profiler)
-  compiled, figures = timing.timed_compile('step', step, jnp.ones((4, 4)),
+  compiled, figures = measure.timed_compile('step', step, jnp.ones((4, 4)),
                                              profile_dir=str(tmp_path / 'none'))
   assert figures['compile_s'] > 0 and float(compiled(jnp.ones((4, 4)))) > 0
 

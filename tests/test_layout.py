@@ -26,7 +26,7 @@ LEVELS = {
     'hded_jax.checkpoints': 4, 'tfds_builders': 4,
     'hded_jax.input_pipeline': 5, 'hded_jax.pytorch.weights': 5,
     'hded_jax.train_lib': 6, 'hded_jax.eval_lib': 6, 'hded_jax.predict_lib': 6,
-    'hded_jax.benchmarking': 0, 'hded_jax.benchmarking.timing': 0,
+    'hded_jax.benchmarking': 0, 'hded_jax.benchmarking.measure': 0,
     'hded_jax.benchmarking.traces': 1, 'hded_jax.benchmarking.compile_targets': 1,
     'hded_jax.benchmarking.torch_reference': 6, 'hded_jax.benchmarking.largest_batch': 7,
     'hded_jax.benchmarking.table': 8, 'hded_jax.benchmark_lib': 8,

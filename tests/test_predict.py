@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import nnx
 from PIL import ExifTags
 from PIL import Image
 

@@ -13,7 +13,7 @@ from hded_jax import input_pipeline
 from hded_jax import sharding
 from hded_jax import train_lib
 from hded_jax.benchmarking import compile_targets
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 
 # The search ends where the batch that fits is this close to the limit.
 LARGEST_BATCH_TOLERANCE = 0.05
@@ -70,7 +70,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
                     on_progress: Callable[[dict[str, dict]], None] | None = None,
                     ) -> dict[str, dict]:
   """For each config, the largest global batch whose train step fits in ``memory_bytes``
-  (default: the device's limit, `timing.device_memory_bytes`, or ``target``'s). XLA's buffer
+  (default: the device's limit, `measure.device_memory_bytes`, or ``target``'s). XLA's buffer
   sizes at two batch sizes give the bytes per image; the extrapolated batch (a multiple of the
   device count) is then run for one step, and ``tries`` steps in all search from there
   (`next_batch_to_try`; each result's ``tried``: batch, whether it fitted, XLA's buffers per
@@ -92,7 +92,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
   devices = target.devices if target else None
   device = devices[0] if devices else jax.local_devices()[0]
   if memory_bytes is None:
-    memory_bytes = target.memory_bytes if target else timing.device_memory_bytes(device)
+    memory_bytes = target.memory_bytes if target else measure.device_memory_bytes(device)
     if memory_bytes is None:
       why = f'{device.platform} reports no memory limit'
       return {name: {'batch_size': None, 'why': why} for name in configs}
@@ -122,7 +122,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     used = None
     try:
       compiled = program.result()
-      used = timing.xla_buffer_bytes(compiled)
+      used = measure.xla_buffer_bytes(compiled)
       if devices and used is not None and used > memory_bytes:
         logging.info('Largest batch (%s): batch %d does not fit: XLA\'s buffers take %.1f of '
                      '%.1f GiB.', name, batch_size, used / 2**30, memory_bytes / 2**30)
@@ -153,7 +153,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
               for name, config in configs.items() for size in (small, large)}
     to_try = {}
     for name in configs:
-      buffers[name] = {size: timing.xla_buffer_bytes(sizing.pop((name, size)).result())
+      buffers[name] = {size: measure.xla_buffer_bytes(sizing.pop((name, size)).result())
                        for size in (small, large)}
       per_image = (buffers[name][large] - buffers[name][small]) / (large - small)
       estimate = int((memory_bytes - (buffers[name][small] - per_image * small)) / per_image)

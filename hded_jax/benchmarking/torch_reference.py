@@ -9,7 +9,7 @@ import ml_collections
 
 from hded_jax import input_pipeline
 from hded_jax import pytorch
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 
 
 # PyTorch precision modes timed per device: float32 is the authors' setting; on CUDA also TF32
@@ -74,12 +74,12 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
         model(image)
       sync()
 
-    train_load = timing.wait_for_quiet(max_busy_cores, max_wait)
-    train_times = timing.time_steps(run_train, steps=steps, warmup=warmup)
-    train_times.update(timing.time_pipelined(dispatch_train, lambda _: sync(), steps=steps,
+    train_load = measure.wait_for_quiet(max_busy_cores, max_wait)
+    train_times = measure.time_steps(run_train, steps=steps, warmup=warmup)
+    train_times.update(measure.time_pipelined(dispatch_train, lambda _: sync(), steps=steps,
                                       batch_size=n))
-    eval_load = timing.wait_for_quiet(max_busy_cores, max_wait)
-    eval_times = timing.time_steps(run_eval, steps=steps, warmup=warmup)
+    eval_load = measure.wait_for_quiet(max_busy_cores, max_wait)
+    eval_times = measure.time_steps(run_eval, steps=steps, warmup=warmup)
     results[mode] = {
         'train': {**train_times, 'images_per_s': n / train_times['median_s'],
                   'load': train_load},

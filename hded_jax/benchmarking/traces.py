@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from hded_jax.benchmarking import timing
+from hded_jax.benchmarking import measure
 
 
 def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, profile_dir: str,
@@ -22,7 +22,7 @@ def profile_steps(run: Callable[[], object], compiled: jax.stages.Compiled, prof
   os.makedirs(profile_dir, exist_ok=True)
   with gzip.open(os.path.join(profile_dir, 'train_step.hlo.txt.gz'), 'wt') as f:
     f.write(compiled.as_text())
-  timing.profiled(lambda: [run() for _ in range(steps)], profile_dir)
+  measure.profiled(lambda: [run() for _ in range(steps)], profile_dir)
   trace = newest_trace(profile_dir)
   return {'trace': trace, **device_op_times(trace, steps)}
 

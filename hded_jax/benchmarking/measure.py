@@ -1,4 +1,4 @@
-"""How the benchmark times and sizes a program on this machine: steps (synchronised and back to
+"""How the benchmark measures a program on this machine: steps (synchronised and back to
 back), XLA's compile, FLOPs and buffers, peak memory, and how busy other processes keep the
 machine (it may be shared: each timed run first waits for quiet)."""
 
