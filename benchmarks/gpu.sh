@@ -124,10 +124,15 @@ for path in sorted(glob.glob(os.path.join(work, '*.status'))):
   with open(path) as f:
     results[name] = {'status': json.load(f)}
   if os.path.exists(os.path.join(work, f'{name}.json')):
-    with open(os.path.join(work, f'{name}.json')) as f:
-      results[name].update(json.load(f))
-with open(output, 'w') as f:
+    try:
+      with open(os.path.join(work, f'{name}.json')) as f:
+        results[name].update(json.load(f))
+    except ValueError as error:  # Cut off by its time limit as it wrote.
+      results[name]['unreadable_output'] = str(error)
+# Whole or not at all: the device tool may stop this script at any moment.
+with open(f'{output}.tmp', 'w') as f:
   json.dump(results, f, indent=1)
+os.replace(f'{output}.tmp', output)
 PY
 }
 

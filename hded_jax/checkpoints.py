@@ -1,4 +1,4 @@
-"""Every on-disk layout of hded-jax, written and read here only.
+"""Every checkpoint layout of hded-jax, written and read here only.
 
 A training checkpoint, WORKDIR/checkpoints/<step>/ (Orbax; a step becomes visible only once fully
 written, so a half-written one is never picked up), holds four items:

@@ -47,8 +47,9 @@ def to_uint8(image) -> np.ndarray:
 
 
 def resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-  """uint8 (H, W) or (H, W, 3), or float32 (H, W), resized by PIL to size = (h, w): the one
-  resize of the builders, the input pipeline and predictions, so that they agree."""
+  """uint8 (H, W) or (H, W, 3), or float32 (H, W), resized by PIL to size = (h, w), unless it
+  has that size: the input pipeline's resize, shared with Make3D's depth (which the pipeline
+  must resize as the builder did) and predictions resized back to their photo's size."""
   if array.shape[:2] == tuple(size):
     return array
   h, w = size
