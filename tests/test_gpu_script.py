@@ -26,17 +26,22 @@ def _gpu_script(out, data_dir=None, **env):
           run)
 
 
-_RECORDING_PYTHON = f"""#!{sys.executable}
-# python3 for gpu.sh: records the benchmark's arguments and XLA flags as its JSON output, and
-# runs everything else.
+def _benchmark_stand_in(tmp_path, output: str) -> str:
+  """A PATH whose python3 writes ``output`` (a Python expression) as the benchmark's JSON output
+  instead of running it, and runs everything else."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'python3').write_text(f"""#!{sys.executable}
 import json, os, sys
 if sys.argv[1:3] == ['-m', 'hded_jax.benchmark']:
-  output = next(a for a in sys.argv if a.startswith('--output=')).split('=', 1)[1]
-  json.dump({{'argv': sys.argv[3:], 'xla_flags': os.environ.get('XLA_FLAGS', '').split()}},
-            open(output, 'w'))
+  path = next(a for a in sys.argv if a.startswith('--output=')).split('=', 1)[1]
+  with open(path, 'w') as f:
+    f.write({output})
 else:
   os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
-"""
+""")
+  (bin_dir / 'python3').chmod(0o755)
+  return f"{bin_dir}:{os.environ['PATH']}"
 
 
 def _ran(results):
@@ -122,10 +127,9 @@ def test_gpu_script_experiments_in_the_order_asked(tiny_data_dir, tmp_path):
 def test_gpu_script_experiments_pass_their_settings_to_the_benchmark(tmp_path):
   """Each experiment the default leaves out, by the arguments and XLA flags it gives the
   benchmark (recorded instead of run: the tests above run the benchmark with such ones)."""
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'python3').write_text(_RECORDING_PYTHON)
-  (bin_dir / 'python3').chmod(0o755)
+  # The benchmark's arguments and XLA flags, recorded as its output.
+  path = _benchmark_stand_in(tmp_path, "json.dumps({'argv': sys.argv[3:], "
+                                       "'xla_flags': os.environ.get('XLA_FLAGS', '').split()})")
   experiments = {
       'profiled_b32': ['--compile_profile_dir='],
       'transpose_b32': ['--config.model.up_conv=transpose', '--compile_profile_dir='],
@@ -141,7 +145,7 @@ def test_gpu_script_experiments_pass_their_settings_to_the_benchmark(tmp_path):
       'rendering': ['--rendering', '--batch_size=4'],
   }
   results, log, run = _gpu_script(
-      tmp_path / 'out', PATH=f"{bin_dir}:{os.environ['PATH']}", AUTOTUNE_LEVEL='0',
+      tmp_path / 'out', PATH=path, AUTOTUNE_LEVEL='0',
       B32_OVERRIDES='--config.model.up_conv=phase_channels --config.optimizer.flatten=True',
       ONLY=' '.join(experiments))
   assert run.returncode == 0, run.stderr[-3000:]
@@ -166,3 +170,13 @@ def test_gpu_script_unknown_step_and_spent_budget(tmp_path):
   assert run.returncode == 0, run.stderr
   assert results == {'platform': {'status': {'exit': 'skipped', 'seconds': 0}}}
   assert '== platform: skipped' in log and '== platform: skipped' in run.stdout
+
+
+def test_a_step_cut_off_as_it_wrote_is_reported_beside_the_others(tmp_path):
+  path = _benchmark_stand_in(tmp_path, "'{\"jax\": {\"train\": '")  # Stopped mid-write.
+  results, log, run = _gpu_script(tmp_path / 'out', PATH=path, ONLY='platform bf16_b32')
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert results['platform']['status']['exit'] == '0' and results['platform']['jax']
+  assert results['bf16_b32']['status']['exit'] == '0'
+  assert 'unreadable_output' in results['bf16_b32'], results
+  assert not [name for name in os.listdir(tmp_path / 'out') if name.endswith('.tmp')]
