@@ -117,6 +117,7 @@ run() {
     > "$work/$name.status"
   python3 - "$work" "$out/results.json" <<'PY'
 import glob, json, os, sys
+from hded_jax import files
 work, output = sys.argv[1:]
 results = {}
 for path in sorted(glob.glob(os.path.join(work, '*.status'))):
@@ -129,10 +130,8 @@ for path in sorted(glob.glob(os.path.join(work, '*.status'))):
         results[name].update(json.load(f))
     except ValueError as error:  # Cut off by its time limit as it wrote.
       results[name]['unreadable_output'] = str(error)
-# Whole or not at all: the device tool may stop this script at any moment.
-with open(f'{output}.tmp', 'w') as f:
+with files.atomic_write(output) as f:  # The device tool may stop this script at any moment.
   json.dump(results, f, indent=1)
-os.replace(f'{output}.tmp', output)
 PY
 }
 
