@@ -56,17 +56,17 @@ def symmetric_padding(padding: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((padding, padding), (padding, padding))
 
 
-def conv(in_features, out_features, kernel_size, *, stride=1, padding=0, use_bias=False,
+def conv(in_features, out_features, kernel_size, *, stride=1, padding=0,
          formulations: 'Formulations', dtype, rngs):
-  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding)`` in NHWC, computed as ``formulations``
-  say."""
+  """A PyTorch ``nn.Conv2d(in, out, k, stride, padding, bias=False)`` (only the network's
+  up-convolutions have biases: ``UpConv``) in NHWC, computed as ``formulations`` say."""
   function = CONV_GRADIENTS[formulations.conv_gradients]
   if (formulations.pointwise_convs == 'dot' and kernel_size == 1 and stride == 1
       and padding == 0):
     function = pointwise_conv_as_dot
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
-      padding=symmetric_padding(padding), use_bias=use_bias, kernel_init=conv_init,
+      padding=symmetric_padding(padding), use_bias=False, kernel_init=conv_init,
       conv_general_dilated=function, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
