@@ -103,3 +103,12 @@ print(ours, sorted(changed))
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                        check=True, env=dict(os.environ, PYTHONPATH=REPO)).stdout
   assert out.split('\n')[-2] == '[] []', out
+
+
+def test_programs_with_a_config_flag_parse_it_with_one_line_errors():
+  """`runtime.parse_flags` (tests/test_runtime.py) for every program that takes --config."""
+  modules = _project_modules()
+  for program in PROGRAMS:
+    source = modules[program].read_text()
+    if 'DEFINE_config_file' in source:
+      assert 'app.run(main, flags_parser=runtime.parse_flags)' in source, program
