@@ -81,8 +81,11 @@ def test_the_command_line_reports_missing_files(tmp_path):
 def test_unknown_dataset_and_config_are_rejected(tmp_path):
   with pytest.raises(ValueError, match='choose one of'):
     registry.prepare('nyu_depth_v2', data_dir=tmp_path)
-  with pytest.raises(ValueError, match='focus_3m'):
+  # With the configs to choose from (TFDS's own error lists none of them).
+  with pytest.raises(ValueError, match=r"Unknown config 'focus_3m' of nyu_depth_v2_defocus; "
+                     r"choose one of \['focus_2m', 'focus_4m', "):
     registry.prepare(NAME, data_dir=tmp_path, config='focus_3m')
+  assert not (tmp_path / NAME).exists()
 
 
 def test_a_failure_mid_generation_leaves_nothing_that_looks_prepared(

@@ -28,6 +28,10 @@ def builder(name: str, *, data_dir: epath.PathLike | None = None,
   """The builder of dataset `name` (one of DATASETS) reading and writing array_record files."""
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; choose one of {sorted(DATASETS)}.')
+  configs = [c.name for c in DATASETS[name].BUILDER_CONFIGS]
+  if isinstance(config, str) and config and config not in configs:
+    # TFDS's own error suggests names "that closely match", and lists none for these.
+    raise ValueError(f'Unknown config {config!r} of {name}; choose one of {configs}.')
   return DATASETS[name](data_dir=data_dir, config=config or None, file_format='array_record',
                         num_workers=num_workers)
 
