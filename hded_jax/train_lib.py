@@ -52,9 +52,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     problems.append(f'config.num_train_steps={config.num_train_steps} and '
                     f'config.num_epochs={config.num_epochs}: set one of them above 0')
-  if min(config.dataset.image_size) < 1:
-    problems.append(f'config.dataset.image_size={tuple(config.dataset.image_size)}: must be '
-                    'positive')
+  size = config.dataset.image_size
+  size = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+  multiple = models.hded_net.INPUT_MULTIPLE
+  if len(size) != 2 or min(size) < 1 or any(s % multiple for s in size):
+    fix = ','.join(str(max(1, round(s / multiple)) * multiple) for s in (size * 2)[:2])
+    problems.append(f'config.dataset.image_size={size}: give HEIGHT,WIDTH, each a positive '
+                    f'multiple of {multiple} (the encoder halves it five times), e.g. '
+                    f'--config.dataset.image_size={fix}')
   if problems:
     raise ValueError('Impossible config values:\n  ' + '\n  '.join(problems))
 

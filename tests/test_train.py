@@ -458,3 +458,24 @@ def test_native_resolution_protocol_scores_the_resized_prediction(tiny_data_dir)
   rmse = metrics.depth_metrics(expected, local['depth'], config.dataset.min_depth,
                                config.dataset.max_depth, valid=local['depth_valid'])['rmse']
   np.testing.assert_allclose(result.compute()['depth/rmse'], np.mean(rmse), rtol=1e-4)
+
+
+@pytest.mark.parametrize('overrides, problem', [
+    ({'batch_size': 0}, 'config.batch_size=0: must be at least 1'),
+    ({'num_train_steps': -1, 'num_epochs': 0},
+     'config.num_train_steps=-1 and config.num_epochs=0: set one of them above 0'),
+    ({'dataset.image_size': (64,)}, 'config.dataset.image_size=(64,): give HEIGHT,WIDTH, each a '
+     'positive multiple of 32 (the encoder halves it five times), e.g. '
+     '--config.dataset.image_size=64,64'),
+    ({'dataset.image_size': (30, 100)}, 'config.dataset.image_size=(30, 100): give HEIGHT,WIDTH, '
+     'each a positive multiple of 32 (the encoder halves it five times), e.g. '
+     '--config.dataset.image_size=32,96'),
+    ({'dataset.image_size': (0, 64)}, 'e.g. --config.dataset.image_size=32,64'),
+])
+def test_impossible_config_values_stop_before_anything_runs(overrides, problem, tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match='Impossible config values') as raised:
+    train_lib.train(config, str(tmp_path / 'run'))
+  assert problem in str(raised.value)
+  assert not (tmp_path / 'run').exists()
