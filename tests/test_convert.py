@@ -169,6 +169,25 @@ def test_pickled_objects_need_allow_pickle(tmp_path, tiny_state_dict):
     weights.read_torch_state_dict(str(tmp_path / 'odd.pth'))
 
 
+@pytest.mark.parametrize('content', [b'hello', b'\x89PNG\r\n\x1a\n' + bytes(64)])
+def test_a_file_that_is_no_checkpoint_is_named_so_with_or_without_allow_pickle(tmp_path,
+                                                                                 content):
+  """Not the advice to pass --allow_pickle, which reads such bytes no better."""
+  path = tmp_path / 'photo.pth'
+  path.write_bytes(content)
+  for allow_pickle in (False, True):
+    with pytest.raises(ValueError, match='is not a PyTorch checkpoint that torch.load can read') \
+        as raised:
+      weights.read_torch_state_dict(str(path), allow_pickle=allow_pickle)
+    assert 'allow_pickle' not in str(raised.value)
+
+
+def test_an_encoder_without_decoders_is_sent_to_the_imagenet_conversion(tiny_state_dict):
+  encoder = {k: v for k, v in tiny_state_dict.items() if k.startswith('features.')}
+  with pytest.raises(ValueError, match='no decoder .* `python -m hded_jax.convert imagenet`'):
+    weights.infer_model_config(encoder)
+
+
 class Opaque:
   pass
 

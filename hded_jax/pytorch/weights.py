@@ -138,6 +138,12 @@ def match_state_dict(state_dict: Mapping[str, np.ndarray], target: Mapping, *,
   return converted, skipped
 
 
+def _unreadable(path: str, error: Exception) -> ValueError:
+  first_line = str(error).strip().split('\n')[0][:200]
+  return ValueError(f'{path} is not a PyTorch checkpoint that torch.load can read '
+                    f'({type(error).__name__}: {first_line}); is it the whole file?')
+
+
 def read_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a `.pth`/`.pth.tar` file into numpy, unwrapping `state_dictG` / `state_dict`."""
   try:
@@ -150,9 +156,13 @@ def read_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str,
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except pickle.UnpicklingError as e:
+    if 'Unsupported global' not in str(e):  # Bytes that unpickle to no objects at all.
+      raise _unreadable(path, e) from e
     raise ValueError(
         f'{path} holds more than tensors (e.g. pickled Python objects), which torch.load refuses '
         'to read safely. If you trust the file, pass --allow_pickle.') from e
+  except Exception as e:  # pylint: disable=broad-except  (torch's errors for any other bytes)
+    raise _unreadable(path, e) from e
   if isinstance(obj, Mapping):
     for key in ('state_dictG', 'state_dict'):
       if key in obj:
@@ -213,6 +223,11 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *,
   available = tuple(h for h, prefixes in (('depth', ('decoder.', 'decoder_tasks.')),
                                           ('aif', ('decoder_aif.',)))
                     if any(k.startswith(prefixes) for k in state_dict))
+  if not available:
+    raise ValueError('The state dict has a DenseNet encoder but no decoder (no decoder., '
+                     'decoder_tasks. or decoder_aif. keys): not a 2HDED:NET checkpoint. For '
+                     "torchvision's ImageNet DenseNet-121 use `python -m hded_jax.convert "
+                     'imagenet`.')
   heads = available if heads is None else tuple(heads)
   if set(heads) - set(available):
     raise ValueError(f'heads={heads}, but the checkpoint holds only the {available} heads.')
