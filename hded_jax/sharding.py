@@ -23,6 +23,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
   (`compile_targets.devices_not_here`)."""
   num_devices = len(devices) if devices is not None else jax.device_count()
   model = mesh_config.model
+  if model < 1 or num_devices % model:
+    raise ValueError(f'config.mesh.model={model} does not divide the {num_devices} devices: '
+                     f'set it to a divisor of {num_devices}, e.g. --config.mesh.model=1.')
   data = mesh_config.data if mesh_config.data > 0 else num_devices // model
   if data * model != num_devices:
     raise ValueError(f'mesh data={mesh_config.data} x model={model} does not cover the '

@@ -368,6 +368,11 @@ def test_mesh_covers_devices_or_says_how():
   config.mesh.data = jax.device_count() + 1
   with pytest.raises(ValueError, match='config.mesh.data=-1'):
     sharding.make_mesh(config.mesh)
+  # A model axis the devices cannot hold: the fix is that axis's, whatever data says.
+  config.mesh.update(data=-1, model=jax.device_count() + 1)
+  with pytest.raises(ValueError, match=rf'config.mesh.model={jax.device_count() + 1} does not '
+                     rf'divide the {jax.device_count()} devices: .* --config.mesh.model=1'):
+    sharding.make_mesh(config.mesh)
 
 
 def test_learning_rate_decays_after_the_configured_epoch():
