@@ -193,6 +193,18 @@ def test_eval_once_never_waits_and_names_what_it_expected(tmp_path):
     assert path in message and says in message and 'checkpoints/<step>' in message, message
 
 
+def test_following_a_checkpoint_directory_instead_of_a_run_stops_at_once(tiny_run):
+  """Training never writes a run's checkpoints into a checkpoint directory or step, so eval.py
+  without --once would wait there until its timeout."""
+  for given, kind in (('checkpoints', 'directory'), ('checkpoints/2', 'step')):
+    path = os.path.join(tiny_run, given)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f'is a checkpoint {kind}, not a training run\'s '
+                       'WORKDIR: evaluate it with --once'):
+      eval_lib.evaluate(None, path, timeout_secs=30, poll_secs=0.1)
+    assert time.monotonic() - start < 5, given
+
+
 def test_eval_once_takes_a_run_its_best_checkpoint_or_one_step(tiny_run, tmp_path):
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   by_run = eval_lib.evaluate(None, workdir, once=True, timeout_secs=0)
