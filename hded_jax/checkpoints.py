@@ -501,8 +501,18 @@ def init_from(model: nnx.Module, spec: str) -> list[str]:
   """
   if not spec:
     return []
+  check_init_from(spec)
+  kind, _, directory = spec.partition(':')
+  return INIT_FROM[kind](model, directory)
+
+
+def check_init_from(spec: str) -> None:
+  """Stops on an ``init_from`` that names no folder, before a new run compiles its step."""
+  if not spec:
+    return
   kind, sep, directory = spec.partition(':')
   if not sep or kind not in INIT_FROM or not directory:
     raise ValueError(f'init_from={spec!r}: use "imagenet:DIR" (from `python -m hded_jax.convert '
                      'imagenet`), "checkpoint:DIR" (a hded-jax checkpoint directory) or "".')
-  return INIT_FROM[kind](model, directory)
+  if not os.path.isdir(runtime.local_path(directory)):
+    raise FileNotFoundError(f'init_from={spec!r}: {directory} is not a folder.')

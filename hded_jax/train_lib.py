@@ -386,6 +386,7 @@ def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict
   """The newest saved state that restores and fits ``config``, or a new run's initial state.
   ``when_config_fits()`` runs once that is known, before any array is read or drawn."""
   if ckpt.latest_step() is None:
+    checkpoints.check_init_from(config.init_from)  # Before the step compiles: up to minutes.
     when_config_fits()
     return trainer.initial_state()
 

@@ -283,7 +283,8 @@ def test_init_from_spec_errors():
   assert not checkpoints.init_from(model, '')
   with pytest.raises(ValueError, match='imagenet:DIR'):
     checkpoints.init_from(model, 'torchvision:/x')
-  with pytest.raises(FileNotFoundError, match='manifest.json'):
+  with pytest.raises(FileNotFoundError, match="init_from='imagenet:/nonexistent': /nonexistent "
+                     'is not a folder'):
     checkpoints.init_from(model, 'imagenet:/nonexistent')
 
 

@@ -484,3 +484,15 @@ def test_impossible_config_values_stop_before_anything_runs(overrides, problem, 
     train_lib.train(config, str(tmp_path / 'run'))
   assert problem in str(raised.value)
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('init_from', ['/tmp/run', 'checkpoint:/nonexistent'])
+def test_a_new_run_stops_on_an_init_from_that_names_no_folder_before_compiling(
+    tiny_data_dir, tmp_path, monkeypatch, init_from):
+  def compile_step(*args):
+    raise AssertionError('compiled the step first')
+
+  monkeypatch.setattr(train_lib.Trainer, 'compile_step_in_background', compile_step)
+  config = tiny_config(tiny_data_dir, init_from=init_from)
+  with pytest.raises((ValueError, FileNotFoundError), match=f'init_from={init_from!r}: '):
+    train_lib.train(config, str(tmp_path / 'run'))
