@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hded_jax import benchmark_lib
+from hded_jax import files
 from hded_jax.benchmarking import table
 from hded_jax.benchmarking import torch_reference
 from hded_jax import pytorch
@@ -63,6 +64,7 @@ flags.DEFINE_string('cache_dir', None, 'Keep compiled programs (and GPU autotune
                     'as train.py does in its workdir; a second run with the same directory '
                     'times a restart. Default: no cache, every compile is cold.')
 flags.mark_flags_as_required(['config'])
+files.validate_output_flag('output')
 
 
 def main(argv):

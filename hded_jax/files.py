@@ -5,9 +5,10 @@ limit or a full disk."""
 from collections.abc import Iterator
 import contextlib
 import os
-import pathlib
 import threading
 from typing import IO
+
+from absl import flags
 
 
 @contextlib.contextmanager
@@ -23,5 +24,35 @@ def atomic_write(path: str, mode: str = 'w') -> Iterator[IO]:
       yield f
     os.replace(temporary, path)
   except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
+    if os.path.lexists(temporary):  # A read-only file system refuses even a missing one's unlink.
+      os.unlink(temporary)
     raise
+
+
+def unwritable(path: str, *, folder: bool = False) -> str | None:
+  """Why ``path`` (a file, or with ``folder`` a folder made if missing) cannot be written, or
+  None: for a program to stop on its output flag before the work, not after it."""
+  if os.path.exists(path) and os.path.isdir(path) != folder:
+    return (f'{path} is a {"file" if folder else "folder"}: give a '
+            f'{"folder" if folder else "file"} path.')
+  existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return f'{existing} is a file, so {path} cannot be made.'
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return (f'{existing} is not writable (a read-only file system, or no permission): pass a '
+            'writable location.')
+  return None
+
+
+def validate_output_flag(name: str, *, folder: bool = False) -> None:
+  """Has absl's flag parsing stop on an output flag ``--name`` that cannot be written
+  (``unwritable``), so that a program ends before its work, not after it."""
+
+  def check(path: str | None) -> bool:
+    if path and (reason := unwritable(path, folder=folder)):
+      raise flags.ValidationError(reason)  # absl names the flag and its value.
+    return True
+
+  flags.register_validator(name, check)

@@ -2,11 +2,14 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from hded_jax import files
+from tests.conftest import REPO
 
 
 def test_a_write_stopped_midway_leaves_the_previous_file_and_nothing_else(tmp_path):
@@ -32,3 +35,27 @@ def test_binary_files_and_permissions_as_open_gives_them(tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / 'depth.npy'), np.arange(3.0))
   # Readable by others, as a file open() made: not a temporary file's 0600.
   assert stat.S_IMODE(os.stat(tmp_path / 'depth.npy').st_mode) == 0o644
+
+
+def test_outputs_that_cannot_be_written_are_named_before_any_work(tmp_path, monkeypatch):
+  (tmp_path / 'folder').mkdir()
+  (tmp_path / 'file').write_text('x')
+  assert files.unwritable(str(tmp_path / 'new' / 'deeper' / 'results.json')) is None
+  assert files.unwritable(str(tmp_path / 'new' / 'out'), folder=True) is None
+  assert files.unwritable(str(tmp_path / 'folder'), folder=True) is None
+  assert 'is a folder: give a file path' in files.unwritable(str(tmp_path / 'folder'))
+  assert 'is a file: give a folder path' in files.unwritable(str(tmp_path / 'file'), folder=True)
+  assert 'is a file, so' in files.unwritable(str(tmp_path / 'file' / 'out.json'))
+  # A read-only file system (as root, permission bits do not stop a write; the kernel says so).
+  monkeypatch.setattr(os, 'access', lambda path, mode: path != str(tmp_path))
+  assert 'is not writable' in files.unwritable(str(tmp_path / 'out'), folder=True)
+
+
+def test_a_program_stops_on_an_unwritable_output_flag_at_parsing(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  run = subprocess.run(
+      [sys.executable, 'predict.py', '--checkpoint=/nonexistent', f'--input={tmp_path}',
+       f'--output_dir={tmp_path / "file"}'], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 1, run.stderr
+  assert (f'FATAL Flags parsing error: flag --output_dir={tmp_path / "file"}: '
+          f'{tmp_path / "file"} is a file: give a folder path.') in run.stderr, run.stderr

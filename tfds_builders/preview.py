@@ -38,6 +38,7 @@ _MIN_PANEL = flags.DEFINE_integer('min_panel_size', 128, 'Small images are enlar
 _CAMERA = {name: flags.DEFINE_float(name, None, f'Render with this {name} instead of the '
                                    "example's own (metres; f_number a ratio).")
            for name in defocus.CAMERA_FIELDS}
+files.validate_output_flag('output')
 
 
 def load_builder(name: str, config: str | None, data_dir: str | None):
