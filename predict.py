@@ -7,6 +7,8 @@
 <stem>_aif.{npy,png} at each input's own size; files that cannot be read are logged and skipped.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -35,23 +37,34 @@ flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
 files.validate_output_flag('output_dir', folder=True)
 
 
+def _numbers(name: str) -> tuple[float, ...] | None:
+  if FLAGS[name].value is None:
+    return None
+  try:
+    return tuple(float(v) for v in FLAGS[name].value)
+  except ValueError as error:
+    raise app.UsageError(f'--{name}={",".join(FLAGS[name].value)}: {error}; give plain numbers '
+                         '(metres), e.g. 5.6e-6, not 5.6um.') from error
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    files_given = [arg for arg in argv[1:] if os.path.exists(arg)]
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}' + (
+        " (the shell expanded a glob into these files: quote it, e.g. --input='photos/*.jpg')"
+        if files_given else ''))
   runtime.readable_logs()
   runtime.tune_for_platform(training=False)
-  depth_range = None
-  if FLAGS.depth_range:
-    if len(FLAGS.depth_range) != 2:
+  depth_range = _numbers('depth_range')
+  if depth_range:
+    if len(depth_range) != 2:
       raise app.UsageError(f'--depth_range={FLAGS.depth_range}: expected MIN,MAX.')
-    depth_range = tuple(float(v) for v in FLAGS.depth_range)
     if not depth_range[1] > depth_range[0]:
       raise app.UsageError(f'--depth_range={FLAGS.depth_range}: MAX must exceed MIN.')
   report = predict_lib.run(
       FLAGS.checkpoint, FLAGS.input, FLAGS.output_dir, batch_size=FLAGS.batch_size,
       resize=predict_lib.parse_resize(FLAGS.resize), pad_mode=FLAGS.pad_mode,
-      depth_range=depth_range,
-      camera=None if FLAGS.camera is None else [float(v) for v in FLAGS.camera])
+      depth_range=depth_range, camera=_numbers('camera'))
   logging.info('Wrote predictions for %d images to %s; skipped %d.', len(report.written),
                FLAGS.output_dir, len(report.skipped))
   if not report.written:

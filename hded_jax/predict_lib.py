@@ -116,6 +116,9 @@ def make_forward(model: nnx.Module, camera: Sequence[float] | None = None) -> Fo
                      'camera, --camera=FOCAL_LENGTH,F_NUMBER,PIXEL_SIZE,FOCUS_DISTANCE (metres; '
                      'the pixel size at the resolution the camera records, e.g. '
                      '0.015,2.8,5.6e-6,2.0 for the NYU camera focused at 2 m).')
+  if camera is not None and not getattr(model, 'camera_input', False):
+    logging.warning('The camera is not used: this model was trained without '
+                    'model.camera_input, and its predictions do not depend on it.')
   if camera is not None and len(camera) != len(defocus.CAMERA_FIELDS):
     raise ValueError(f'camera={list(camera)}: expected {len(defocus.CAMERA_FIELDS)} values, '
                      f'{", ".join(defocus.CAMERA_FIELDS)}.')

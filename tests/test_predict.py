@@ -286,6 +286,27 @@ def test_checkpoint_step_directory_and_bad_output_dir(tiny, tmp_path):
     predict_lib.run(str(directory), str(tmp_path / 'photo.png'), str(tmp_path / 'file'))
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--camera=0.015,2.8,5.6um,2'], "--camera=0.015,2.8,5.6um,2: could not convert string to "
+     "float: '5.6um'; give plain numbers (metres), e.g. 5.6e-6, not 5.6um."),
+    (['--input=photos/a.png', 'b.png'], 'the shell expanded a glob into these files: quote it'),
+])
+def test_cli_usage_mistakes_are_named_before_the_model_loads(args, message, tmp_path):
+  (tmp_path / 'b.png').write_bytes(b'')
+  run = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'predict.py'), '--checkpoint=/nonexistent',
+       '--input=photos', f'--output_dir={tmp_path / "out"}', *args], cwd=tmp_path,
+      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert run.returncode == 1 and message in run.stderr, run.stderr
+  assert 'Traceback' not in run.stderr and not (tmp_path / 'out').exists()
+
+
+def test_a_camera_for_a_model_that_does_not_read_it_is_said_to_change_nothing(caplog):
+  with caplog.at_level('WARNING'):
+    predict_lib.make_forward(random_model(models.model_config('tiny')), [0.015, 2.8, 5.6e-6, 2])
+  assert 'The camera is not used' in caplog.text
+
+
 def test_camera_aware_model_predicts_with_the_photos_camera(tmp_path):
   config = models.model_config('tiny')
   config.camera_input = True
