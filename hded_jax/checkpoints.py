@@ -191,7 +191,8 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], T], *,
         # Processes cannot agree on a fallback without a barrier Orbax might be waiting in.
         raise CheckpointError(damage_report(mngr, candidate, e) + (
             '. Move that step aside (e.g. to <step>.damaged) and rerun to use an older one.'
-            if step is None else '')) from None
+            if step is None else
+            f'. Pass {mngr.directory} instead to use its newest step that restores.')) from None
       damaged.append((candidate, e))
       continue
     for bad, error in damaged:
@@ -202,7 +203,8 @@ def restore_newest(mngr: ocp.CheckpointManager, restore: Callable[[int], T], *,
   raise CheckpointError(
       f'No checkpoint in {mngr.directory} restores (an interrupted copy? a full disk?). ' +
       listing('Steps tried', [damage_report(mngr, s, e) for s, e in damaged]) +
-      f'\nTo train afresh, move {mngr.directory} aside.')
+      (f'\nTo train afresh, move {mngr.directory} aside.' if set_aside_damaged else
+       '\nCopy the checkpoints again, or pass another checkpoint.'))
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:

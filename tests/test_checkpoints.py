@@ -88,7 +88,14 @@ def test_when_no_step_restores_the_error_names_each(tiny_run, trainer, tmp_path)
   message = str(info.value)
   assert f'step 4 ({ckpt_dir}/4) does not restore: KeyError' in message
   assert f'step 2 ({ckpt_dir}/2) does not restore: JSONDecodeError' in message
+  assert f'To train afresh, move {ckpt_dir} aside.' in message
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Nothing set aside.
+  # Readers (of the model alone) are told what a reader can do.
+  for step in ('2', '4'):
+    damage(os.path.join(ckpt_dir, step), 'deleted manifest')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match='Copy the checkpoints again, or pass another checkpoint.'):
+    checkpoints.load_model(ckpt_dir)
 
 
 def test_training_resumes_past_a_damaged_step_and_writes_it_again(tiny_data_dir, tiny_run,
@@ -240,7 +247,8 @@ def test_eval_and_predict_fall_back_past_a_damaged_step_and_say_which(tiny_run, 
   _, _, step = checkpoints.load_model(workdir)
   assert step == 2
   assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # Readers set nothing aside.
-  with pytest.raises(checkpoints.CheckpointError, match=f'step 4 \\({ckpt_dir}/4\\)'):
+  with pytest.raises(checkpoints.CheckpointError, match=f'step 4 \\({ckpt_dir}/4\\).* Pass '
+                     f'{ckpt_dir} instead to use its newest step that restores.'):
     checkpoints.load_model(os.path.join(ckpt_dir, '4'))  # A step asked for: no fallback.
 
 
