@@ -78,3 +78,15 @@ def test_preview_of_an_unprepared_dataset_says_how_to_prepare_it(tmp_path):
   assert result.returncode != 0
   assert 'python -m tfds_builders.prepare nyu_depth_v2_defocus' in result.stderr
   assert not (tmp_path / 'grid.png').exists()
+
+
+def test_preview_output_must_be_a_png_it_can_write(tmp_path):
+  for output, says in ((tmp_path / 'grid.jpg', 'the preview is a PNG: give a path ending in .png'),
+                       (tmp_path, 'is a folder: give a file path')):
+    result = subprocess.run(
+        [sys.executable, '-m', 'tfds_builders.preview', 'synthetic_defocus', '--config=tiny',
+         f'--data_dir={tmp_path}', f'--output={output}'],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 1, result.stderr
+    assert f'FATAL Flags parsing error: flag --output={output}: ' in result.stderr
+    assert says in result.stderr, result.stderr

@@ -39,6 +39,8 @@ _CAMERA = {name: flags.DEFINE_float(name, None, f'Render with this {name} instea
                                    "example's own (metres; f_number a ratio).")
            for name in defocus.CAMERA_FIELDS}
 files.validate_output_flag('output')
+flags.register_validator('output', lambda path: path.lower().endswith('.png'),
+                         'the preview is a PNG: give a path ending in .png.')
 
 
 def load_builder(name: str, config: str | None, data_dir: str | None):
