@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 
 import jax
 from jax._src import core as jax_core  # Tracer.sharding, to count who asks it.
@@ -99,6 +100,27 @@ def test_config_errors():
   config.matmul_precision = 'fp32'
   with pytest.raises(ValueError, match="matmul_precision='fp32': choose one of default, "):
     models.create_model(config)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('dtype', 'float16', "model.dtype='float16': choose one of"),
+    ('growth_rate', -4, 'growth_rate=-4, .*: each must be at least 1'),
+    ('block_sizes', (), 'model.block_sizes=()'),
+    ('heads', ('depht',), 'model.heads='),
+    ('remat', True, None), ('up_conv', 'foo', "model.up_conv='foo'"),
+])
+def test_abstract_model_names_a_bad_value_before_jax_traces_anything(field, value, message):
+  """Raised outside `jax.eval_shape`, so that the message is the last line a user reads, not
+  JAX's note about the frames it hides."""
+  config = models.model_config('tiny')
+  config[field] = value
+  if message is None:  # A valid value: the policy checked with it.
+    config.remat_policy = 'everything'
+    message = "remat_policy='everything'"
+  with pytest.raises(ValueError, match=message) as raised:
+    models.abstract_model(config)
+  assert not any(re.search(r'site-packages/(jax|flax)/', frame.filename)
+                 for frame in traceback.extract_tb(raised.tb)), traceback.format_tb(raised.tb)
 
 
 def test_full_matmul_precision_computes_the_cpus_function():

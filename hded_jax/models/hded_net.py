@@ -79,22 +79,40 @@ def model_config(variant: str = 'densenet121') -> ml_collections.ConfigDict:
   ))
 
 
+def check_config(config: ml_collections.ConfigDict, platform: str) -> None:
+  """Stops on values the network cannot have, naming the field: called before building it
+  (under ``jax.eval_shape`` the error would end on JAX's note about the frames it hides)."""
+  sizes = [*config.block_sizes, config.growth_rate, config.num_init_features, config.bn_size]
+  if not config.block_sizes or min(sizes) < 1:
+    raise ValueError(f'model.block_sizes={tuple(config.block_sizes)}, growth_rate='
+                     f'{config.growth_rate}, num_init_features={config.num_init_features}, '
+                     f'bn_size={config.bn_size}: each must be at least 1.')
+  heads = tuple(config.heads)
+  if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
+    raise ValueError(f'model.heads={heads!r}: choose "depth" and/or "aif" from {HEADS}.')
+  if config.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
+  matmul_precision(config)
+  layers.remat_policy(_remat(config))
+  layers.formulations(config, platform)
+
+
+def _remat(config: ml_collections.ConfigDict) -> str | None:
+  # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
+  return config.get('remat_policy', 'nothing') if config.get('remat', False) else None
+
+
 class HDEDNet(nnx.Module):
   """Maps a defocused image in [-1, 1] (NHWC) to {'depth': (N,H,W), 'aif': (N,H,W,3)}."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, platform: str, rngs: nnx.Rngs):
     """``platform``: where the model will run ('cpu', 'gpu', 'tpu', or a ``jax.export``
     platform such as 'cuda'), which decides what the 'auto' options compute with."""
+    check_config(config, platform)
     heads = tuple(config.heads)
-    if not heads or set(heads) - set(HEADS) or len(set(heads)) != len(heads):
-      raise ValueError(f'model.heads={heads!r}: choose "depth" and/or "aif" from {HEADS}.')
-    if config.dtype not in DTYPES:
-      raise ValueError(f'model.dtype={config.dtype!r}: choose one of {sorted(DTYPES)}.')
     dtype = DTYPES[config.dtype]
     self.matmul_precision = matmul_precision(config)
-    # Configs saved in checkpoints from before the options have no 'remat' or 'remat_policy'.
-    remat = config.get('remat_policy', 'nothing') if config.get('remat', False) else None
-    layers.remat_policy(remat)  # A clear error for an unknown policy, before tracing.
+    remat = _remat(config)
     formulations = layers.formulations(config, platform)
     self.heads = heads
     self.aif_tanh = bool(config.aif_tanh)
@@ -178,6 +196,9 @@ def check_input_shape(shape) -> None:
 
 def abstract_model(config: ml_collections.ConfigDict, platform: str | None = None) -> HDEDNet:
   """The network with shapes and dtypes but no values: a restore target, or for counting."""
+  platform = platform or jax.default_backend()
+  check_config(config, platform)
+
   def build():
     rngs = nnx.Rngs(0)
     # Only shapes come out, so the keys need no values and the draw counter can be a host
@@ -185,7 +206,7 @@ def abstract_model(config: ml_collections.ConfigDict, platform: str | None = Non
     # update asks it for its sharding: JAX's error for a tracer walks the program traced so
     # far, most of the time this took for the full model.
     rngs.default.count.value = np.zeros((), np.uint32)
-    return HDEDNet(config, platform=platform or jax.default_backend(), rngs=rngs)
+    return HDEDNet(config, platform=platform, rngs=rngs)
 
   return nnx.eval_shape(build)
 
