@@ -403,11 +403,17 @@ def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:
           or 'tensorstore_spec=' in str(record.exc_info[1]))
 
 
+# Warnings about what this project does on purpose: opening checkpoints read-only to evaluate
+# or predict (Orbax), decoding images with PIL (TFDS recommends installing OpenCV).
+_EXPECTED_WARNINGS = ('Given directory is read only', 'OpenCV is not installed')
+
+
 def readable_logs() -> None:
   """Shows the project's own INFO logs (and clu's progress reports) but only the warnings and
   errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops what
   Orbax's reader tasks leave behind after a failed restore (already reported with its step and
-  path) or Ctrl-C: 'Event loop is closed' and asyncio's 'Task exception was never retrieved'.
+  path) or Ctrl-C: 'Event loop is closed' and asyncio's 'Task exception was never retrieved',
+  and warnings about what the project does on purpose (``_EXPECTED_WARNINGS``).
   ``--verbosity=1`` (or more) shows everything. Call from a program's main, after flag parsing.
   """
   if logging.get_verbosity() > logging.INFO:
@@ -418,7 +424,7 @@ def readable_logs() -> None:
   progress = f'{os.sep}clu{os.sep}'
 
   def keep(record: python_logging.LogRecord) -> bool:
-    if _orbax_task_left_behind(record):
+    if _orbax_task_left_behind(record) or str(record.msg).startswith(_EXPECTED_WARNINGS):
       return False
     path = os.path.abspath(record.pathname)
     return (record.levelno >= python_logging.WARNING or path.startswith(ours)

@@ -520,6 +520,23 @@ def test_readable_logs_drop_only_orbax_tasks_that_nobody_awaited():
   assert not runtime._orbax_task_left_behind(record('absl', orbax))
 
 
+def test_readable_logs_drop_warnings_about_what_the_project_does_on_purpose():
+  script = '''
+import logging as python_logging
+from absl import logging
+from hded_jax import runtime
+logging.use_absl_handler()
+runtime.readable_logs()
+python_logging.getLogger('orbax').warning('Given directory is read only=/run/checkpoints')
+python_logging.getLogger('tfds').warning('OpenCV is not installed. We recommend using OpenCV')
+python_logging.getLogger('orbax').warning('Any other warning')
+'''
+  run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+  assert 'Any other warning' in run.stderr
+  assert 'read only' not in run.stderr and 'OpenCV' not in run.stderr, run.stderr
+
+
 def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, monkeypatch,
                                                                     caplog):
   """A TensorFlow stand-in without tf.summary (as on a machine set up to measure) costs the
