@@ -225,14 +225,24 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
 
 def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, data_iter,
                      config: ml_collections.ConfigDict, *, wait: bool = False) -> None:
+  """Saves in the background (``wait``: to the end). A save that fails, this one or the
+  previous one still writing, raises CheckpointError in one line (Orbax's is pages of
+  traceback; ``--verbosity=1`` logs it)."""
   model_state = nnx.merge_state(state.params, state.batch_stats).to_pure_dict()
-  mngr.save(int(state.step), args=ocp.args.Composite(**{
-      MODEL: ocp.args.StandardSave(model_state),
-      TRAIN: ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state}),
-      DATA: grain.checkpoint.CheckpointSave(data_iter),
-      CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
-  if wait:
-    mngr.wait_until_finished()
+  try:
+    mngr.save(int(state.step), args=ocp.args.Composite(**{
+        MODEL: ocp.args.StandardSave(model_state),
+        TRAIN: ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state}),
+        DATA: grain.checkpoint.CheckpointSave(data_iter),
+        CONFIG: ocp.args.JsonSave(config.to_dict())}), force=True)
+    if wait:
+      mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (Orbax's, TensorStore's, the disk's)
+    logging.debug('Saving a checkpoint failed:', exc_info=e)
+    raise CheckpointError(
+        f'A checkpoint could not be written to {mngr.directory}: {_error_summary(e)}. Free '
+        'space or fix the folder, then rerun: training resumes from the newest complete step '
+        f'({mngr.latest_step()}).') from None
 
 
 def restore_train_state(

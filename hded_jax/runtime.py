@@ -8,6 +8,7 @@ import importlib.util
 import logging as python_logging
 import os
 import pkgutil
+import re
 import sys
 import traceback
 import types
@@ -391,12 +392,12 @@ def run_programs_on_the_calling_thread() -> bool:
 
 
 def _orbax_task_left_behind(record: python_logging.LogRecord) -> bool:
-  """asyncio's report of an Orbax task whose exception nobody read (it comes when the task is
-  garbage-collected, so at a random later moment): raised in Orbax's code, or by a TensorStore
-  future that Orbax awaits, whose traceback holds asyncio's frames only and whose error names
-  its ``tensorstore_spec``."""
-  if record.name != 'asyncio' or not record.exc_info or not str(record.msg).startswith(
-      'Task exception was never retrieved'):
+  """asyncio's report of an Orbax task or gathered future whose exception nobody read (it
+  comes when the task is garbage-collected, so at a random later moment): raised in Orbax's
+  code, or by a TensorStore future that Orbax awaits, whose traceback holds asyncio's frames
+  only and whose error names its ``tensorstore_spec``."""
+  if record.name != 'asyncio' or not record.exc_info or not re.match(
+      r'\w+ exception was never retrieved', str(record.msg)):
     return False
   frames = traceback.extract_tb(record.exc_info[2])
   return (any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
@@ -412,8 +413,10 @@ def readable_logs() -> None:
   """Shows the project's own INFO logs (and clu's progress reports) but only the warnings and
   errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops what
   Orbax's reader tasks leave behind after a failed restore (already reported with its step and
-  path) or Ctrl-C: 'Event loop is closed' and asyncio's 'Task exception was never retrieved',
-  and warnings about what the project does on purpose (``_EXPECTED_WARNINGS``).
+  path), Ctrl-C or a full disk: 'Event loop is closed', asyncio's 'Task exception was never
+  retrieved', the tracebacks of Orbax's errors (their messages stay) and of its coroutines
+  abandoned at exit; and warnings about what the project does on purpose
+  (``_EXPECTED_WARNINGS``).
   ``--verbosity=1`` (or more) shows everything. Call from a program's main, after flag parsing.
   """
   if logging.get_verbosity() > logging.INFO:
@@ -427,6 +430,10 @@ def readable_logs() -> None:
     if _orbax_task_left_behind(record) or str(record.msg).startswith(_EXPECTED_WARNINGS):
       return False
     path = os.path.abspath(record.pathname)
+    if f'{os.sep}orbax{os.sep}' in path and record.levelno >= python_logging.ERROR:
+      # E.g. a failed save's error, once per writer thread, each with pages of traceback: the
+      # message is kept, and the save's own error ends the run (checkpoints.save_train_state).
+      record.exc_info = record.exc_text = None
     return (record.levelno >= python_logging.WARNING or path.startswith(ours)
             or progress in path)
 
@@ -434,8 +441,11 @@ def readable_logs() -> None:
   default_hook = sys.unraisablehook
 
   def unraisable(report):
-    if not (isinstance(report.exc_value, RuntimeError)
-            and str(report.exc_value) == 'Event loop is closed'):
+    # Orbax's writers abandoned by an error, collected as the interpreter shuts down.
+    if not ((isinstance(report.exc_value, RuntimeError)
+             and str(report.exc_value) == 'Event loop is closed') or
+            (isinstance(report.exc_value, ImportError)
+             and 'Python is likely shutting down' in str(report.exc_value))):
       default_hook(report)
 
   sys.unraisablehook = unraisable

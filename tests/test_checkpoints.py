@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import orbax.checkpoint as ocp
 import pytest
 
 from hded_jax import checkpoints
@@ -96,6 +97,26 @@ def test_when_no_step_restores_the_error_names_each(tiny_run, trainer, tmp_path)
   with pytest.raises(checkpoints.CheckpointError,
                      match='Copy the checkpoints again, or pass another checkpoint.'):
     checkpoints.load_model(ckpt_dir)
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_training_in_one_line(tiny_data_dir, tiny_run,
+                                                                        tmp_path, monkeypatch):
+  """As on a full disk: Orbax's error is pages long; the run's names the folder, the cause and
+  the step a rerun resumes from."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+
+  def full_disk(self, step, *args, **kwargs):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{self.directory}/{step}.'
+                     'orbax-checkpoint-tmp/_sharding": No space left on device')
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
+  with pytest.raises(checkpoints.CheckpointError) as raised:
+    train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir)
+  assert str(raised.value).startswith(
+      f'A checkpoint could not be written to {workdir}/checkpoints: ValueError: '
+      'RESOURCE_EXHAUSTED: ')
+  assert str(raised.value).endswith('No space left on device. Free space or fix the folder, then '
+                                    'rerun: training resumes from the newest complete step (4).')
 
 
 def test_training_resumes_past_a_damaged_step_and_writes_it_again(tiny_data_dir, tiny_run,

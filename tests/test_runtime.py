@@ -515,14 +515,18 @@ def test_readable_logs_drop_only_orbax_tasks_that_nobody_awaited():
                        '"ocdbt"}\']')
   assert runtime._orbax_task_left_behind(record('asyncio', tasks, error=tensorstore_error))
   assert not runtime._orbax_task_left_behind(record('asyncio', tasks))
+  # A gathered future of Orbax's writers, left by a save that failed (a full disk).
+  assert runtime._orbax_task_left_behind(record(
+      'asyncio', orbax, msg='_GatheringFuture exception was never retrieved'))
   assert not runtime._orbax_task_left_behind(record('asyncio', '/site-packages/ours/io.py'))
   assert not runtime._orbax_task_left_behind(record('asyncio', orbax, msg='Unclosed client'))
   assert not runtime._orbax_task_left_behind(record('absl', orbax))
 
 
-def test_readable_logs_drop_warnings_about_what_the_project_does_on_purpose():
+def test_readable_logs_drop_warnings_about_what_the_project_does_on_purpose_and_orbax_tracebacks():
   script = '''
 import logging as python_logging
+import sys
 from absl import logging
 from hded_jax import runtime
 logging.use_absl_handler()
@@ -530,11 +534,19 @@ runtime.readable_logs()
 python_logging.getLogger('orbax').warning('Given directory is read only=/run/checkpoints')
 python_logging.getLogger('tfds').warning('OpenCV is not installed. We recommend using OpenCV')
 python_logging.getLogger('orbax').warning('Any other warning')
+# Orbax's errors keep their message, not their pages of traceback (a full disk: one per thread).
+try:
+  raise ValueError('RESOURCE_EXHAUSTED: No space left on device')
+except ValueError:
+  python_logging.getLogger().handle(python_logging.LogRecord(
+      'absl', python_logging.ERROR, '/site-packages/orbax/checkpoint/future.py', 387,
+      'Thread raised an exception', None, sys.exc_info()))
 '''
   run = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                        check=True)
-  assert 'Any other warning' in run.stderr
+  assert 'Any other warning' in run.stderr and 'Thread raised an exception' in run.stderr
   assert 'read only' not in run.stderr and 'OpenCV' not in run.stderr, run.stderr
+  assert 'Traceback' not in run.stderr, run.stderr
 
 
 def test_metric_writer_keeps_training_without_tensorboard_summaries(tmp_path, monkeypatch,
