@@ -21,9 +21,9 @@ import os
 import grain
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from orbax.checkpoint import multihost
 import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
@@ -33,6 +33,9 @@ from hded_jax import images
 from hded_jax import runtime
 
 PREPARE_HINT = 'Build it once with `{command}` (see README.md, "Datasets").'
+# How long the other processes of a run wait for process 0 to build a dataset on first use
+# (NYU: minutes on many cores, an hour or more on a few).
+BUILD_WAIT_SECS = 6 * 3600
 
 
 def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -66,7 +69,11 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
       prepare()
     except Exception as e:  # pylint: disable=broad-exception-caught
       failure = e  # Raised below, once the other processes stop waiting.
-  multihost_utils.sync_global_devices(f'dataset_builder: {name} prepared')
+  # The coordination service's barrier, not a collective over the devices: on the CPU, gloo
+  # gives up on a process that has not joined within 30 s, and a build takes minutes.
+  multihost.sync_global_processes(
+      f'dataset_builder: {name}/{builder.builder_config.name} prepared',
+      timeout=BUILD_WAIT_SECS, processes=set(range(jax.process_count())))
   if failure is not None:
     raise failure
   builder = make()

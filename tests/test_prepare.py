@@ -195,7 +195,10 @@ def test_auto_prepare_in_two_processes_builds_once(tmp_path):
       prepare = synthetic_defocus.Builder._download_and_prepare
       def announce_and_prepare(*args, **kwargs):
         print('building in process', jax.process_index(), flush=True)
-        time.sleep(2)  # Long enough for a second builder to start, if there were one.
+        # A second builder would start meanwhile, if there were one; and the other process
+        # waits longer than gloo waits for a process to join a collective (30 s), as it waits
+        # for a real dataset's build.
+        time.sleep(35)
         return prepare(*args, **kwargs)
       synthetic_defocus.Builder._download_and_prepare = announce_and_prepare
       from tfds_builders import registry
