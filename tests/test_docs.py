@@ -106,8 +106,9 @@ OUR_MODULES = _our_modules()
 def _resolves(name: str) -> bool:
   """Whether ``name`` (its first part one of ``OUR_MODULES``) is a module or an attribute of
   one: `runtime.setup`, `benchmarking.measure.PEAK_BF16_FLOPS`."""
-  head, *rest = name.split('.')
+  head, *parts = name.split('.')
   for module in OUR_MODULES[head]:
+    rest = list(parts)
     # Submodules are found, not imported: importing two programs would define a flag twice.
     while rest and f'{module}.{rest[0]}' in OUR_MODULES:
       module = f'{module}.{rest.pop(0)}'
