@@ -38,7 +38,7 @@ files.validate_output_flag('output_dir', folder=True)
 
 
 def _numbers(name: str) -> tuple[float, ...] | None:
-  if FLAGS[name].value is None:
+  if not FLAGS[name].value:
     return None
   try:
     return tuple(float(v) for v in FLAGS[name].value)

@@ -239,10 +239,12 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, data_iter,
       mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  (Orbax's, TensorStore's, the disk's)
     logging.debug('Saving a checkpoint failed:', exc_info=e)
+    latest = mngr.latest_step()
     raise CheckpointError(
         f'A checkpoint could not be written to {mngr.directory}: {_error_summary(e)}. Free '
-        'space or fix the folder, then rerun: training resumes from the newest complete step '
-        f'({mngr.latest_step()}).') from None
+        'space or fix the folder, then rerun: training ' + (
+            f'resumes from the newest complete step ({latest}).' if latest is not None
+            else 'starts afresh (no step is complete).')) from None
 
 
 def restore_train_state(

@@ -1,6 +1,7 @@
 """Files written whole or not at all: whoever reads one (eval.py following a run, a restart, a
 user opening the benchmark's JSON or a prediction) never finds it cut off by a kill, a time
-limit or a full disk."""
+limit or a full disk. And output flags checked at parsing, so that no work is lost to a path
+that cannot be written."""
 
 from collections.abc import Iterator
 import contextlib

@@ -34,7 +34,8 @@ from hded_jax import runtime
 
 PREPARE_HINT = 'Build it once with `{command}` (see README.md, "Datasets").'
 # How long the other processes of a run wait for process 0 to build a dataset on first use
-# (NYU: minutes on many cores, an hour or more on a few).
+# (with auto_prepare on a dataset of manual files, e.g. NYU: minutes on many cores, an hour or
+# more on a few).
 BUILD_WAIT_SECS = 6 * 3600
 
 
@@ -70,7 +71,7 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     except Exception as e:  # pylint: disable=broad-exception-caught
       failure = e  # Raised below, once the other processes stop waiting.
   # The coordination service's barrier, not a collective over the devices: on the CPU, gloo
-  # gives up on a process that has not joined within 30 s, and a build takes minutes.
+  # gives up on a process that has not joined within 30 s, and a build can take longer.
   multihost.sync_global_processes(
       f'dataset_builder: {name}/{builder.builder_config.name} prepared',
       timeout=BUILD_WAIT_SECS, processes=set(range(jax.process_count())))

@@ -1,5 +1,5 @@
 """Process set-up shared by the entry points: per-backend tuning, multi-host init, compilation
-cache."""
+cache, flag parsing that ends config mistakes in one line, readable logs."""
 
 import ctypes
 import ctypes.util
@@ -412,10 +412,10 @@ _EXPECTED_WARNINGS = ('Given directory is read only', 'OpenCV is not installed')
 def readable_logs() -> None:
   """Shows the project's own INFO logs (and clu's progress reports) but only the warnings and
   errors of other libraries (Orbax alone writes ~46 INFO lines per checkpoint), and drops what
-  Orbax's reader tasks leave behind after a failed restore (already reported with its step and
-  path), Ctrl-C or a full disk: 'Event loop is closed', asyncio's 'Task exception was never
-  retrieved', the tracebacks of Orbax's errors (their messages stay) and of its coroutines
-  abandoned at exit; and warnings about what the project does on purpose
+  Orbax's tasks leave behind after a failed restore or save (already reported with its step and
+  path) or Ctrl-C: 'Event loop is closed', asyncio's 'Task exception was never retrieved', the
+  tracebacks of Orbax's errors (their messages stay), and ImportErrors of objects collected as
+  the interpreter shuts down; and warnings about what the project does on purpose
   (``_EXPECTED_WARNINGS``).
   ``--verbosity=1`` (or more) shows everything. Call from a program's main, after flag parsing.
   """
@@ -441,7 +441,7 @@ def readable_logs() -> None:
   default_hook = sys.unraisablehook
 
   def unraisable(report):
-    # Orbax's writers abandoned by an error, collected as the interpreter shuts down.
+    # E.g. Orbax's writers abandoned by a failed save, collected as the interpreter shuts down.
     if not ((isinstance(report.exc_value, RuntimeError)
              and str(report.exc_value) == 'Event loop is closed') or
             (isinstance(report.exc_value, ImportError)

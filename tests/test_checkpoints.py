@@ -117,6 +117,8 @@ def test_a_checkpoint_that_cannot_be_written_ends_training_in_one_line(tiny_data
       'RESOURCE_EXHAUSTED: ')
   assert str(raised.value).endswith('No space left on device. Free space or fix the folder, then '
                                     'rerun: training resumes from the newest complete step (4).')
+  with pytest.raises(checkpoints.CheckpointError, match='training starts afresh'):
+    train_lib.train(tiny_config(tiny_data_dir, num_train_steps=2), str(tmp_path / 'new_run'))
 
 
 def test_training_resumes_past_a_damaged_step_and_writes_it_again(tiny_data_dir, tiny_run,
