@@ -123,7 +123,7 @@ def locate(path: str) -> tuple[str, int | None]:
     raise NotADirectoryError(f'{path} is a file: {expected}.')
   if os.path.isdir(train_checkpoints_dir(path)):
     path = train_checkpoints_dir(path)
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, MODEL)):
+  if is_step(path):
     return os.path.dirname(path), int(os.path.basename(path))
   if has_steps(path):
     return path, None
@@ -142,6 +142,11 @@ def best_checkpoint_dir(checkpoint_dir: str) -> str | None:
   if os.path.basename(os.path.normpath(checkpoint_dir)) != TRAIN_CHECKPOINTS:
     return None
   return os.path.join(os.path.dirname(os.path.normpath(checkpoint_dir)), BEST_CHECKPOINT)
+
+
+def is_step(path: str) -> bool:
+  """Whether ``path`` is one step of a checkpoint directory (DIR/<step>, holding its model)."""
+  return os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, MODEL))
 
 
 def has_steps(directory: str) -> bool:
