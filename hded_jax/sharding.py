@@ -42,8 +42,8 @@ def check_batch_splits(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   if batch_size % data:
     raise ValueError(
         f'config.batch_size={batch_size} does not split evenly over the {data} devices of the '
-        f"mesh's data axis (config.mesh): use a multiple of {data}, e.g. "
-        f'--config.batch_size={max(1, round(batch_size / data)) * data}.')
+        f"mesh's data axis (config.mesh): make the batch a multiple of {data}, e.g. "
+        f'{max(1, round(batch_size / data)) * data}.')
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -113,7 +113,7 @@ def test_a_train_batch_that_does_not_split_over_the_devices_stops_with_a_clear_e
                    data_dir=tiny_data_dir)
   assert train.returncode != 0
   assert ('config.batch_size=4 does not split evenly over the 8 devices' in train.stderr and
-          '--config.batch_size=8.' in train.stderr), train.stderr[-3000:]
+          'a multiple of 8, e.g. 8.' in train.stderr), train.stderr[-3000:]
   assert not workdir.exists()
 
 
