@@ -456,6 +456,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   file that does not exist, a misspelled ``--config.KEY`` and an override given without the
   --config it overrides end the program with one line, as absl ends it for a bad flag value,
   instead of ml_collections' traceback or a run that starts on a config that never loaded."""
+  _let_config_import_its_package(argv)
   try:
     remaining = flags.FLAGS(argv)
     config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
@@ -482,6 +483,20 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise  # A config file that fails in its own code: its traceback says where.
     _flags_error(f'--config={flags.FLAGS["config"].config_filename}: no such file (from '
                  f'{os.getcwd()}; the configs are in the repository\'s configs/).')
+
+
+def _let_config_import_its_package(argv: list[str]) -> None:
+  """Puts the folder above a --config file's package (the repository root for configs/) first
+  on ``sys.path``, so that the file's ``from configs import default`` works from any working
+  directory, not only from the root, where ``python train.py`` and ``python -m`` start."""
+  paths = [arg.partition('=')[2] for arg in argv if arg.startswith('--config=')]
+  paths += [after for arg, after in zip(argv, argv[1:]) if arg == '--config']
+  for path in paths:
+    root = os.path.dirname(os.path.abspath(path))
+    while os.path.exists(os.path.join(root, '__init__.py')):
+      root = os.path.dirname(root)
+    if os.path.abspath(sys.path[0] or os.curdir) != root:
+      sys.path.insert(0, root)
 
 
 def _flags_error(message: str) -> None:

@@ -662,3 +662,13 @@ def test_a_config_that_loads_reaches_main():
                         '--config.model.dtype=bfloat16'], cwd=REPO, capture_output=True,
                        text=True)
   assert run.returncode == 0 and 'main ran' in run.stdout, run.stderr
+
+
+@pytest.mark.parametrize('form', ['--config={}', '--config {}'])
+def test_a_config_imports_its_sibling_configs_from_any_directory(form, tmp_path):
+  """configs/smoke.py imports configs.synthetic, which is found from the repository root only,
+  unless the parser puts the folder above the file's package on the path."""
+  args = form.format(os.path.join(REPO, 'configs', 'smoke.py')).split()
+  run = subprocess.run([sys.executable, '-c', _CONFIG_PROGRAM, *args], cwd=tmp_path,
+                       capture_output=True, text=True)
+  assert run.returncode == 0 and 'main ran' in run.stdout, run.stderr
