@@ -255,6 +255,29 @@ def test_eval_once_takes_a_run_its_best_checkpoint_or_one_step(tiny_run, tmp_pat
     assert checkpoints.best_checkpoint_dir(os.path.join(workdir, given)) == expected, given
 
 
+def test_eval_writes_into_output_dir_and_leaves_the_run_alone(tiny_run, tmp_path, monkeypatch):
+  """Checkpoints in a read-only place: the default results folder is refused before anything
+  loads, naming --output_dir; with it the run's folder is not written (no best checkpoint)."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  before = sorted(os.listdir(workdir))
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda path, mode: (
+      path != workdir and real_access(path, mode)))  # As root, only a read-only mount refuses.
+  for once in (True, False):
+    with pytest.raises(PermissionError, match=(
+        f'The results go to {workdir}/eval by default: {workdir} is not writable .* Pass '
+        '--output_dir=FOLDER')):
+      eval_lib.run_dir(workdir, once=once)
+  output_dir = str(tmp_path / 'elsewhere')
+  assert eval_lib.run_dir(workdir, once=True, output_dir=output_dir) == output_dir
+  results = eval_lib.evaluate(None, workdir, once=True, timeout_secs=0, output_dir=output_dir)
+  assert list(results) == [4]
+  assert os.listdir(os.path.join(output_dir, 'eval')) and sorted(os.listdir(workdir)) == before
+  # The run's own folder given as --output_dir is the default: the best step is kept.
+  eval_lib.evaluate(None, workdir, once=True, timeout_secs=0, output_dir=workdir)
+  assert os.listdir(os.path.join(workdir, 'best_checkpoint')) == ['4']
+
+
 def test_eval_and_predict_fall_back_past_a_damaged_step_and_say_which(tiny_run, tmp_path,
                                                                        caplog):
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))

@@ -191,7 +191,7 @@ script = importlib.import_module(entry)
 runtime._EIGEN_CONVOLUTIONS_JAXLIBS = (jaxlib.version.__version_info__[:2],)
 train_lib.train = eval_lib.evaluate = lambda *args, **kwargs: None
 predict_lib.run = lambda *args, **kwargs: types.SimpleNamespace(written=[1], skipped=[])
-eval_lib.run_dir = lambda path, once: path
+eval_lib.run_dir = lambda path, once, output_dir: path
 arguments = (['--checkpoint', '--input', '--output_dir'] if entry == 'predict' else
              ['--config=configs/smoke.py', '--workdir'])
 flags.FLAGS([entry] + [a if '=' in a else f'{a}={workdir}' for a in arguments])
