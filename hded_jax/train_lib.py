@@ -248,16 +248,22 @@ class Trainer:
 
 class PreemptionHandler:
   """SIGTERM (cloud preemption) or Ctrl-C (SIGINT) -> save a checkpoint at the next step and
-  exit cleanly. A second Ctrl-C stops at once, without saving."""
+  exit cleanly. A second Ctrl-C stops at once, without saving.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  With several processes, all must save the same step: JAX's preemption service (started by
+  ``jax.distributed``) catches SIGTERM in each process and has them agree on the step. SIGTERM
+  keeps its handler (one of Python's would replace it, and no process would stop), and a
+  Ctrl-C is passed on to it as a SIGTERM.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self.received = None  # The signal's name, once one came.
     self._previous = {}
+    self._processes = jax.process_count()
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      signals = (signal.SIGINT,) if self._processes > 1 else (signal.SIGTERM, signal.SIGINT)
+      self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
   def _handle(self, signum, frame):
     del frame
@@ -265,12 +271,14 @@ class PreemptionHandler:
     self._event.set()
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-      logging.warning('Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C '
-                      'again stops at once, without saving).')
+      logging.warning('Ctrl-C: saving a checkpoint after %s, then exiting (Ctrl-C again stops '
+                      'at once, without saving).', 'this step' if self._processes == 1 else
+                      f'a step that all {self._processes} processes agree on')
+      if self._processes > 1:
+        signal.raise_signal(signal.SIGTERM)
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # All hosts must agree; JAX's preemption service tells them when to stop.
+    if self._processes > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 

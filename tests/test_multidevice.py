@@ -4,9 +4,12 @@ import functools
 import glob
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +78,28 @@ def test_two_processes_on_loopback(tiny_data_dir, tmp_path):
     assert f'final step {STEPS} on 4 devices in 2 processes' in out
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(STEPS)))
   assert sorted(logged(workdir, 'loss')) == list(range(1, STEPS + 1))  # process 0 wrote them
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tiny_data_dir, tmp_path):
+  """A preempted host: both processes save the step that JAX's preemption service has them
+  agree on, and exit cleanly. (A SIGTERM handler of Python's replaced the service's: no
+  process ever stopped.) Ctrl-C reaches the service as a SIGTERM (tests/test_train.py)."""
+  workdir = str(tmp_path / 'run')
+  env = {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{_free_port()}', 'JAX_NUM_PROCESSES': '2',
+         'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
+  steps = 200
+  procs = [launch(tiny_data_dir, workdir, num_steps=steps, batch_size=8, devices=2,
+                  checkpoint_every_steps=5, extra_env={**env, 'JAX_PROCESS_ID': str(i)})
+           for i in range(2)]
+  deadline = time.monotonic() + 300
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '5')):  # Training is under way.
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [finish(p) for p in procs]
+  stopped = {int(re.search(r'final step (\d+)', out).group(1)) for out in outs}
+  assert len(stopped) == 1 and max(stopped) < steps, stopped
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(max(stopped))))
 
 
 def test_processes_that_do_not_share_the_workdir_stop_before_training(tiny_data_dir, tmp_path):

@@ -220,6 +220,28 @@ def test_sigterm_and_ctrl_c_set_the_stop_flag_and_handlers_are_restored():
     signal.signal(signal.SIGINT, worker_handler)
 
 
+def test_with_several_processes_sigterm_is_left_to_jax_and_ctrl_c_passed_on_to_it(monkeypatch):
+  """JAX's preemption service catches SIGTERM itself (tests/test_multidevice.py stops two
+  processes that way); a Ctrl-C reaches it as a SIGTERM."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  forwarded = []
+  service = lambda signum, frame: forwarded.append(signum)  # JAX's handler, as it would be.
+  worker_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                     signal.SIGTERM: signal.signal(signal.SIGTERM, service)}
+  try:
+    handler = train_lib.PreemptionHandler()
+    assert signal.getsignal(signal.SIGTERM) is service
+    signal.raise_signal(signal.SIGINT)
+    assert forwarded == [signal.SIGTERM] and handler.received == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):  # A second Ctrl-C stops at once.
+      signal.raise_signal(signal.SIGINT)
+    handler.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    for signum, worker_handler in worker_handlers.items():
+      signal.signal(signum, worker_handler)
+
+
 def test_ctrl_c_saves_and_exits_with_readable_logs(tiny_data_dir, tiny_run, compilation_cache,
                                                    tmp_path):
   """train.py as a person runs it, resuming a run whose newest step is damaged and stopped with
