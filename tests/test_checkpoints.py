@@ -270,6 +270,9 @@ def test_eval_writes_into_output_dir_and_leaves_the_run_alone(tiny_run, tmp_path
       eval_lib.run_dir(workdir, once=once)
   output_dir = str(tmp_path / 'elsewhere')
   assert eval_lib.run_dir(workdir, once=True, output_dir=output_dir) == output_dir
+  (tmp_path / 'file').write_text('')  # What the path is comes before where results go.
+  with pytest.raises(NotADirectoryError, match='is a file: pass the training run'):
+    eval_lib.run_dir(str(tmp_path / 'file'), once=False)
   results = eval_lib.evaluate(None, workdir, once=True, timeout_secs=0, output_dir=output_dir)
   assert list(results) == [4]
   assert os.listdir(os.path.join(output_dir, 'eval')) and sorted(os.listdir(workdir)) == before
