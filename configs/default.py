@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.profile_steps = 0
   config.checkpoint_every_steps = 2000
   config.max_checkpoints_to_keep = 3
-  # Images written to TensorBoard by eval.py, and the number of test examples it evaluates
-  # (-1 = the whole split).
+  # Images written to TensorBoard by eval.py (0 = none), and the number of test examples it
+  # evaluates (-1 = the whole split).
   config.eval_num_images = 4
   config.eval_num_examples = -1
 

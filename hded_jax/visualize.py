@@ -160,6 +160,8 @@ def eval_panels(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
   AiF, depth, blur map, |input - AiF|, the camera), predicted|true depth (one colour scale)
   and predicted|true AiF, side by side."""
   n = num_images
+  if not n:
+    return {}
   inputs, aifs = images.to_uint8(outputs['input'][:n]), images.to_uint8(batch['aif'][:n])
   rows = [example_row(inputs[i], aifs[i], batch['depth'][i], batch['blur'][i],
                       camera_caption(dict(zip(defocus.CAMERA_FIELDS, batch['camera'][i]))),

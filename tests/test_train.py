@@ -286,10 +286,16 @@ def test_impossible_sizes_and_a_file_as_workdir_are_named(tiny_data_dir, tiny_ru
   with pytest.raises(NotADirectoryError, match=f'--workdir={tmp_path}/file is a file'):
     train_lib.train(tiny_config(tiny_data_dir), str(tmp_path / 'file'))
   assert not (tmp_path / 'run').exists()
-  with pytest.raises(ValueError, match='config.eval_batch_size=0: must be at least 1'):
-    eval_lib.evaluate(tiny_config(tiny_data_dir, eval_batch_size=0),
-                      copy_run(tiny_run, str(tmp_path / 'evaluated')), once=True,
-                      timeout_secs=0)
+  evaluated = copy_run(tiny_run, str(tmp_path / 'evaluated'))
+  for field, value, problem in (('eval_batch_size', 0, 'must be at least 1'),
+                                ('eval_num_examples', 0, r'-1 \(the whole split\) or at least 1'),
+                                ('eval_num_images', -1, r'0 \(no images\) or more')):
+    with pytest.raises(ValueError, match=f'config.{field}={value}: {problem}'):
+      eval_lib.evaluate(tiny_config(tiny_data_dir, **{field: value}), evaluated, once=True,
+                        timeout_secs=0)
+  # No images is a setting, not a mistake.
+  assert list(eval_lib.evaluate(tiny_config(tiny_data_dir, eval_num_images=0), evaluated,
+                                once=True, timeout_secs=0)) == [4]
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_good_checkpoints(tiny_data_dir,
