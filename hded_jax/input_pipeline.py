@@ -16,7 +16,6 @@ from concurrent import futures
 import dataclasses
 import functools
 import math
-import os
 
 import grain
 import jax
@@ -61,7 +60,7 @@ def dataset_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   # As `python -m tfds_builders.prepare` builds it: on every core this process may use.
   prepare = functools.partial(
       registry.prepare, name, data_dir=builder.data_dir_root,
-      config=builder.builder_config.name, num_workers=registry.default_num_workers())
+      config=builder.builder_config.name, num_workers=runtime.usable_cores())
   if jax.process_count() == 1:
     return prepare()
   failure = None
@@ -368,7 +367,7 @@ def preprocessing_threads(config: ml_collections.ConfigDict) -> int:
   GPU host a bf16 step trains faster than a few threads prepare its batches
   (docs/performance.md). The threads share the GIL; worker processes
   (``dataset.num_workers``) do not."""
-  return config.dataset.num_threads or min(os.cpu_count(), MAX_AUTO_THREADS)
+  return config.dataset.num_threads or min(runtime.usable_cores(), MAX_AUTO_THREADS)
 
 
 def train_iterator(config: ml_collections.ConfigDict, source) -> grain.DatasetIterator:

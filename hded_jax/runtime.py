@@ -109,6 +109,15 @@ def metric_writer(logdir: str) -> 'metric_writers.MetricWriter':
   return metric_writers.create_default_writer(logdir, just_logging=just_logging)
 
 
+def usable_cores() -> int:
+  """The CPU cores this process may run on: its affinity (a pinned or containerised job), where
+  the system has one (Linux), else all of the machine's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows.
+    return os.cpu_count() or 1
+
+
 def _initialize_distributed() -> None:
   """``jax.distributed`` over the cluster JAX detects (a Cloud TPU slice from its VMs'
   metadata, SLURM, Open MPI) or that JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and

@@ -672,3 +672,9 @@ def test_a_config_imports_its_sibling_configs_from_any_directory(form, tmp_path)
   run = subprocess.run([sys.executable, '-c', _CONFIG_PROGRAM, *args], cwd=tmp_path,
                        capture_output=True, text=True)
   assert run.returncode == 0 and 'main ran' in run.stdout, run.stderr
+
+
+def test_usable_cores_are_the_affinity_where_the_system_has_one(monkeypatch):
+  assert runtime.usable_cores() == len(os.sched_getaffinity(0))
+  monkeypatch.delattr(os, 'sched_getaffinity')  # macOS, Windows: the dataset build still starts.
+  assert runtime.usable_cores() == os.cpu_count()

@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     registry.prepare(argv[1], data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
                      config=_CONFIG.value,
-                     num_workers=_NUM_WORKERS.value or registry.default_num_workers())
+                     num_workers=_NUM_WORKERS.value or runtime.usable_cores())
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'Error: {e}')  # A message to act on, not a traceback.
 

@@ -52,7 +52,7 @@ def load_builder(name: str, config: str | None, data_dir: str | None):
           f'{name}/{builder.builder_config.name} is not prepared in {builder.data_dir_root}. '
           f'Prepare it first: `{registry.prepare_command(builder)}`.')
     builder = registry.prepare(name, data_dir=builder.data_dir_root, config=config,
-                               num_workers=registry.default_num_workers())
+                               num_workers=runtime.usable_cores())
   return builder
 
 

@@ -3,8 +3,6 @@
 Importing this module registers every builder with TFDS; a new dataset is added here only.
 """
 
-import os
-
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -47,11 +45,6 @@ def prepare_command(builder: common.DefocusBuilder) -> str:
   if needs_manual_files(builder.name):
     command += ' --manual_dir=DIR_WITH_THE_DOWNLOADED_FILES'
   return command
-
-
-def default_num_workers() -> int:
-  """The CPU cores this process may use."""
-  return len(os.sched_getaffinity(0))
 
 
 def prepare(

@@ -3,12 +3,12 @@ programs, on the same batch and device kind, so every ratio comes from one proce
 device."""
 
 from collections.abc import Sequence
-import os
 
 import ml_collections
 
 from hded_jax import input_pipeline
 from hded_jax import pytorch
+from hded_jax import runtime
 from hded_jax.benchmarking import measure
 
 
@@ -28,7 +28,7 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   if device == 'cpu':
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(runtime.usable_cores())
   else:
     torch.backends.cudnn.benchmark = True
   layout = torch.channels_last if device == 'cuda' else torch.contiguous_format
