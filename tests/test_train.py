@@ -4,6 +4,7 @@ from concurrent import futures
 import functools
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -192,6 +193,24 @@ def test_preemption_saves_and_exits_then_resumes(tiny_data_dir, tmp_path, monkey
                                       profile_steps=2), workdir)
   assert int(state.step) == 6 and steps_in(workdir) == [3, 6]
   assert profilers == [{'num_profile_steps': 2, 'logdir': workdir}]
+
+
+def test_rerunning_a_finished_run_compiles_nothing_unless_its_final_step_fails(
+    tiny_data_dir, tiny_run, tmp_path, monkeypatch, caplog):
+  """The README's rerun resumes; a finished run's has nothing to train, and no compile to wait
+  for (over a minute on a GPU). Its final step damaged, it resumes from step 2 and compiles."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  compile_step = train_lib.Trainer.compile_step_in_background
+  compiled = []
+  monkeypatch.setattr(train_lib.Trainer, 'compile_step_in_background',
+                      lambda self, spec: compiled.append(spec) or compile_step(self, spec))
+  with caplog.at_level(logging.INFO):
+    state = train_lib.train(tiny_config(tiny_data_dir), workdir)
+  assert int(state.step) == 4 and not compiled
+  assert 'holds step 4, and the run has 4 steps: nothing to train' in caplog.text
+  os.remove(os.path.join(workdir, 'checkpoints', '4', 'model', 'manifest.ocdbt'))
+  state = train_lib.train(tiny_config(tiny_data_dir), workdir)
+  assert int(state.step) == 4 and len(compiled) == 1
 
 
 def test_global_norm_is_optax_s_in_one_reduction():
