@@ -233,7 +233,7 @@ def predict_files(forward: Forward, paths: Sequence[str], output_dir: str, *, ba
         try:
           outputs = predict_batch(forward, photos, pad_mode=pad_mode)
         except jax.errors.JaxRuntimeError as e:
-          if 'RESOURCE_EXHAUSTED' not in str(e):
+          if not runtime.is_out_of_memory(e):
             raise
           raise MemoryError(_out_of_memory(e, photos, batch_size)) from None
         for path, single in zip(done, outputs):

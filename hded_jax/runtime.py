@@ -109,6 +109,11 @@ def metric_writer(logdir: str) -> 'metric_writers.MetricWriter':
   return metric_writers.create_default_writer(logdir, just_logging=just_logging)
 
 
+def is_out_of_memory(error: Exception) -> bool:
+  """Whether a JAX runtime error is the device's memory running out (XLA's status code)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(error)
+
+
 def usable_cores() -> int:
   """The CPU cores this process may run on: its affinity (a pinned or containerised job), where
   the system has one (Linux), else all of the machine's."""

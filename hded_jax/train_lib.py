@@ -218,28 +218,33 @@ class Trainer:
     return jax.jit(functools.partial(_initial_state, tx=self.tx),
                    out_shardings=self.state_sharding)(params, batch_stats)
 
-  def compile_step_in_background(
-      self, batch_spec) -> tuple[futures.Future, program_cache.CachedProgram | None]:
+  def compile_step_in_background(self, batch_spec) -> tuple[futures.Future, bool]:
     """Starts making the step's program for ``batch_spec`` on another thread, so that a
     checkpoint restores meanwhile and the step's first call finds it ready. From the program
     cache (`program_cache`) where it holds this step: nothing traced. Otherwise lowered here
     and compiled (or read from JAX's compilation cache) there, where XLA holds no GIL, and
-    kept in the program cache when XLA compiled it. Returns the future (the compiled step, or
-    XLA's error) and the program cache's entry it loads from (None: it compiles)."""
+    kept in the program cache when XLA compiled it. Returns the future, whose result is the
+    compiled step and the program cache's entry it was loaded from (None: compiled), or XLA's
+    error; and whether it loads (else compiles)."""
     args = (self.abstract_state, batch_spec)
     cached = program_cache.cached_program(
         'train_step', args, **step_settings(self.config, self.train_size))
     loading = bool(cached and cached.exists())
     executor = futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
     if loading:
-      compiled = executor.submit(
-          lambda: cached.load() or program_cache.compile_and_keep(self._lower(args), cached))
+      def load_or_compile():
+        if program := cached.load():
+          return program, cached
+        return program_cache.compile_and_keep(self._lower(args), cached), None  # Unloadable.
+      compiled = executor.submit(load_or_compile)
     else:
-      compiled = executor.submit(program_cache.compile_and_keep, self._lower(args), cached)
+      compiled = executor.submit(
+          lambda lowered: (program_cache.compile_and_keep(lowered, cached), None),
+          self._lower(args))
     # Python still waits for the thread before it exits (after an error in the meantime too):
     # a process that exits while XLA compiles on another thread aborts.
     executor.shutdown(wait=False)
-    return compiled, cached if loading else None
+    return compiled, loading
 
   def _lower(self, args) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh):  # As the training loop calls the step.
@@ -313,8 +318,8 @@ class StartupClock:
     compiling.add_done_callback(lambda _: self._compile.append(time.perf_counter()))
 
   def wait_for_compile(self, log_every_s: float = 30.0):
-    """The compiled step (or XLA's error), logging every ``log_every_s`` until it is ready: a
-    cold compile of the full model takes over a minute on a GPU, and nothing else shows."""
+    """The compiling future's result (or XLA's error), logging every ``log_every_s`` until it is
+    ready: a cold compile of the full model takes over a minute on a GPU, and nothing else shows."""
     while not self._compiling.done():
       logging.info('Waiting for %s: %.0f s so far.', self._waiting_for,
                    time.perf_counter() - self._compile[1])
@@ -411,14 +416,22 @@ def _resume(ckpt, trainer: Trainer, data_iter, config: ml_collections.ConfigDict
   return state
 
 
-def _first_step(program, state, batch, loaded_from: program_cache.CachedProgram | None):
-  """``program``'s first run, to its end. A program from the program cache that fails to run
-  (an executable XLA did not serialise whole) is removed, and the error says to rerun: the
-  donated state is gone, and the rerun compiles the step and resumes from the checkpoint."""
+def _first_step(program, state, batch, loaded_from: program_cache.CachedProgram | None,
+                config: ml_collections.ConfigDict):
+  """``program``'s first run, to its end. Where the device's memory is too small, the error
+  says what to change. A program from the program cache that fails otherwise (an executable
+  XLA did not serialise whole) is removed, and the error says to rerun: the donated state is
+  gone, and the rerun compiles the step and resumes from the checkpoint."""
   try:
     state, metrics = program(state, batch)
     jax.block_until_ready(metrics)
   except jax.errors.JaxRuntimeError as error:
+    if runtime.is_out_of_memory(error):
+      raise MemoryError(
+          f'The train step does not fit in device memory at config.batch_size='
+          f'{config.batch_size} ({str(error).splitlines()[0]}). Lower the batch, set '
+          "config.model.remat=True or config.model.dtype='bfloat16', or free the device (another "
+          'process on it, e.g. an eval.py, holds memory too).') from None
     if loaded_from is None:
       raise
     loaded_from.remove()
@@ -460,8 +473,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         clock.lap('the dataset (built if missing), model and checkpoint config')
         compiling.append(trainer.compile_step_in_background(
             input_pipeline.batch_spec(config, source, trainer.batch_sharding)))
-        future, loaded_from = compiling[0]
-        if loaded_from:
+        future, loading = compiling[0]
+        if loading:
           clock.lap('finding the step in the program cache')
           clock.time_compile(future, 'loaded the step from the program cache',
                              'the train step to load from the program cache')
@@ -486,8 +499,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     clock.lap('the metric writer (importing TensorFlow)')
     # Called as it is: the jitted function would trace the step again.
-    train_step_program = clock.wait_for_compile()  # Or XLA's error.
-    loaded_from = compiling[0][1]
+    train_step_program, loaded_from = clock.wait_for_compile()  # Or XLA's error.
     clock.lap('waiting for XLA')
     logging.info('Mesh %s; %d training examples; %d steps (from %d); global batch %d.',
                  dict(trainer.mesh.shape), len(source), trainer.num_steps, first_step,
@@ -517,7 +529,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
               camera_log.add(local_batch)
             batch = sharding.global_batch(local_batch, trainer.batch_sharding)
             if step == first_step + 1:
-              state, metrics = _first_step(train_step_program, state, batch, loaded_from)
+              state, metrics = _first_step(train_step_program, state, batch, loaded_from,
+                                           config)
             else:
               state, metrics = train_step_program(state, batch)
           metrics_buffer.add(step, metrics)

@@ -120,6 +120,16 @@ def test_a_kept_step_that_fails_to_run_is_removed_and_the_rerun_compiles(
   train_lib.train(tiny_config(tiny_data_dir, num_train_steps=5), workdir)
   assert len(os.listdir(own_program_cache)) == 1
 
+  def out_of_memory(state, batch):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes.')
+
+  # Too little memory (an eval.py beside it): said so, and the kept program stays.
+  monkeypatch.setattr(program_cache.CachedProgram, 'load', lambda self: out_of_memory)
+  with pytest.raises(MemoryError, match='does not fit in device memory at config.batch_size=4 '
+                     r'\(RESOURCE_EXHAUSTED: .*\). Lower the batch'):
+    train_lib.train(tiny_config(tiny_data_dir, num_train_steps=6), workdir)
+  assert len(os.listdir(own_program_cache)) == 1
+
   def fails(state, batch):
     raise jax.errors.JaxRuntimeError('INTERNAL: Function add_select_fusion.1 not found')
 

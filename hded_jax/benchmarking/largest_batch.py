@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from hded_jax import input_pipeline
+from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
 from hded_jax.benchmarking import compile_targets
@@ -129,7 +130,7 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
         return False, used
       run(compiled)
     except jax.errors.JaxRuntimeError as e:
-      if 'RESOURCE_EXHAUSTED' not in str(e):
+      if not runtime.is_out_of_memory(e):
         raise
       logging.info('Largest batch (%s): batch %d does not fit: %s', name, batch_size,
                    str(e).splitlines()[0])
