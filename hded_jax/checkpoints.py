@@ -393,17 +393,18 @@ def load_model(path: str) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
 BEST_OLD_SUFFIX, BEST_NEW_SUFFIX = '.old', '.tmp'
 
 
-def save_best(checkpoint_dir: str, step: int, best_dir: str) -> None:
-  """Copies the model and config of training checkpoint ``step`` to ``best_dir``/<step>/, a
-  model checkpoint that replaces what ``best_dir`` held.
+def save_best(best_dir: str, step: int, model: nnx.Module,
+              config: ml_collections.ConfigDict) -> None:
+  """Writes ``model`` (as restored from training step ``step``) and ``config`` to
+  ``best_dir``/<step>/, a model checkpoint that replaces what ``best_dir`` held. From memory,
+  not copied from the step, which training may delete meanwhile (``max_checkpoints_to_keep``).
 
   The old copy is renamed away before the new one is renamed in and deleted after; a process
   killed in between leaves both, and ``recover_best`` puts the old one back.
   """
   recover_best(best_dir)
   new_dir, old_dir = best_dir + BEST_NEW_SUFFIX, best_dir + BEST_OLD_SUFFIX
-  shutil.copytree(os.path.join(checkpoint_dir, str(step)), os.path.join(new_dir, str(step)),
-                  ignore=lambda _, names: [n for n in names if n in (TRAIN, DATA)])
+  save_model(new_dir, step, model, config)
   if os.path.exists(best_dir):
     os.replace(best_dir, old_dir)
   os.replace(new_dir, best_dir)

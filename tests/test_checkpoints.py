@@ -307,6 +307,25 @@ def test_a_step_directory_is_a_checkpoint(tiny_run):
   assert checkpoints.locate(tiny_run) == (os.path.join(tiny_run, 'checkpoints'), None)
 
 
+def test_the_best_step_is_kept_though_training_deleted_it_meanwhile(tiny_run, tmp_path,
+                                                                     monkeypatch):
+  """Training keeps its newest few steps: the one being evaluated may go before it is kept.
+  The best checkpoint is written from the model in memory, and scores as the step did."""
+  workdir = copy_run(tiny_run, str(tmp_path / 'run'))
+  evaluate = eval_lib.Evaluator.evaluate
+
+  def evaluate_as_training_deletes_the_step(self, model):
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+    return evaluate(self, model)
+
+  monkeypatch.setattr(eval_lib.Evaluator, 'evaluate', evaluate_as_training_deletes_the_step)
+  results = eval_lib.evaluate(None, workdir, once=True, timeout_secs=0)
+  monkeypatch.undo()
+  best_dir = os.path.join(workdir, 'best_checkpoint')
+  assert list(results) == [4] and os.listdir(best_dir) == ['4']
+  assert eval_lib.evaluate(None, best_dir, once=True, timeout_secs=0) == results
+
+
 class Killed(BaseException):
   """Stands for SIGKILL: nothing catches it."""
 
@@ -316,7 +335,8 @@ def test_best_checkpoint_survives_a_kill_between_removing_and_replacing_it(
   workdir = copy_run(tiny_run, str(tmp_path / 'run'))
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   best_dir = os.path.join(workdir, 'best_checkpoint')
-  checkpoints.save_best(ckpt_dir, 2, best_dir)
+  model, config, _ = checkpoints.load_model(os.path.join(ckpt_dir, '2'))
+  checkpoints.save_best(best_dir, 2, model, config)
   os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
   with open(os.path.join(workdir, 'eval', 'best.json'), 'w') as f:
     json.dump({'step': 2, 'metric': 'depth/rmse', 'value': 1.0}, f)
@@ -330,7 +350,7 @@ def test_best_checkpoint_survives_a_kill_between_removing_and_replacing_it(
 
   monkeypatch.setattr(os, 'replace', killed_moving_in)
   with pytest.raises(Killed):
-    checkpoints.save_best(ckpt_dir, 4, best_dir)
+    checkpoints.save_best(best_dir, 4, model, config)
   monkeypatch.setattr(os, 'replace', replace)
   # The rerun scores step 4 worse than the recorded best: it must not leave best lost.
   monkeypatch.setattr(eval_lib.Evaluator, 'evaluate',
