@@ -149,7 +149,9 @@ _NOT_IN_THE_STEP = frozenset((
     'num_epochs', 'num_train_steps', 'log_every_steps', 'profile_steps',
     'checkpoint_every_steps', 'max_checkpoints_to_keep', 'eval_batch_size', 'eval_num_images',
     'eval_num_examples', 'init_from', 'dataset.num_threads', 'dataset.prefetch',
-    'dataset.num_workers', 'dataset.data_dir', 'dataset.auto_prepare'))
+    'dataset.num_workers', 'dataset.data_dir', 'dataset.auto_prepare', 'dataset.keep_resized_gb',
+    'dataset.train_split', 'dataset.eval_split', 'dataset.hflip', 'dataset.color_jitter',
+    'dataset.min_depth', 'dataset.max_depth', 'dataset.eval_protocol'))
 
 
 def step_settings(config: ml_collections.ConfigDict, train_size: int) -> dict:

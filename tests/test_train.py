@@ -170,7 +170,10 @@ def test_step_settings_leave_out_only_what_the_step_does_not_read(tiny_data_dir)
   settings = train_lib.step_settings(config, train_size=8)
   loop_only = {'num_train_steps': 100, 'num_epochs': 7, 'log_every_steps': 5,
                'checkpoint_every_steps': 9, 'eval_batch_size': 2, 'init_from': 'checkpoint:x',
-               'dataset.num_threads': 3, 'dataset.data_dir': '/elsewhere'}
+               'dataset.num_threads': 3, 'dataset.data_dir': '/elsewhere',
+               'dataset.keep_resized_gb': 0.0, 'dataset.hflip': False,
+               'dataset.color_jitter': 0.1, 'dataset.max_depth': 5.0,
+               'dataset.eval_protocol': 'nyu_literature'}
   for field, value in loop_only.items():
     changed = config.copy_and_resolve_references()
     changed.update_from_flattened_dict({field: value})
