@@ -275,12 +275,18 @@ def cuda_plugins() -> list[str]:
   return sorted(plugin for plugin in pjrt_plugins() if 'cuda' in plugin)
 
 
+def _xla_flags_set(name: str) -> bool:
+  """Whether XLA_FLAGS sets the flag ``name`` (no dashes), whose name may begin another's."""
+  return any(token.lstrip('-').partition('=')[0] == name
+             for token in os.environ.get('XLA_FLAGS', '').split())
+
+
 def add_xla_flag(flag: str) -> bool:
   """Adds ``flag`` ('--name=value') to XLA_FLAGS unless XLA_FLAGS already sets ``name``: the
   user's choice stands. XLA reads XLA_FLAGS when its backend starts: call it before that.
   Returns whether ``flag`` is in effect."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if flag.partition('=')[0] in flags:
+  if _xla_flags_set(flag.lstrip('-').partition('=')[0]):
     return flag in flags.split()
   os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
   return True
@@ -304,7 +310,7 @@ def use_eigen_convolutions() -> bool:
   user put in XLA_FLAGS. It edits XLA_FLAGS, which XLA reads when its backend starts: call it
   before that. Returns whether the flag is in effect.
   """
-  if (_YNN_FUSION_TYPE not in os.environ.get('XLA_FLAGS', '') and
+  if (not _xla_flags_set(_YNN_FUSION_TYPE) and
       jaxlib.version.__version_info__[:2] not in _EIGEN_CONVOLUTIONS_JAXLIBS):
     logging.info('jaxlib %s: XLA CPU convolutions left to XLA (%s was measured faster on %s).',
                  jaxlib.version.__version__, _EIGEN_CONVOLUTIONS_FLAG,
@@ -333,7 +339,7 @@ def gpu_compiler_options() -> dict[str, bool]:
   this process does not compute on (`compile_targets.devices_not_here`): its XLA_FLAGS were
   chosen for the CPU. None over an ``xla_gpu_enable_triton_gemm`` the user put in XLA_FLAGS."""
   name, _, value = _CUBLAS_GEMMS_FLAG.removeprefix('--').partition('=')
-  return {} if name in os.environ.get('XLA_FLAGS', '') else {name: value == 'true'}
+  return {} if _xla_flags_set(name) else {name: value == 'true'}
 
 
 # The environment variables with which a user chooses how JAX's GPU client takes memory.

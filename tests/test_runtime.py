@@ -428,6 +428,12 @@ def test_cublas_gemms_flag_joins_xla_flags_unless_the_user_chose(monkeypatch):
   assert not runtime.use_cublas_gemms()
   assert os.environ['XLA_FLAGS'] == users
   assert runtime.gpu_compiler_options() == {}
+  # Another flag whose name begins with this one's is not this one.
+  other = '--xla_gpu_enable_triton_gemm_any=true'
+  monkeypatch.setenv('XLA_FLAGS', other)
+  assert runtime.gpu_compiler_options() == {'xla_gpu_enable_triton_gemm': False}
+  assert runtime.use_cublas_gemms()
+  assert os.environ['XLA_FLAGS'] == f'{other} {runtime._CUBLAS_GEMMS_FLAG}'
 
 
 def test_processes_that_do_not_train_take_gpu_memory_as_needed(monkeypatch):
