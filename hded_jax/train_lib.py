@@ -340,7 +340,7 @@ class MetricsBuffer:
   """Fetches each step's metrics once the next step is dispatched, so the host never waits for
   the device; ``check`` sees every step's values as they arrive."""
 
-  def __init__(self, check=lambda step, values: None):
+  def __init__(self, check: Callable[[int, Mapping[str, float]], None]):
     self._check = check
     self._pending = None
     self._history = []

@@ -19,7 +19,6 @@ from hded_jax import defocus
 from hded_jax import progress
 from hded_jax import runtime
 
-CAMERA_KEYS = defocus.CAMERA_FIELDS
 PROGRESS_EVERY_SECS = 30
 
 
@@ -60,7 +59,7 @@ def defocus_features(image_shape: Sequence[int], depth_shape: Sequence[int]):
           shape=tuple(depth_shape), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB,
           doc='Depth in metres; 0 marks pixels without valid ground truth.'),
       'camera': tfds.features.FeaturesDict(
-          {key: tfds.features.Scalar(np.float32) for key in CAMERA_KEYS},
+          {key: tfds.features.Scalar(np.float32) for key in defocus.CAMERA_FIELDS},
           doc='Thin-lens camera used for the rendering (metres).'),
       'index': tfds.features.Scalar(np.int64, doc='Index in the source file / archive order.'),
   })
