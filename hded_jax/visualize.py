@@ -23,13 +23,6 @@ def turbo(x: np.ndarray) -> np.ndarray:
   return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
-def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-  """Depth (..., H, W) -> uint8 RGB (..., H, W, 3); near is blue, far is red."""
-  if not vmax > vmin:
-    vmax = vmin + 1e-6
-  return images.unit_to_uint8(turbo((np.asarray(depth, np.float64) - vmin) / (vmax - vmin)))
-
-
 def diverging(x: np.ndarray) -> np.ndarray:
   """Values in [-1, 1] -> float RGB in [0, 1]: blue below 0, white at 0, red above."""
   x = np.clip(np.asarray(x, np.float64), -1.0, 1.0)[..., None]
@@ -70,6 +63,11 @@ class Scale:
     if valid is not None:
       rgb[~np.asarray(valid, bool)] = MASKED
     return rgb
+
+
+def colorize_depth(depth: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+  """Depth (..., H, W) -> uint8 RGB (..., H, W, 3); near is blue, far is red."""
+  return Scale('turbo', vmin, vmax).colours(depth)
 
 
 @dataclasses.dataclass(frozen=True)
