@@ -220,9 +220,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *,
   if sorted(layers) != list(range(1, len(layers) + 1)):
     raise ValueError(f'Dense blocks {sorted(layers)} are not numbered 1..{len(layers)}.')
   growth_rate = state_dict[first + 'conv2.weight'].shape[0]
-  available = tuple(h for h, prefixes in (('depth', ('decoder.', 'decoder_tasks.')),
-                                          ('aif', ('decoder_aif.',)))
-                    if any(k.startswith(prefixes) for k in state_dict))
+  available = tuple(head for head in _HEAD_PREFIXES if _head_keys(state_dict, head))
   if not available:
     raise ValueError('The state dict has a DenseNet encoder but no decoder (no decoder., '
                      'decoder_tasks. or decoder_aif. keys): not a 2HDED:NET checkpoint. For '
@@ -240,9 +238,12 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *,
   return config
 
 
+# Each head's decoder in the official state dicts (its depth decoder under either name).
+_HEAD_PREFIXES = {'depth': ('decoder.', 'decoder_tasks.'), 'aif': ('decoder_aif.',)}
+
+
 def _head_keys(state_dict: Mapping[str, np.ndarray], head: str) -> list[str]:
-  prefixes = {'depth': ('decoder.', 'decoder_tasks.'), 'aif': ('decoder_aif.',)}[head]
-  return [k for k in state_dict if k.startswith(prefixes)]
+  return [k for k in state_dict if k.startswith(_HEAD_PREFIXES[head])]
 
 
 def convert_official(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict
