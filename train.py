@@ -8,6 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hded_jax import files
 from hded_jax import runtime
 from hded_jax import train_lib
 
@@ -15,6 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
+files.validate_output_flag('workdir', folder=True)
 
 
 def main(argv):

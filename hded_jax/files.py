@@ -30,9 +30,22 @@ def atomic_write(path: str, mode: str = 'w') -> Iterator[IO]:
     raise
 
 
+def not_local(path: str) -> str | None:
+  """Why ``path`` is no local path (a URL), or None. This package reads and writes through the
+  operating system's files, where gs://bucket/run would name a local folder 'gs:'."""
+  if '://' not in path:
+    return None
+  return (f'{path} is a URL: hded-jax reads and writes local paths only. Mount the bucket and '
+          'pass the path under the mount (for Cloud Storage: `gcsfuse --implicit-dirs BUCKET '
+          '/mnt/BUCKET`, then /mnt/BUCKET/...; on several hosts, the same mount on each).')
+
+
 def unwritable(path: str, *, folder: bool = False) -> str | None:
   """Why ``path`` (a file, or with ``folder`` a folder made if missing) cannot be written, or
   None: for a program to stop on its output flag before the work, not after it."""
+  if reason := not_local(path):
+    return reason
+  path = os.path.expanduser(path)
   if os.path.exists(path) and os.path.isdir(path) != folder:
     return (f'{path} is a {"file" if folder else "folder"}: give a '
             f'{"folder" if folder else "file"} path.')

@@ -20,6 +20,8 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jaxlib.version
 
+from hded_jax import files
+
 if typing.TYPE_CHECKING:
   from clu import metric_writers
 
@@ -40,14 +42,10 @@ def setup(workdir: str, *, training: bool, distributed: bool = True) -> None:
 
 
 def local_path(path: str) -> str:
-  """``path`` absolute, ``~`` expanded. This package reads and writes its folders through the
-  operating system's files, where a URL such as gs://bucket/run would name a local folder
-  'gs:': refused instead, naming the mount that serves the same purpose."""
-  if '://' in path:
-    raise ValueError(
-        f'{path} is a URL: hded-jax reads and writes local paths only. Mount the bucket and '
-        'pass the path under the mount (for Cloud Storage: `gcsfuse --implicit-dirs BUCKET '
-        '/mnt/BUCKET`, then /mnt/BUCKET/...; on several hosts, the same mount on each).')
+  """``path`` absolute, ``~`` expanded; a URL refused (`files.not_local`), naming the mount
+  that serves the same purpose."""
+  if reason := files.not_local(path):
+    raise ValueError(reason)
   return os.path.abspath(os.path.expanduser(path))
 
 

@@ -46,16 +46,26 @@ def test_outputs_that_cannot_be_written_are_named_before_any_work(tmp_path, monk
   assert 'is a folder: give a file path' in files.unwritable(str(tmp_path / 'folder'))
   assert 'is a file: give a folder path' in files.unwritable(str(tmp_path / 'file'), folder=True)
   assert 'is a file, so' in files.unwritable(str(tmp_path / 'file' / 'out.json'))
+  assert 'is a URL: hded-jax reads and writes local paths only' in files.unwritable(
+      'gs://bucket/run', folder=True)
+  monkeypatch.setenv('HOME', str(tmp_path))  # ~ is the home folder, not a folder named '~'.
+  assert 'is a file: give a folder path' in files.unwritable('~/file', folder=True)
   # A read-only file system (as root, permission bits do not stop a write; the kernel says so).
   monkeypatch.setattr(os, 'access', lambda path, mode: path != str(tmp_path))
   assert 'is not writable' in files.unwritable(str(tmp_path / 'out'), folder=True)
 
 
-def test_a_program_stops_on_an_unwritable_output_flag_at_parsing(tmp_path):
+@pytest.mark.parametrize('program, flag, other_args', [
+    ('predict.py', 'output_dir', ['--checkpoint=/nonexistent', '--input=/nonexistent']),
+    ('train.py', 'workdir', ['--config=configs/smoke.py']),
+    ('eval.py', 'output_dir', ['--workdir=/nonexistent', '--once']),
+])
+def test_a_program_stops_on_an_unwritable_output_flag_at_parsing(tmp_path, program, flag,
+                                                                 other_args):
   (tmp_path / 'file').write_text('x')
   run = subprocess.run(
-      [sys.executable, 'predict.py', '--checkpoint=/nonexistent', f'--input={tmp_path}',
-       f'--output_dir={tmp_path / "file"}'], cwd=REPO, capture_output=True, text=True)
+      [sys.executable, program, *other_args, f'--{flag}={tmp_path / "file"}'], cwd=REPO,
+      capture_output=True, text=True)
   assert run.returncode == 1, run.stderr
-  assert (f'FATAL Flags parsing error: flag --output_dir={tmp_path / "file"}: '
+  assert (f'FATAL Flags parsing error: flag --{flag}={tmp_path / "file"}: '
           f'{tmp_path / "file"} is a file: give a folder path.') in run.stderr, run.stderr
