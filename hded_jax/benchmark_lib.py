@@ -54,6 +54,7 @@ from hded_jax import models
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
+from hded_jax.benchmarking import batches
 from hded_jax.benchmarking import compile_targets
 from hded_jax.benchmarking import largest_batch
 from hded_jax.benchmarking import measure
@@ -93,13 +94,13 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, num_batches: int) -> d
   # the epochs after it are what training runs.
   first_epoch = len(source) // config.batch_size - 1
   timed = {}
-  for part, batches in (('first_epoch_examples_per_s', first_epoch),
-                        ('examples_per_s', num_batches)):
+  for part, count in (('first_epoch_examples_per_s', first_epoch),
+                      ('examples_per_s', num_batches)):
     start = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(count):
       next(it)
-    timed[part] = (batches * config.batch_size / (time.perf_counter() - start)
-                   if batches > 0 else None)
+    timed[part] = (count * config.batch_size / (time.perf_counter() - start)
+                   if count > 0 else None)
   it.close()
   return {'source': name, **timed, 'num_threads': input_pipeline.preprocessing_threads(config),
           'num_workers': config.dataset.num_workers,
@@ -115,7 +116,7 @@ def benchmark_jax(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   few train steps there: `traces.profile_steps`; with ``compile_profile_dir``, the train step's
   XLA compile: `traces.compile_phase_times`)."""
   n = config.batch_size
-  batch = input_pipeline.random_batch(config)
+  batch = batches.random_batch(config)
   results = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
              'num_devices': jax.device_count(),
              'products_in': products_in(config.model, jax.devices()[0])}
@@ -235,7 +236,7 @@ def lowered_op_counts(config: ml_collections.ConfigDict,
     trainer = train_lib.Trainer(config, train_size=config.batch_size, platform=platform)
     with jax.set_mesh(trainer.mesh):
       state = trainer.abstract_state
-      batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
+      batch = sharding.global_batch(batches.random_batch(config), trainer.batch_sharding)
       forward, eval_args = eval_program(trainer, state, batch)
       counts['train'].update(lowering.op_counts(trainer.step_fn, state, batch,
                                                 platforms=(platform,)))
@@ -260,7 +261,7 @@ def compile_for_devices(config: ml_collections.ConfigDict,
   memory = target.memory_bytes
   results = {'target': target.target, 'platform': device.platform, 'device': device.device_kind,
              'num_devices': len(devices), 'memory_bytes': memory}
-  batch = input_pipeline.random_batch_spec(config, trainer.batch_sharding)
+  batch = batches.random_batch_spec(config, trainer.batch_sharding)
   with jax.set_mesh(trainer.mesh):
     programs = {'train': (trainer.step_fn, (trainer.abstract_state, batch)),
                 'eval': eval_program(trainer, trainer.abstract_state, batch)}
@@ -298,7 +299,7 @@ def benchmark_rendering(config: ml_collections.ConfigDict, batch_sharding, train
     config = config.copy_and_resolve_references()
     config.dataset.camera.focus_distance = RENDERING_FOCUS_RANGE
   rendering = input_pipeline.rendering(config)
-  batch = sharding.global_batch(input_pipeline.random_batch(config), batch_sharding)
+  batch = sharding.global_batch(batches.random_batch(config), batch_sharding)
   render, compile_times = measure.timed_compile(
       'Rendering', jax.jit(lambda batch: rendering(batch)['image']), batch)
   load = measure.wait_for_quiet(max_busy_cores, max_wait)

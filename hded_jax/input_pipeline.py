@@ -420,36 +420,3 @@ def eval_batches(config: ml_collections.ConfigDict, source: ResizedSource,
       batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
       batch['example_mask'] = np.array([i < n for i in indices])
       yield batch
-
-
-def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global training batch with the pipeline's keys, shapes and dtypes: random images, and
-  an NYU-like room's depth (0.5-10 m), as layered as real frames for rendering, seen by the
-  NYU camera (``config.dataset.camera`` where it sets values or ranges)."""
-  from tfds_builders import synthetic_defocus  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  n, (h, w) = config.batch_size, tuple(config.dataset.image_size)
-  depth = np.broadcast_to(synthetic_defocus.room_scene(h, w, seed)[1], (n, h, w))
-  nyu = defocus.CAMERAS['nyu']
-  camera = np.array([getattr(nyu, name) for name in defocus.CAMERA_FIELDS], np.float32)
-  choice = CameraChoice.from_config(config.dataset.get('camera'))
-  cameras = np.stack([choice.sample(camera, rng) if choice else camera for _ in range(n)])
-  batch = {'image': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
-           'aif': rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32),
-           'depth': depth.copy(), 'depth_valid': np.ones((n, h, w), bool),
-           'blur': np.stack([blur_map(d, c) for d, c in zip(depth, cameras)]),
-           'camera': cameras}
-  if choice is not None:
-    batch['render_depth'] = depth.copy()
-  return batch
-
-
-def random_batch_spec(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding
-                      ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes and dtypes of `random_batch`'s batch, from one image's: a batch of thousands
-  need not be made to be compiled for."""
-  one = config.copy_and_resolve_references()
-  one.batch_size = 1
-  return {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype,
-                                  sharding=batch_sharding)
-          for k, v in random_batch(one).items()}

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import pytest
 
 from hded_jax import benchmark_lib
-from hded_jax import input_pipeline
 from hded_jax import models
 from hded_jax import runtime
 from hded_jax import train_lib
+from hded_jax.benchmarking import batches
 from hded_jax.benchmarking import compile_targets
 from hded_jax.benchmarking import largest_batch
 from hded_jax.benchmarking import table
@@ -449,8 +449,8 @@ def test_largest_batches_for_chips_not_here_are_those_the_tpu_compiler_accepts(t
 
   monkeypatch.setattr(jax.stages.Lowered, 'compile', compile_)
   made = []
-  random_batch = input_pipeline.random_batch
-  monkeypatch.setattr(input_pipeline, 'random_batch',
+  random_batch = batches.random_batch
+  monkeypatch.setattr(batches, 'random_batch',
                       lambda config: made.append(config.batch_size) or random_batch(config))
   monkeypatch.setattr(train_lib.Trainer, 'initial_state', None)  # Nothing runs.
   progress = []

@@ -28,7 +28,8 @@ LEVELS = {
     'hded_jax.train_lib': 6, 'hded_jax.eval_lib': 6, 'hded_jax.predict_lib': 6,
     'hded_jax.benchmarking': 0, 'hded_jax.benchmarking.measure': 0,
     'hded_jax.benchmarking.traces': 1, 'hded_jax.benchmarking.compile_targets': 1,
-    'hded_jax.benchmarking.torch_reference': 6, 'hded_jax.benchmarking.largest_batch': 7,
+    'hded_jax.benchmarking.batches': 6, 'hded_jax.benchmarking.torch_reference': 7,
+    'hded_jax.benchmarking.largest_batch': 7,
     'hded_jax.benchmarking.table': 8, 'hded_jax.benchmark_lib': 8,
 }
 PROGRAMS = {'train', 'eval', 'predict', 'hded_jax.benchmark', 'hded_jax.benchmark_defocus',

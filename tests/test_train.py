@@ -29,6 +29,7 @@ from hded_jax import models
 from hded_jax import program_cache
 from hded_jax import sharding
 from hded_jax import train_lib
+from hded_jax.benchmarking import batches
 from tests.conftest import copy_run
 from tests.conftest import REPO
 from tests.conftest import tiny_config
@@ -455,7 +456,7 @@ def test_remat_trains_identically(tiny_data_dir, tmp_path):
     config.model.remat = remat
     trainer = train_lib.Trainer(config, train_size=config.batch_size)
     with jax.set_mesh(trainer.mesh):
-      batch = sharding.global_batch(input_pipeline.random_batch(config), trainer.batch_sharding)
+      batch = sharding.global_batch(batches.random_batch(config), trainer.batch_sharding)
       state, metrics = trainer.step_fn(trainer.initial_state(), batch)
     results[remat] = (jax.tree.map(np.asarray, state.batch_stats.to_pure_dict()),
                       float(metrics['loss']), float(metrics['grad_norm']))

@@ -9,10 +9,10 @@ from absl import logging
 import jax
 import ml_collections
 
-from hded_jax import input_pipeline
 from hded_jax import runtime
 from hded_jax import sharding
 from hded_jax import train_lib
+from hded_jax.benchmarking import batches
 from hded_jax.benchmarking import compile_targets
 from hded_jax.benchmarking import measure
 
@@ -109,12 +109,12 @@ def largest_batches(configs: Mapping[str, ml_collections.ConfigDict],
     with jax.set_mesh(trainer.mesh):
       lowered = trainer.step_fn.lower(
           trainer.abstract_state,
-          input_pipeline.random_batch_spec(config_b, trainer.batch_sharding))
+          batches.random_batch_spec(config_b, trainer.batch_sharding))
     if devices:  # Devices that are not here: compiled is as far as it goes.
       return lowered, lambda compiled: None
     return lowered, lambda compiled: jax.block_until_ready(compiled(
         trainer.initial_state(),
-        sharding.global_batch(input_pipeline.random_batch(config_b), trainer.batch_sharding)))
+        sharding.global_batch(batches.random_batch(config_b), trainer.batch_sharding)))
 
   def fits(name, batch_size, program, run):
     """Whether one step at ``batch_size`` runs (compiles within the memory, for devices that

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from hded_jax import input_pipeline
 from hded_jax import pytorch
 from hded_jax import runtime
+from hded_jax.benchmarking import batches
 from hded_jax.benchmarking import measure
 
 
@@ -39,7 +39,7 @@ def benchmark_torch(config: ml_collections.ConfigDict, *, steps: int, warmup: in
   opt = config.optimizer
   optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2))
   batch = {k: torch.from_numpy(v).to(device)
-           for k, v in input_pipeline.random_batch(config).items()}
+           for k, v in batches.random_batch(config).items()}
   image = batch['image'].permute(0, 3, 1, 2).contiguous(memory_format=layout)
   targets = {'depth': batch['depth'],
              'aif': batch['aif'].permute(0, 3, 1, 2).contiguous(memory_format=layout)}
