@@ -12,22 +12,22 @@ from tests.conftest import REPO
 # Each module may import only modules of a lower level. Programs (flags + main) sit on top.
 LEVELS = {
     'hded_jax': 0, 'hded_jax.pytorch': 0, 'hded_jax.images': 0, 'hded_jax.defocus': 0,
-    'hded_jax.sharding': 0, 'hded_jax.train_state': 0, 'hded_jax.runtime': 0,
+    'hded_jax.sharding': 0, 'hded_jax.train_state': 0, 'hded_jax.runtime': 1,
     'hded_jax.lowering': 0, 'hded_jax.files': 0, 'hded_jax.progress': 0,
     'hded_jax.program_cache': 1,
     'hded_jax.models.layers': 0, 'hded_jax.pytorch.reference': 0,
     'hded_jax.models.densenet': 1, 'hded_jax.models.decoder': 1, 'hded_jax.metrics': 1,
-    'hded_jax.visualize': 1, 'tfds_builders.common': 1,
+    'hded_jax.visualize': 1, 'tfds_builders.common': 2,
     'hded_jax.models.hded_net': 2, 'hded_jax.losses': 2,
-    **{f'tfds_builders.{name}{module}': 2 for name in (
+    **{f'tfds_builders.{name}{module}': 3 for name in (
         'synthetic_defocus', 'nyu_depth_v2_defocus', 'make3d_defocus')
        for module in ('', f'.{name}_dataset_builder')},
-    'hded_jax.models': 3, 'tfds_builders.registry': 3,
-    'hded_jax.checkpoints': 4, 'tfds_builders': 4,
+    'hded_jax.models': 3, 'tfds_builders.registry': 4,
+    'hded_jax.checkpoints': 4, 'tfds_builders': 5,
     'hded_jax.input_pipeline': 5, 'hded_jax.pytorch.weights': 5,
     'hded_jax.train_lib': 6, 'hded_jax.eval_lib': 6, 'hded_jax.predict_lib': 6,
     'hded_jax.benchmarking': 0, 'hded_jax.benchmarking.measure': 0,
-    'hded_jax.benchmarking.traces': 1, 'hded_jax.benchmarking.compile_targets': 1,
+    'hded_jax.benchmarking.traces': 1, 'hded_jax.benchmarking.compile_targets': 2,
     'hded_jax.benchmarking.batches': 6, 'hded_jax.benchmarking.torch_reference': 7,
     'hded_jax.benchmarking.largest_batch': 7,
     'hded_jax.benchmarking.table': 8, 'hded_jax.benchmark_lib': 8,
