@@ -10,8 +10,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from hded_jax import command_line
 from hded_jax import eval_lib
-from hded_jax import files
 from hded_jax import runtime
 
 FLAGS = flags.FLAGS
@@ -26,7 +26,7 @@ flags.DEFINE_string('output_dir', None, 'Write the results (eval/) and the compi
                     'here instead of beside the checkpoints, e.g. for checkpoints in a read-only '
                     'place; the best checkpoint is then not kept.')
 flags.mark_flag_as_required('workdir')
-files.validate_output_flag('output_dir', folder=True)
+command_line.validate_output_flag('output_dir', folder=True)
 
 
 def main(argv):
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from hded_jax import files
+from hded_jax import command_line
 from hded_jax import predict_lib
 from hded_jax import runtime
 
@@ -34,7 +34,7 @@ flags.DEFINE_list('depth_range', None, 'MIN,MAX depth for the colour map; defaul
 flags.DEFINE_list('camera', None, 'FOCAL_LENGTH,F_NUMBER,PIXEL_SIZE,FOCUS_DISTANCE (metres) of '
                   'the photos: needed by models trained with model.camera_input=True.')
 flags.mark_flags_as_required(['checkpoint', 'input', 'output_dir'])
-files.validate_output_flag('output_dir', folder=True)
+command_line.validate_output_flag('output_dir', folder=True)
 
 
 def _numbers(name: str) -> tuple[float, ...] | None:

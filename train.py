@@ -8,7 +8,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from hded_jax import files
+from hded_jax import command_line
 from hded_jax import runtime
 from hded_jax import train_lib
 
@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
-files.validate_output_flag('workdir', folder=True)
+command_line.validate_output_flag('workdir', folder=True)
 
 
 def main(argv):
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

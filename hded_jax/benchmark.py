@@ -14,11 +14,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from hded_jax import benchmark_lib
-from hded_jax import files
-from hded_jax.benchmarking import table
-from hded_jax.benchmarking import torch_reference
+from hded_jax import command_line
 from hded_jax import pytorch
 from hded_jax import runtime
+from hded_jax.benchmarking import table
+from hded_jax.benchmarking import torch_reference
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
@@ -64,7 +64,7 @@ flags.DEFINE_string('cache_dir', None, 'Keep compiled programs (and GPU autotune
                     'as train.py does in its workdir; a second run with the same directory '
                     'times a restart. Default: no cache, every compile is cold.')
 flags.mark_flags_as_required(['config'])
-files.validate_output_flag('output')
+command_line.validate_output_flag('output')
 
 
 def main(argv):
@@ -105,4 +105,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

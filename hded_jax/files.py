@@ -1,7 +1,6 @@
 """Files written whole or not at all: whoever reads one (eval.py following a run, a restart, a
 user opening the benchmark's JSON or a prediction) never finds it cut off by a kill, a time
-limit or a full disk. And output flags checked at parsing, so that no work is lost to a path
-that cannot be written."""
+limit or a full disk. And paths checked before any work: local, and writable."""
 
 from collections.abc import Iterator
 import contextlib
@@ -9,7 +8,6 @@ import os
 import threading
 from typing import IO
 
-from absl import flags
 
 
 @contextlib.contextmanager
@@ -58,15 +56,3 @@ def unwritable(path: str, *, folder: bool = False) -> str | None:
     return (f'{existing} is not writable (a read-only file system, or no permission): pass a '
             'writable location.')
   return None
-
-
-def validate_output_flag(name: str, *, folder: bool = False) -> None:
-  """Has absl's flag parsing stop on an output flag ``--name`` that cannot be written
-  (``unwritable``), so that a program ends before its work, not after it."""
-
-  def check(path: str | None) -> bool:
-    if path and (reason := unwritable(path, folder=folder)):
-      raise flags.ValidationError(reason)  # absl names the flag and its value.
-    return True
-
-  flags.register_validator(name, check)

@@ -7,6 +7,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from hded_jax import command_line
 from hded_jax import models
 from hded_jax import runtime
 
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime.parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

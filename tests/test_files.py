@@ -2,14 +2,11 @@
 
 import os
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from hded_jax import files
-from tests.conftest import REPO
 
 
 def test_a_write_stopped_midway_leaves_the_previous_file_and_nothing_else(tmp_path):
@@ -53,19 +50,3 @@ def test_outputs_that_cannot_be_written_are_named_before_any_work(tmp_path, monk
   # A read-only file system (as root, permission bits do not stop a write; the kernel says so).
   monkeypatch.setattr(os, 'access', lambda path, mode: path != str(tmp_path))
   assert 'is not writable' in files.unwritable(str(tmp_path / 'out'), folder=True)
-
-
-@pytest.mark.parametrize('program, flag, other_args', [
-    ('predict.py', 'output_dir', ['--checkpoint=/nonexistent', '--input=/nonexistent']),
-    ('train.py', 'workdir', ['--config=configs/smoke.py']),
-    ('eval.py', 'output_dir', ['--workdir=/nonexistent', '--once']),
-])
-def test_a_program_stops_on_an_unwritable_output_flag_at_parsing(tmp_path, program, flag,
-                                                                 other_args):
-  (tmp_path / 'file').write_text('x')
-  run = subprocess.run(
-      [sys.executable, program, *other_args, f'--{flag}={tmp_path / "file"}'], cwd=REPO,
-      capture_output=True, text=True)
-  assert run.returncode == 1, run.stderr
-  assert (f'FATAL Flags parsing error: flag --{flag}={tmp_path / "file"}: '
-          f'{tmp_path / "file"} is a file: give a folder path.') in run.stderr, run.stderr

@@ -14,6 +14,7 @@ LEVELS = {
     'hded_jax': 0, 'hded_jax.pytorch': 0, 'hded_jax.images': 0, 'hded_jax.defocus': 0,
     'hded_jax.sharding': 0, 'hded_jax.train_state': 0, 'hded_jax.runtime': 1,
     'hded_jax.lowering': 0, 'hded_jax.files': 0, 'hded_jax.progress': 0,
+    'hded_jax.command_line': 1,
     'hded_jax.program_cache': 1,
     'hded_jax.models.layers': 0, 'hded_jax.pytorch.reference': 0,
     'hded_jax.models.densenet': 1, 'hded_jax.models.decoder': 1, 'hded_jax.metrics': 1,
@@ -107,9 +108,9 @@ print(ours, sorted(changed))
 
 
 def test_programs_with_a_config_flag_parse_it_with_one_line_errors():
-  """`runtime.parse_flags` (tests/test_runtime.py) for every program that takes --config."""
+  """`command_line.parse_flags` (tests/test_runtime.py) for every program that takes --config."""
   modules = _project_modules()
   for program in PROGRAMS:
     source = modules[program].read_text()
     if 'DEFINE_config_file' in source:
-      assert 'app.run(main, flags_parser=runtime.parse_flags)' in source, program
+      assert 'app.run(main, flags_parser=command_line.parse_flags)' in source, program

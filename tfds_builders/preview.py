@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from hded_jax import command_line
 from hded_jax import defocus
 from hded_jax import files
 from hded_jax import images
@@ -38,7 +39,7 @@ _MIN_PANEL = flags.DEFINE_integer('min_panel_size', 128, 'Small images are enlar
 _CAMERA = {name: flags.DEFINE_float(name, None, f'Render with this {name} instead of the '
                                    "example's own (metres; f_number a ratio).")
            for name in defocus.CAMERA_FIELDS}
-files.validate_output_flag('output')
+command_line.validate_output_flag('output')
 flags.register_validator('output', lambda path: path.lower().endswith('.png'),
                          'the preview is a PNG: give a path ending in .png.')
 
