@@ -594,3 +594,14 @@ def test_device_op_times_come_from_the_device_lines_with_events(tmp_path):
   times = traces.device_op_times(trace(*gpu), steps=3)
   assert times['top_ops'] == [{'line': '/device:GPU:0 Stream #1', 'name': 'gemm',
                                'ms_per_step': 0.5, 'calls_per_step': 1 / 3}]
+
+
+def test_the_wait_for_a_quiet_machine_is_said(monkeypatch, caplog):
+  """Minutes can pass before a measurement on a busy machine: the log says why, and how not to."""
+  loads = iter([3.0, 2.0, 0.1])
+  monkeypatch.setattr(measure, 'machine_load', lambda: {'other_busy_cores': next(loads)})
+  monkeypatch.setattr(measure.time, 'sleep', lambda seconds: None)
+  caplog.set_level('INFO', logger='absl')
+  assert measure.wait_for_quiet(0.5, 60)['other_busy_cores'] == 0.1
+  assert ('Other processes keep 3.0 cores busy: waiting up to 60 s for at most 0.5 before timing '
+          '(--max_wait=0 times at once).') in caplog.text

@@ -59,6 +59,10 @@ def wait_for_quiet(max_busy_cores: float, max_wait: float) -> dict[str, float]:
   """Waits until other processes leave the CPU (or ``max_wait`` passes); returns the load."""
   deadline = time.monotonic() + max_wait
   load = machine_load()
+  if load['other_busy_cores'] > max_busy_cores and max_wait > 0:
+    logging.info('Other processes keep %.1f cores busy: waiting up to %.0f s for at most %.1f '
+                 'before timing (--max_wait=0 times at once).', load['other_busy_cores'],
+                 max_wait, max_busy_cores)
   while load['other_busy_cores'] > max_busy_cores and time.monotonic() < deadline:
     time.sleep(5.0)
     load = machine_load()
