@@ -36,6 +36,7 @@ def main(argv):
   if len(argv) != 4 or argv[1] not in ('imagenet', 'official'):
     raise app.UsageError(USAGE)
   runtime.skip_unused_cuda_check()
+  runtime.readable_logs()
   kind, in_path, out_dir = argv[1:]
   if kind == 'imagenet':
     state_dict = weights.read_torch_state_dict(in_path, allow_pickle=FLAGS.allow_pickle)
@@ -46,8 +47,11 @@ def main(argv):
     config = weights.write_official(
         in_path, out_dir, heads=FLAGS.heads, aif_tanh=FLAGS.aif_tanh,
         depth_scale=FLAGS.depth_scale, allow_pickle=FLAGS.allow_pickle)
-    logging.info('Wrote %s: %s, %d parameters.', out_dir, config.model,
-                 models.count_params(config.model))
+    model = config.model
+    logging.info('Wrote %s: heads %s, block sizes %s, growth rate %d, aif_tanh=%s, '
+                 'depth_scale=%g; %d parameters.', out_dir, ','.join(model.heads),
+                 tuple(model.block_sizes), model.growth_rate, model.aif_tanh, model.depth_scale,
+                 models.count_params(model))
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -118,10 +119,16 @@ def test_depth_only_checkpoint_and_heads_selection():
 def test_cli_official(tmp_path):
   reference = torch_model(**TINY)
   torch.save(reference.state_dict(), tmp_path / 'bare.pth')
-  subprocess.run([sys.executable, '-m', 'hded_jax.convert', 'official', str(tmp_path / 'bare.pth'),
-                  str(tmp_path / 'out'), '--heads=depth', '--depth_scale=0.5'],
-                 check=True, capture_output=True, cwd=REPO,
-                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  run = subprocess.run(
+      [sys.executable, '-m', 'hded_jax.convert', 'official', str(tmp_path / 'bare.pth'),
+       str(tmp_path / 'out'), '--heads=depth', '--depth_scale=0.5'],
+      check=True, capture_output=True, cwd=REPO, text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  # What it wrote in one line; the checkpoint library's own progress left out (readable_logs).
+  assert re.search(r'Wrote \S+/out: heads depth, block sizes \(\d+, \d+, \d+, \d+\), growth rate '
+                   r'\d+, aif_tanh=False, depth_scale=0.5; \d+ parameters\.\n', run.stderr), (
+                       run.stderr)
+  assert 'checkpoint_manager.py' not in run.stderr, run.stderr
   model, config, _ = checkpoints.load_model(str(tmp_path / 'out'))
   assert tuple(config.model.heads) == ('depth',) and config.model.depth_scale == 0.5
   image = random_image(32, 32)
