@@ -65,7 +65,7 @@ def main(argv):
       FLAGS.checkpoint, FLAGS.input, FLAGS.output_dir, batch_size=FLAGS.batch_size,
       resize=predict_lib.parse_resize(FLAGS.resize), pad_mode=FLAGS.pad_mode,
       depth_range=depth_range, camera=_numbers('camera'))
-  logging.info('Wrote predictions for %d images to %s; skipped %d.', len(report.written),
+  logging.info('Wrote predictions for %d image(s) to %s; skipped %d.', len(report.written),
                FLAGS.output_dir, len(report.skipped))
   if not report.written:
     raise SystemExit(f'No image could be read; nothing written to {FLAGS.output_dir}.')

@@ -36,8 +36,8 @@ EVAL_PROTOCOLS = {
         'the depth literature\'s Make3D protocol: prediction resized to the 55x305 depth grid',
         native_resolution=True),
     'authors': EvalProtocol(
-        'the 2HDED:NET authors\' protocol: scored at the network\'s input size (256x256), ground '
-        'truth resized by nearest neighbour', native_resolution=False),
+        'the 2HDED:NET authors\' protocol: scored at the network\'s input size (256x256 for the '
+        'authors), ground truth resized by nearest neighbour', native_resolution=False),
 }
 
 
