@@ -539,6 +539,7 @@ logging.use_absl_handler()
 runtime.readable_logs()
 python_logging.getLogger('orbax').warning('Given directory is read only=/run/checkpoints')
 python_logging.getLogger('tfds').warning('OpenCV is not installed. We recommend using OpenCV')
+python_logging.getLogger('tfds').warning('Variant folder %s has no %s', '/d/x/1.0.0', 'info.json')
 python_logging.getLogger('orbax').warning('Any other warning')
 # Orbax's errors keep their message, not their pages of traceback (a full disk: one per thread).
 try:
@@ -552,6 +553,7 @@ except ValueError:
                        check=True)
   assert 'Any other warning' in run.stderr and 'Thread raised an exception' in run.stderr
   assert 'read only' not in run.stderr and 'OpenCV' not in run.stderr, run.stderr
+  assert 'Variant folder' not in run.stderr, run.stderr
   assert 'Traceback' not in run.stderr, run.stderr
 
 
