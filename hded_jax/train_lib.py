@@ -467,10 +467,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     # from the moment the checkpoint's config is known to fit: a mismatch stops at once.
     compiling = []
 
-    def compile_step(finished_run_possible=True):
-      # A rerun of a finished run compiles nothing (unless its final step fails to restore).
-      if finished_run_possible and (ckpt.latest_step() or 0) >= trainer.num_steps:
-        return
+    def compile_step():
       if not compiling:
         clock.lap('the dataset (built if missing), model and checkpoint config')
         compiling.append(trainer.compile_step_in_background(
@@ -486,14 +483,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                              "XLA's compile of the train step (kept in the workdir for "
                              'restarts)')
 
-    state = _resume(ckpt, trainer, data_iter, config, compile_step)
+    # A rerun of a finished run compiles nothing (unless its final step fails to restore).
+    finished = (ckpt.latest_step() or 0) >= trainer.num_steps
+    state = _resume(ckpt, trainer, data_iter, config, (lambda: None) if finished else compile_step)
     first_step = int(state.step)
     if first_step >= trainer.num_steps:
       logging.info('%s holds step %d, and the run has %d steps: nothing to train (raise '
                    'config.num_train_steps or num_epochs to train on).', ckpt.directory,
                    first_step, trainer.num_steps)
       return state
-    compile_step(finished_run_possible=False)
+    compile_step()
     clock.lap('restoring the checkpoint' if first_step else 'drawing the initial state')
     # clu's writers and periodic actions import TensorFlow (seconds): here, beside XLA's compile
     # or program load, rather than before the restore.
